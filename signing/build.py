@@ -1,0 +1,192 @@
+"""Making images: sign in one pass, or prepare a digest for a key that lives elsewhere and attach its
+signature later. The input is streamed once into a temporary output while it is hashed, so signing a
+multi-gigabyte filesystem image costs a few MiB of memory, and a failure leaves no partial output."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import BadSignatureError, HashMismatchError, InputFileError, InvalidArgumentError
+from .files import atomic_output, copy_and_hash, file_size, open_input
+from .image_format import (
+    CUSTOM_TLV_MAX,
+    CUSTOM_TLV_MIN,
+    HEADER_SIZE,
+    IMAGE_MAGIC,
+    MAX_TLV_AREA,
+    PROTECTED_TLV_INFO_MAGIC,
+    TLV_INFO_MAGIC,
+    TLV_INFO_SIZE,
+    ImageHeader,
+    ImageVersion,
+    SecurityCounterValue,
+    Tlv,
+    TlvInfo,
+    TlvType,
+    class_uuid,
+    vendor_uuid,
+)
+from .keys import PublicKey, Signer
+from .layout import FileSource, read_layout
+from .manifest import read_manifest
+
+_MAX_IMG_SIZE = 0xFFFFFFFF
+_MAX_HEADER_SIZE = 0xFFFF
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """Everything about a new image except its keys."""
+
+    version: ImageVersion
+    security_counter: int | None = None
+    vendor: str | None = None
+    image_class: str | None = None
+    header_size: int = HEADER_SIZE
+    custom_tlvs: tuple[tuple[int, bytes], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not HEADER_SIZE <= self.header_size <= _MAX_HEADER_SIZE:
+            raise InvalidArgumentError(
+                f"header size {self.header_size} must be between {HEADER_SIZE} and {_MAX_HEADER_SIZE}",
+                field="header_size",
+            )
+        if self.security_counter is not None and not 0 <= self.security_counter <= 0xFFFFFFFF:
+            raise InvalidArgumentError("security counter must fit in 32 bits", field="security_counter")
+        if self.image_class is not None and self.vendor is None:
+            raise InvalidArgumentError(
+                "a class is named within its vendor: give the vendor too", field="vendor"
+            )
+        tags = [tag for tag, _ in self.custom_tlvs]
+        for tag in tags:
+            if not CUSTOM_TLV_MIN <= tag <= CUSTOM_TLV_MAX:
+                raise InvalidArgumentError(
+                    f"custom TLV tag 0x{tag:x} is outside 0x{CUSTOM_TLV_MIN:04x}-0x{CUSTOM_TLV_MAX:04x}",
+                    field="custom_tlv",
+                )
+        if len(set(tags)) != len(tags):
+            raise InvalidArgumentError("a custom TLV tag is given twice", field="custom_tlv")
+
+    def protected_tlvs(self) -> list[tuple[int, bytes]]:
+        """In imgtool's order: SEC_CNT, UUID_VID, UUID_CID, then the custom TLVs."""
+        tlvs: list[tuple[int, bytes]] = []
+        if self.security_counter is not None:
+            tlvs.append((TlvType.SEC_CNT, SecurityCounterValue.build(self.security_counter)))
+        if self.vendor is not None:
+            tlvs.append((TlvType.UUID_VID, vendor_uuid(self.vendor).bytes))
+            if self.image_class is not None:
+                tlvs.append((TlvType.UUID_CID, class_uuid(self.vendor, self.image_class).bytes))
+        tlvs.extend(self.custom_tlvs)
+        return tlvs
+
+
+@dataclass(frozen=True)
+class SignedImage:
+    path: Path
+    digest: bytes
+    img_size: int
+    key_hashes: tuple[bytes, ...]
+
+
+def sign_image(
+    input_path: Path, output_path: Path, signers: Sequence[Signer], options: ImageOptions
+) -> SignedImage:
+    """Wrap the raw payload at `input_path` into an image signed by every signer (one signature each)."""
+    if not signers:
+        raise InvalidArgumentError("at least one key is needed to sign", field="key")
+    keys = [signer.public_key for signer in signers]
+    if len({key.key_hash for key in keys}) != len(keys):
+        raise InvalidArgumentError("the same key is given twice", field="key")
+    with open_input(input_path) as source, atomic_output(output_path) as target:
+        img_size = file_size(source)
+        digest = _write_signed_range(source, target, img_size, options)
+        signatures = [(signer.public_key, signer.sign_digest(digest)) for signer in signers]
+        target.write(_unprotected_area(digest, signatures))
+    return SignedImage(output_path, digest, img_size, tuple(key.key_hash for key in keys))
+
+
+def prepare_unsigned(input_path: Path, output_path: Path, options: ImageOptions) -> bytes:
+    """Write the image with its hash but no signature, and return the exact digest an offline or HSM
+    signer must sign (PSS/ECDSA over the prehashed SHA-256, or Ed25519 over the 32 bytes)."""
+    with open_input(input_path) as source, atomic_output(output_path) as target:
+        digest = _write_signed_range(source, target, file_size(source), options)
+        target.write(_unprotected_area(digest, []))
+    return digest
+
+
+def attach_signature(image_path: Path, output_path: Path, signature: bytes, public_key: PublicKey) -> bytes:
+    """Add one KEYHASH + signature to an image, after checking that the image's hash is intact and that
+    the signature is `public_key`'s over it: a wrong or corrupted signature never reaches a release."""
+    with open_input(image_path, "image") as source:
+        layout = read_layout(FileSource(source.fileno(), file_size(source)))
+        manifest = read_manifest(layout)
+        if any(entry.key_hash == public_key.key_hash for entry in manifest.signatures):
+            raise InvalidArgumentError("the image already carries a signature by this key", field="KEYHASH")
+        if not public_key.verifies(signature, manifest.digest):
+            raise BadSignatureError(
+                f"the signature is not {public_key.algorithm.value} key {public_key.key_hash.hex()[:16]}'s "
+                "signature of this image's digest"
+            )
+        existing = [(entry.type, entry.value) for entry in layout.unprotected.entries]
+        added: list[tuple[int, bytes]] = [
+            (TlvType.KEYHASH, public_key.key_hash),
+            (public_key.algorithm.signature_tlv, signature),
+        ]
+        with atomic_output(output_path) as target:
+            # hash what is copied, so a file changed since `digest` (or since the check above) is caught
+            computed = copy_and_hash(source, target, layout.signed_length, hashlib.sha256(), offset=0)
+            if not hmac.compare_digest(computed.digest(), manifest.digest):
+                raise HashMismatchError(
+                    "the image's content does not match its SHA256 TLV: it was changed after `digest`"
+                )
+            target.write(_tlv_area(TLV_INFO_MAGIC, existing + added))
+    return manifest.digest
+
+
+def _write_signed_range(source: BinaryIO, target: BinaryIO, img_size: int, options: ImageOptions) -> bytes:
+    """Header, padding, payload and protected TLVs, hashed as they are written; returns the digest."""
+    if img_size > _MAX_IMG_SIZE:
+        raise InputFileError(f"input of {img_size} bytes exceeds the format's 4 GiB limit")
+    protected = options.protected_tlvs()
+    protected_area = _tlv_area(PROTECTED_TLV_INFO_MAGIC, protected) if protected else b""
+    header = ImageHeader.build(
+        {
+            "magic": IMAGE_MAGIC,
+            "load_addr": 0,
+            "hdr_size": options.header_size,
+            "protect_tlv_size": len(protected_area),
+            "img_size": img_size,
+            "flags": 0,
+            "version": vars(options.version),
+            "pad": 0,
+        }
+    )
+    digest = hashlib.sha256()
+    head = header + bytes(options.header_size - HEADER_SIZE)
+    digest.update(head)
+    target.write(head)
+    copy_and_hash(source, target, img_size, digest, offset=0)
+    digest.update(protected_area)
+    target.write(protected_area)
+    return digest.digest()
+
+
+def _unprotected_area(digest: bytes, signatures: Sequence[tuple[PublicKey, bytes]]) -> bytes:
+    tlvs: list[tuple[int, bytes]] = [(TlvType.SHA256, digest)]
+    for key, signature in signatures:
+        tlvs += [(TlvType.KEYHASH, key.key_hash), (key.algorithm.signature_tlv, signature)]
+    return _tlv_area(TLV_INFO_MAGIC, tlvs)
+
+
+def _tlv_area(magic: int, tlvs: Sequence[tuple[int, bytes]]) -> bytes:
+    body = b"".join(Tlv.build({"type": tag, "length": len(value), "value": value}) for tag, value in tlvs)
+    total = TLV_INFO_SIZE + len(body)
+    if total > MAX_TLV_AREA:
+        raise InvalidArgumentError(f"the TLVs need {total} bytes; an area holds at most {MAX_TLV_AREA}")
+    info: bytes = TlvInfo.build({"magic": magic, "total": total})
+    return info + body

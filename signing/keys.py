@@ -1,0 +1,288 @@
+"""Signing keys and trust anchors: the three algorithms an image may carry, and how each signs a digest.
+
+MCUboot signs the 32-byte SHA-256 image digest, never the image itself, and names the key by the SHA-256
+of its embedded public form (PKCS#1 RSAPublicKey DER for RSA, SubjectPublicKeyInfo DER otherwise). This
+module is the one place that knows those conventions; everything else deals in `PublicKey` and `Signer`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+
+from .errors import (
+    KeyFileError,
+    KeyFormatError,
+    NotAPrivateKeyError,
+    PassphraseRequiredError,
+    UnsupportedKeyTypeError,
+    WrongPassphraseError,
+)
+from .image_format import TlvType
+
+_RSA_BITS = 3072
+_PSS_SALT_LENGTH = 32  # MCUboot accepts only a salt as long as the hash
+
+
+class KeyAlgorithm(enum.Enum):
+    """The signature algorithms of DESIGN section 3, each with the TLV type that carries its signature."""
+
+    RSA3072 = "rsa-3072"
+    ECDSA_P256 = "ecdsa-p256"
+    ED25519 = "ed25519"
+
+    @property
+    def signature_tlv(self) -> TlvType:
+        return _SIGNATURE_TLV[self]
+
+
+_SIGNATURE_TLV = {
+    KeyAlgorithm.RSA3072: TlvType.RSA3072,
+    KeyAlgorithm.ECDSA_P256: TlvType.ECDSASIG,
+    KeyAlgorithm.ED25519: TlvType.ED25519,
+}
+
+PublicKeyObject = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+PrivateKeyObject = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+def algorithm_of(key: PublicKeyObject | PrivateKeyObject) -> KeyAlgorithm:
+    """The image algorithm of a key, refusing sizes and curves MCUboot images do not carry."""
+    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
+        if key.key_size != _RSA_BITS:
+            raise UnsupportedKeyTypeError(f"RSA-{key.key_size} key: only RSA-3072 is supported")
+        return KeyAlgorithm.RSA3072
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise UnsupportedKeyTypeError(f"EC key on {key.curve.name}: only P-256 is supported")
+        return KeyAlgorithm.ECDSA_P256
+    if isinstance(key, ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey):
+        return KeyAlgorithm.ED25519
+    raise UnsupportedKeyTypeError(
+        f"{type(key).__name__}: only RSA-3072, ECDSA P-256 and Ed25519 are supported"
+    )
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """A trust anchor or the public half of a signer: what KEYHASH names and what checks a signature."""
+
+    key: PublicKeyObject
+
+    @property
+    def algorithm(self) -> KeyAlgorithm:
+        return algorithm_of(self.key)
+
+    @property
+    def der(self) -> bytes:
+        """The form MCUboot embeds and hashes: PKCS#1 for RSA, SubjectPublicKeyInfo for the others."""
+        if isinstance(self.key, rsa.RSAPublicKey):
+            return self.key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+        return self.key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    @property
+    def key_hash(self) -> bytes:
+        """SHA-256 of `der`: the KEYHASH TLV value and the board's key-slot hash."""
+        return hashlib.sha256(self.der).digest()
+
+    def pem(self) -> bytes:
+        return self.key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def verifies(self, signature: bytes, digest: bytes) -> bool:
+        """True when `signature` is this key's signature of the 32-byte image digest, as MCUboot checks it."""
+        try:
+            if isinstance(self.key, rsa.RSAPublicKey):
+                self.key.verify(signature, digest, _pss(), utils.Prehashed(hashes.SHA256()))
+            elif isinstance(self.key, ec.EllipticCurvePublicKey):
+                self.key.verify(signature, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+            else:
+                self.key.verify(signature, digest)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+
+class Signer(Protocol):
+    """Anything that signs an image digest: a key file, an HSM object, an offline signer's answer."""
+
+    @property
+    def public_key(self) -> PublicKey: ...
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """The signature TLV value for the 32-byte SHA-256 image digest."""
+        ...
+
+
+@dataclass(frozen=True)
+class SoftwareSigner:
+    """A private key held in memory, loaded from a PEM file."""
+
+    private_key: PrivateKeyObject
+
+    @property
+    def public_key(self) -> PublicKey:
+        return PublicKey(self.private_key.public_key())
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        key = self.private_key
+        if isinstance(key, rsa.RSAPrivateKey):
+            return key.sign(digest, _pss(), utils.Prehashed(hashes.SHA256()))
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            return key.sign(digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+        return key.sign(digest)
+
+
+def _pss() -> padding.PSS:
+    return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=_PSS_SALT_LENGTH)
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+
+def generate_private_key(algorithm: KeyAlgorithm) -> PrivateKeyObject:
+    if algorithm is KeyAlgorithm.RSA3072:
+        return rsa.generate_private_key(public_exponent=65537, key_size=_RSA_BITS)
+    if algorithm is KeyAlgorithm.ECDSA_P256:
+        return ec.generate_private_key(ec.SECP256R1())
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def public_key_path_for(private_path: Path) -> Path:
+    """`key.pem` -> `key.pub.pem`: where keygen puts the public half."""
+    stem = private_path.name.removesuffix(".pem")
+    return private_path.with_name(f"{stem}.pub.pem")
+
+
+def write_key_pair(
+    private_path: Path, algorithm: KeyAlgorithm, passphrase: bytes | None = None
+) -> tuple[Path, Path]:
+    """Generate a key pair: the private PEM at mode 0600 (encrypted with `passphrase` if given) and its
+    public PEM beside it. Refuses to overwrite either file: a release key is never lost to a typo."""
+    public_path = public_key_path_for(private_path)
+    for path in (private_path, public_path):
+        if path.exists():
+            raise KeyFileError(f"{path} already exists; refusing to overwrite a key", field=str(path))
+    private_key = generate_private_key(algorithm)
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+    )
+    private_pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+    _write_new_file(private_path, private_pem, mode=0o600)
+    _write_new_file(public_path, PublicKey(private_key.public_key()).pem(), mode=0o644)
+    return private_path, public_path
+
+
+def _write_new_file(path: Path, data: bytes, *, mode: int) -> None:
+    """Create `path` exclusively with `mode` from the start, so a secret is never briefly world-readable."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except OSError as exc:
+        raise KeyFileError(f"cannot create {path}: {exc.strerror}", field=str(path)) from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise KeyFileError(f"cannot write {path}: {exc.strerror}", field=str(path)) from exc
+
+
+def read_key_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise KeyFileError(f"key file {path} does not exist", field=str(path)) from exc
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}", field=str(path)) from exc
+
+
+def load_private_key(path: Path, passphrase: bytes | None = None) -> SoftwareSigner:
+    """A signer from a PEM private key file, with distinct errors for each way it can go wrong."""
+    data = read_key_file(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase)
+    except TypeError as exc:
+        # cryptography says TypeError both for "encrypted, no password" and "not encrypted, password given"
+        if passphrase is None:
+            raise PassphraseRequiredError(
+                f"{path} is encrypted: give its passphrase (--passphrase-file)", field=str(path)
+            ) from exc
+        key = serialization.load_pem_private_key(data, password=None)
+    except ValueError as exc:
+        if b"ENCRYPTED" in data and passphrase is not None:
+            raise WrongPassphraseError(f"wrong passphrase for {path}", field=str(path)) from exc
+        if _looks_public(data):
+            raise NotAPrivateKeyError(
+                f"{path} holds a public key; signing needs the private key", field=str(path)
+            ) from exc
+        raise KeyFormatError(f"{path} is not a PEM private key", field=str(path)) from exc
+    except UnsupportedAlgorithm as exc:
+        raise UnsupportedKeyTypeError(f"{path}: {exc}", field=str(path)) from exc
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+        raise UnsupportedKeyTypeError(f"{path}: {type(key).__name__} keys cannot sign images")
+    algorithm_of(key)
+    return SoftwareSigner(key)
+
+
+def _looks_public(data: bytes) -> bool:
+    return b"PUBLIC KEY-----" in data or _try_public(data) is not None
+
+
+def _try_public(data: bytes) -> PublicKeyObject | None:
+    # load_der_public_key also takes the PKCS#1 form that `getpub --format der` prints for RSA
+    loaders = (serialization.load_pem_public_key, serialization.load_der_public_key)
+    for loader in loaders:
+        try:
+            key = loader(data)
+        except (ValueError, UnsupportedAlgorithm):
+            continue
+        if isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
+            return key
+    return None
+
+
+def public_key_from_bytes(data: bytes, *, source: str) -> PublicKey:
+    """A trust anchor from PEM or DER bytes (SubjectPublicKeyInfo, or PKCS#1 for RSA)."""
+    key = _try_public(data)
+    if key is None:
+        if b"PRIVATE KEY-----" in data:
+            raise KeyFormatError(
+                f"{source} holds a private key; give the public key (mers-sign getpub)", field=source
+            )
+        raise KeyFormatError(f"{source} is not a public key (PEM or DER)", field=source)
+    algorithm_of(key)
+    return PublicKey(key)
+
+
+def load_public_key(path: Path) -> PublicKey:
+    return public_key_from_bytes(read_key_file(path), source=str(path))
+
+
+def read_passphrase_file(path: Path) -> bytes:
+    """The passphrase in `path`, without the one trailing newline editors add."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read passphrase file {path}: {exc.strerror}", field=str(path)) from exc
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    if not data:
+        raise KeyFileError(f"passphrase file {path} is empty", field=str(path))
+    return data

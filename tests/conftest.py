@@ -1,0 +1,88 @@
+"""Shared fixtures: system-tool gating, and running the real CLIs as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+BIN_DIR = Path(sys.executable).parent
+
+
+def require_tool(name: str, reason: str = "") -> str:
+    """The path of system tool `name`; skips the test where it is absent, but fails under
+    MERS_REQUIRE_ALL=1 (CI), where every test must really run."""
+    found = shutil.which(name) or shutil.which(name, path=f"{BIN_DIR}:/usr/sbin:/sbin")
+    if found:
+        return found
+    message = f"{name} is not installed{': ' + reason if reason else ''}"
+    if os.environ.get("MERS_REQUIRE_ALL") == "1":
+        pytest.fail(f"MERS_REQUIRE_ALL=1 but {message}")
+    pytest.skip(message)
+
+
+def require_file(path: str, reason: str = "") -> Path:
+    """Like `require_tool`, for a file such as a PKCS#11 module."""
+    if Path(path).exists():
+        return Path(path)
+    message = f"{path} is absent{': ' + reason if reason else ''}"
+    if os.environ.get("MERS_REQUIRE_ALL") == "1":
+        pytest.fail(f"MERS_REQUIRE_ALL=1 but {message}")
+    pytest.skip(message)
+
+
+@dataclass(frozen=True)
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_line(self) -> str:
+        """The single line a failing command printed on stderr (asserting there is exactly one)."""
+        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, f"expected one error line, got: {self.stderr!r}"
+        assert "Traceback" not in self.stderr
+        return lines[0]
+
+
+def run_cli(
+    program: str,
+    *args: str | Path,
+    cwd: Path | None = None,
+    input_bytes: bytes | None = None,
+    env: dict[str, str] | None = None,
+) -> CliResult:
+    """Run one of our console scripts from this environment as a real subprocess."""
+    executable = BIN_DIR / program
+    assert executable.exists(), f"{program} is not installed in {BIN_DIR} (pip install -e .)"
+    completed = subprocess.run(
+        [str(executable), *map(str, args)],
+        cwd=cwd,
+        input=input_bytes,
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+    return CliResult(
+        completed.returncode,
+        completed.stdout.decode("utf-8", "replace"),
+        completed.stderr.decode("utf-8", "replace"),
+    )
+
+
+@pytest.fixture
+def mers_sign() -> Callable[..., CliResult]:
+    """Call `mers-sign ARGS...` as a subprocess."""
+
+    def call(*args: str | Path, **kwargs: object) -> CliResult:
+        return run_cli("mers-sign", *args, **kwargs)  # type: ignore[arg-type]
+
+    return call
