@@ -1,0 +1,38 @@
+"""Helpers shared by the signing tests: in-memory signers and small images made through the library."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from signing import ImageOptions, ImageVersion, Signer, sign_image
+from signing.keys import KeyAlgorithm, SoftwareSigner, generate_private_key
+
+
+@functools.cache
+def signer_for(algorithm: KeyAlgorithm, index: int = 0) -> SoftwareSigner:
+    """One cached signer per (algorithm, index): RSA-3072 generation costs about half a second."""
+    del index  # part of the cache key only
+    return SoftwareSigner(generate_private_key(algorithm))
+
+
+def make_image(
+    directory: Path,
+    signers: list[Signer] | None = None,
+    *,
+    payload: bytes = b"firmware payload " * 64,
+    name: str = "image.signed",
+    **options: object,
+) -> Path:
+    """Sign `payload` into `directory/name` with the given signers (default: one RSA-3072 key)."""
+    raw = directory / f"{name}.raw"
+    raw.write_bytes(payload)
+    output = directory / name
+    version = options.pop("version", ImageVersion(1, 2, 3, 4))
+    sign_image(
+        raw,
+        output,
+        signers if signers is not None else [signer_for(KeyAlgorithm.RSA3072)],
+        ImageOptions(version=version, **options),  # type: ignore[arg-type]
+    )
+    return output

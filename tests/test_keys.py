@@ -1,0 +1,140 @@
+"""Key files: generation, loading, and a distinct error for each way a key can be unusable."""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from signing.errors import (
+    KeyFileError,
+    KeyFormatError,
+    NotAPrivateKeyError,
+    PassphraseRequiredError,
+    UnsupportedKeyTypeError,
+    WrongPassphraseError,
+)
+from signing.key_sources import KeyAccess, load_any_public_key
+from signing.keys import (
+    KeyAlgorithm,
+    load_private_key,
+    load_public_key,
+    public_key_from_bytes,
+    read_passphrase_file,
+    write_key_pair,
+)
+from tests.signing_helpers import signer_for
+
+
+@pytest.mark.parametrize("algorithm", list(KeyAlgorithm))
+def test_keygen_writes_a_private_key_only_its_owner_can_read_and_its_public_half(tmp_path, algorithm):
+    private, public = write_key_pair(tmp_path / "release.pem", algorithm)
+    assert public == tmp_path / "release.pub.pem"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    signer = load_private_key(private)
+    assert signer.public_key.algorithm is algorithm
+    assert load_public_key(public).key_hash == signer.public_key.key_hash
+
+
+def test_keygen_never_overwrites_an_existing_key(tmp_path):
+    write_key_pair(tmp_path / "k.pem", KeyAlgorithm.ED25519)
+    before = (tmp_path / "k.pem").read_bytes()
+    with pytest.raises(KeyFileError, match="refusing to overwrite"):
+        write_key_pair(tmp_path / "k.pem", KeyAlgorithm.ED25519)
+    assert (tmp_path / "k.pem").read_bytes() == before
+
+
+def test_an_encrypted_key_needs_its_passphrase_and_refuses_a_wrong_one(tmp_path):
+    private, _ = write_key_pair(tmp_path / "k.pem", KeyAlgorithm.ECDSA_P256, b"correct horse")
+    assert b"ENCRYPTED" in private.read_bytes()
+    assert load_private_key(private, b"correct horse").public_key.algorithm is KeyAlgorithm.ECDSA_P256
+    with pytest.raises(PassphraseRequiredError):
+        load_private_key(private)
+    with pytest.raises(WrongPassphraseError):
+        load_private_key(private, b"battery staple")
+
+
+def test_a_passphrase_given_for_a_plain_key_is_ignored(tmp_path):
+    private, _ = write_key_pair(tmp_path / "k.pem", KeyAlgorithm.ED25519)
+    assert load_private_key(private, b"unneeded").public_key.algorithm is KeyAlgorithm.ED25519
+
+
+def test_a_public_key_where_a_private_one_is_needed_says_so(tmp_path):
+    _, public = write_key_pair(tmp_path / "k.pem", KeyAlgorithm.ED25519)
+    with pytest.raises(NotAPrivateKeyError):
+        load_private_key(public)
+
+
+def test_missing_and_garbage_key_files_get_different_errors(tmp_path):
+    with pytest.raises(KeyFileError):
+        load_private_key(tmp_path / "absent.pem")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"not a key at all")
+    with pytest.raises(KeyFormatError):
+        load_private_key(garbage)
+    with pytest.raises(KeyFormatError):
+        load_public_key(garbage)
+
+
+def test_a_private_key_given_as_a_trust_anchor_is_refused(tmp_path):
+    private, _ = write_key_pair(tmp_path / "k.pem", KeyAlgorithm.ED25519)
+    with pytest.raises(KeyFormatError, match="private key"):
+        load_public_key(private)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [rsa.generate_private_key(65537, 2048), ec.generate_private_key(ec.SECP384R1())],
+    ids=["rsa-2048", "p-384"],
+)
+def test_keys_the_image_format_does_not_carry_are_refused(tmp_path, key):
+    path = tmp_path / "k.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    with pytest.raises(UnsupportedKeyTypeError):
+        load_private_key(path)
+
+
+def test_the_rsa_key_hash_is_over_pkcs1_der_as_mcuboot_embeds_it():
+    public = signer_for(KeyAlgorithm.RSA3072).public_key
+    pkcs1 = public.key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+    assert public.der == pkcs1
+    assert public.key_hash == hashlib.sha256(pkcs1).digest()
+
+
+@pytest.mark.parametrize("algorithm", [KeyAlgorithm.ECDSA_P256, KeyAlgorithm.ED25519])
+def test_other_key_hashes_are_over_subject_public_key_info(algorithm):
+    public = signer_for(algorithm).public_key
+    spki = public.key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert public.key_hash == hashlib.sha256(spki).digest()
+
+
+@pytest.mark.parametrize("algorithm", list(KeyAlgorithm))
+def test_a_trust_anchor_reads_from_pem_and_from_the_der_getpub_prints(algorithm):
+    public = signer_for(algorithm).public_key
+    assert public_key_from_bytes(public.pem(), source="pem").key_hash == public.key_hash
+    assert public_key_from_bytes(public.der, source="der").key_hash == public.key_hash
+
+
+def test_getpub_reads_the_public_half_of_a_private_key_file(tmp_path):
+    private, public = write_key_pair(tmp_path / "k.pem", KeyAlgorithm.RSA3072, b"pw")
+    expected = load_public_key(public).key_hash
+    assert load_any_public_key(str(private), KeyAccess(passphrase=b"pw")).key_hash == expected
+    assert load_any_public_key(str(public), KeyAccess()).key_hash == expected
+
+
+def test_a_passphrase_file_loses_only_its_trailing_newline(tmp_path):
+    path = tmp_path / "pass"
+    path.write_bytes(b" secret with spaces \n")
+    assert read_passphrase_file(path) == b" secret with spaces "
+    path.write_bytes(b"\n")
+    with pytest.raises(KeyFileError, match="empty"):
+        read_passphrase_file(path)
