@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import BadSignatureError, HashMismatchError, InputFileError, InvalidArgumentError
-from .files import atomic_output, copy_and_hash, file_size, open_input
+from .files import atomic_output, file_size, open_input
 from .image_format import (
     CUSTOM_TLV_MAX,
     CUSTOM_TLV_MIN,
@@ -34,6 +34,7 @@ from .image_format import (
 from .keys import PublicKey, Signer
 from .layout import FileSource, read_layout
 from .manifest import read_manifest
+from .output import SequentialWriter
 
 _MAX_IMG_SIZE = 0xFFFFFFFF
 _MAX_HEADER_SIZE = 0xFFFF
@@ -139,7 +140,8 @@ def attach_signature(image_path: Path, output_path: Path, signature: bytes, publ
         ]
         with atomic_output(output_path) as target:
             # hash what is copied, so a file changed since `digest` (or since the check above) is caught
-            computed = copy_and_hash(source, target, layout.signed_length, hashlib.sha256(), offset=0)
+            computed = hashlib.sha256()
+            target.copy_from(source.fileno(), 0, layout.signed_length, computed)
             if not hmac.compare_digest(computed.digest(), manifest.digest):
                 raise HashMismatchError(
                     "the image's content does not match its SHA256 TLV: it was changed after `digest`"
@@ -148,7 +150,9 @@ def attach_signature(image_path: Path, output_path: Path, signature: bytes, publ
     return manifest.digest
 
 
-def _write_signed_range(source: BinaryIO, target: BinaryIO, img_size: int, options: ImageOptions) -> bytes:
+def _write_signed_range(
+    source: BinaryIO, target: SequentialWriter, img_size: int, options: ImageOptions
+) -> bytes:
     """Header, padding, payload and protected TLVs, hashed as they are written; returns the digest."""
     if img_size > _MAX_IMG_SIZE:
         raise InputFileError(f"input of {img_size} bytes exceeds the format's 4 GiB limit")
@@ -170,7 +174,7 @@ def _write_signed_range(source: BinaryIO, target: BinaryIO, img_size: int, optio
     head = header + bytes(options.header_size - HEADER_SIZE)
     digest.update(head)
     target.write(head)
-    copy_and_hash(source, target, img_size, digest, offset=0)
+    target.copy_from(source.fileno(), 0, img_size, digest)
     digest.update(protected_area)
     target.write(protected_area)
     return digest.digest()

@@ -302,8 +302,7 @@ def sign(
         signers = []
         for spec in keys:
             signer = load_signer(spec, access)
-            if hasattr(signer, "close"):
-                stack.callback(signer.close)
+            stack.callback(signer.close)
             signers.append(signer)
         signed = sign_image(input_path, output_path, signers, options)
         click.echo(

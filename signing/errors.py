@@ -72,6 +72,10 @@ class UnsupportedKeyTypeError(KeyError_):
     """A key of a type or size the image format does not carry (only RSA-3072, ECDSA P-256, Ed25519)."""
 
 
+class SigningFaultError(KeyError_):
+    """The key produced a signature that does not verify with its own public key."""
+
+
 class Pkcs11Error(KeyError_):
     """The PKCS#11 module, token or object could not be used."""
 

@@ -3,17 +3,17 @@ that appear whole or not at all, and streaming in fixed chunks so memory never g
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from .errors import InputFileError, OutputFileError
-
-CHUNK_SIZE = 1 << 20
+from .output import CHUNK_SIZE, SequentialWriter
 
 
 @contextmanager
@@ -36,23 +36,27 @@ def file_size(handle: BinaryIO) -> int:
 
 
 @contextmanager
-def atomic_output(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_output(path: Path, mode: int = 0o644) -> Iterator[SequentialWriter]:
     """Write `path` through a temporary file in the same directory, fsync it, rename it into place and
     fsync the directory: a crash or an error leaves the old file or none, never a partial one."""
-    directory = path.parent if str(path.parent) else Path(".")
+    directory = path.parent
     try:
         fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
         raise OutputFileError(f"cannot write in {directory}: {exc.strerror}", field=str(path)) from exc
     temp_path = Path(temporary)
+    writer = SequentialWriter(fd, temp_path)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
+        yield writer
+        writer.close()
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+        os.close(fd)
         os.replace(temp_path, path)
     except BaseException as exc:
+        writer.abort()
+        with contextlib.suppress(OSError):
+            os.close(fd)
         temp_path.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise OutputFileError(f"cannot write {path}: {exc.strerror}", field=str(path)) from exc
@@ -70,32 +74,15 @@ def _fsync_directory(directory: Path) -> None:
 
 def hash_prefix(handle: BinaryIO, length: int) -> bytes:
     """SHA-256 of the first `length` bytes of `handle`, read in fixed chunks into one reused buffer."""
-    return copy_and_hash(handle, None, length, hashlib.sha256(), offset=0).digest()
-
-
-class HashObject(Protocol):
-    """The part of hashlib's interface we use (hashlib's own class is private)."""
-
-    def update(self, data: bytes | memoryview, /) -> None: ...
-
-    def digest(self) -> bytes: ...
-
-
-def copy_and_hash(
-    source: BinaryIO, target: BinaryIO | None, length: int, digest: HashObject, *, offset: int
-) -> HashObject:
-    """Feed `length` bytes of `source` from `offset` to `digest` (and to `target`, when given), in chunks."""
+    digest = hashlib.sha256()
     buffer = bytearray(min(CHUNK_SIZE, max(length, 1)))
     view = memoryview(buffer)
-    fd = source.fileno()
+    fd = handle.fileno()
     done = 0
     while done < length:
-        want = min(len(buffer), length - done)
-        got = os.preadv(fd, [view[:want]], offset + done)
+        got = os.preadv(fd, [view[: min(len(buffer), length - done)]], done)
         if got == 0:
-            raise InputFileError(f"the input shrank while being read (at byte {offset + done})")
+            raise InputFileError(f"the input shrank while being read (at byte {done})")
         digest.update(view[:got])
-        if target is not None:
-            target.write(view[:got])
         done += got
-    return digest
+    return digest.digest()

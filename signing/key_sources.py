@@ -39,7 +39,11 @@ def load_signer(spec: str, access: KeyAccess) -> Signer:
 def load_any_public_key(spec: str, access: KeyAccess) -> PublicKey:
     """The public key of whatever `spec` names: a public key file, a private key file, or a token key."""
     if is_pkcs11_uri(spec):
-        return load_signer(spec, access).public_key
+        signer = load_signer(spec, access)
+        try:
+            return signer.public_key
+        finally:
+            signer.close()
     data = read_key_file(Path(spec))
     if b"PRIVATE KEY-----" in data:
         return load_private_key(Path(spec), access.passphrase).public_key

@@ -245,6 +245,9 @@ def test_a_failed_signature_leaves_no_output_and_no_temporary_file(tmp_path):
         def sign_digest(self, digest: bytes) -> bytes:
             raise InvalidArgumentError("the token went away")
 
+        def close(self) -> None:
+            pass
+
     raw = tmp_path / "in.raw"
     raw.write_bytes(b"payload")
     with pytest.raises(InvalidArgumentError):
