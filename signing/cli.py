@@ -19,7 +19,9 @@ from .build import ImageOptions, attach_signature, prepare_unsigned, sign_image
 from .errors import (
     ImageFormatError,
     InputFileError,
+    InvalidArgumentError,
     KeyError_,
+    KeyFileError,
     OutputFileError,
     SigningError,
     VerificationError,
@@ -32,6 +34,7 @@ from .keys import KeyAlgorithm, PublicKey, load_public_key, read_passphrase_file
 from .verify import Trust, VerifiedImage, verify_image
 
 EXIT_REJECTED = 1  # the image is malformed or must not be trusted
+EXIT_USAGE = 2  # a value given on the command line is not acceptable (click uses 2 as well)
 EXIT_KEY = 3  # a key could not be used
 EXIT_FILE = 4  # an input or output file could not be used
 EXIT_OTHER = 5
@@ -83,14 +86,17 @@ def reported_errors() -> Iterator[None]:
     try:
         yield
     except SigningError as error:
-        field = f"[{error.field}] " if error.field else ""
-        click.echo(f"mers-sign: error: {field}{error}", err=True)
+        message = str(error)
+        field = f"[{error.field}] " if error.field and error.field not in message else ""
+        click.echo(f"mers-sign: error: {field}{message}", err=True)
         sys.exit(_exit_code(error))
 
 
 def _exit_code(error: SigningError) -> int:
     if isinstance(error, VerificationError | ImageFormatError):
         return EXIT_REJECTED
+    if isinstance(error, InvalidArgumentError):
+        return EXIT_USAGE
     if isinstance(error, KeyError_):
         return EXIT_KEY
     if isinstance(error, InputFileError | OutputFileError):
@@ -151,7 +157,14 @@ def _access(
     passphrase_file: Path | None, pkcs11_module: str | None, pkcs11_pin_file: Path | None
 ) -> KeyAccess:
     passphrase = read_passphrase_file(passphrase_file) if passphrase_file else None
-    pin = read_passphrase_file(pkcs11_pin_file).decode() if pkcs11_pin_file else None
+    pin = None
+    if pkcs11_pin_file:
+        try:
+            pin = read_passphrase_file(pkcs11_pin_file).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise KeyFileError(
+                f"PIN file {pkcs11_pin_file} is not UTF-8 text", field=str(pkcs11_pin_file)
+            ) from exc
     return KeyAccess(passphrase, pkcs11_module, pin)
 
 

@@ -189,7 +189,7 @@ def write_key_pair(
     public PEM beside it. Refuses to overwrite either file: a release key is never lost to a typo."""
     public_path = public_key_path_for(private_path)
     for path in (private_path, public_path):
-        if path.exists():
+        if os.path.lexists(path):  # lexists: a dangling symlink is in the way too
             raise KeyFileError(f"{path} already exists; refusing to overwrite a key", field=str(path))
     private_key = generate_private_key(algorithm)
     encryption: serialization.KeySerializationEncryption = (
@@ -199,7 +199,11 @@ def write_key_pair(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
     _write_new_file(private_path, private_pem, mode=0o600)
-    _write_new_file(public_path, PublicKey(private_key.public_key()).pem(), mode=0o644)
+    try:
+        _write_new_file(public_path, PublicKey(private_key.public_key()).pem(), mode=0o644)
+    except KeyFileError:
+        private_path.unlink()  # a private key without its public half is a half-made key pair
+        raise
     return private_path, public_path
 
 
@@ -251,9 +255,19 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> SoftwareSig
     except UnsupportedAlgorithm as exc:
         raise UnsupportedKeyTypeError(f"{path}: {exc}", field=str(path)) from exc
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
-        raise UnsupportedKeyTypeError(f"{path}: {type(key).__name__} keys cannot sign images")
-    algorithm_of(key)
+        raise UnsupportedKeyTypeError(
+            f"{path}: {type(key).__name__} keys cannot sign images", field=str(path)
+        )
+    _check_algorithm(key, str(path))
     return SoftwareSigner(key)
+
+
+def _check_algorithm(key: PublicKeyObject | PrivateKeyObject, source: str) -> None:
+    """`algorithm_of`, with the file named, so a user with several --key options knows which one."""
+    try:
+        algorithm_of(key)
+    except UnsupportedKeyTypeError as exc:
+        raise UnsupportedKeyTypeError(f"{source}: {exc}", field=source) from exc
 
 
 def _load_pem_private(data: bytes, passphrase: bytes | None) -> PrivateKeyTypes:
@@ -289,7 +303,7 @@ def public_key_from_bytes(data: bytes, *, source: str) -> PublicKey:
                 f"{source} holds a private key; give the public key (mers-sign getpub)", field=source
             )
         raise KeyFormatError(f"{source} is not a public key (PEM or DER)", field=source)
-    algorithm_of(key)
+    _check_algorithm(key, source)
     return PublicKey(key)
 
 
