@@ -87,7 +87,7 @@ def reported_errors() -> Iterator[None]:
         yield
     except SigningError as error:
         message = str(error)
-        field = f"[{error.field}] " if error.field and not message.startswith(error.field) else ""
+        field = f"[{error.field}] " if error.field else ""
         click.echo(f"mers-sign: error: {field}{message}", err=True)
         sys.exit(_exit_code(error))
 

@@ -43,7 +43,7 @@ def atomic_output(path: Path, mode: int = 0o644) -> Iterator[SequentialWriter]:
     try:
         fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
-        raise OutputFileError(f"cannot write in {directory}: {exc.strerror}", field=str(path)) from exc
+        raise OutputFileError(f"cannot write in {directory}: {exc.strerror}") from exc
     temp_path = Path(temporary)
     writer = SequentialWriter(fd, temp_path)
     try:
@@ -59,7 +59,7 @@ def atomic_output(path: Path, mode: int = 0o644) -> Iterator[SequentialWriter]:
             os.close(fd)
         temp_path.unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise OutputFileError(f"cannot write {path}: {exc.strerror}", field=str(path)) from exc
+            raise OutputFileError(f"cannot write {path}: {exc.strerror}") from exc
         raise
     _fsync_directory(directory)
 

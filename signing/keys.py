@@ -190,7 +190,7 @@ def write_key_pair(
     public_path = public_key_path_for(private_path)
     for path in (private_path, public_path):
         if os.path.lexists(path):  # lexists: a dangling symlink is in the way too
-            raise KeyFileError(f"{path} already exists; refusing to overwrite a key", field=str(path))
+            raise KeyFileError(f"{path} already exists; refusing to overwrite a key")
     private_key = generate_private_key(algorithm)
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
@@ -212,7 +212,7 @@ def _write_new_file(path: Path, data: bytes, *, mode: int) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except OSError as exc:
-        raise KeyFileError(f"cannot create {path}: {exc.strerror}", field=str(path)) from exc
+        raise KeyFileError(f"cannot create {path}: {exc.strerror}") from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -220,16 +220,16 @@ def _write_new_file(path: Path, data: bytes, *, mode: int) -> None:
             os.fsync(handle.fileno())
     except OSError as exc:
         path.unlink(missing_ok=True)
-        raise KeyFileError(f"cannot write {path}: {exc.strerror}", field=str(path)) from exc
+        raise KeyFileError(f"cannot write {path}: {exc.strerror}") from exc
 
 
 def read_key_file(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError as exc:
-        raise KeyFileError(f"key file {path} does not exist", field=str(path)) from exc
+        raise KeyFileError(f"key file {path} does not exist") from exc
     except OSError as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}", field=str(path)) from exc
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from exc
 
 
 def load_private_key(path: Path, passphrase: bytes | None = None) -> SoftwareSigner:
@@ -241,23 +241,19 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> SoftwareSig
         # cryptography says TypeError both for "encrypted, no password" and "not encrypted, password given"
         if passphrase is None:
             raise PassphraseRequiredError(
-                f"{path} is encrypted: give its passphrase (--passphrase-file)", field=str(path)
+                f"{path} is encrypted: give its passphrase (--passphrase-file)"
             ) from exc
         key = _load_pem_private(data, None)
     except ValueError as exc:
         if b"ENCRYPTED" in data and passphrase is not None:
-            raise WrongPassphraseError(f"wrong passphrase for {path}", field=str(path)) from exc
+            raise WrongPassphraseError(f"wrong passphrase for {path}") from exc
         if _looks_public(data):
-            raise NotAPrivateKeyError(
-                f"{path} holds a public key; signing needs the private key", field=str(path)
-            ) from exc
-        raise KeyFormatError(f"{path} is not a PEM private key", field=str(path)) from exc
+            raise NotAPrivateKeyError(f"{path} holds a public key; signing needs the private key") from exc
+        raise KeyFormatError(f"{path} is not a PEM private key") from exc
     except UnsupportedAlgorithm as exc:
-        raise UnsupportedKeyTypeError(f"{path}: {exc}", field=str(path)) from exc
+        raise UnsupportedKeyTypeError(f"{path}: {exc}") from exc
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
-        raise UnsupportedKeyTypeError(
-            f"{path}: {type(key).__name__} keys cannot sign images", field=str(path)
-        )
+        raise UnsupportedKeyTypeError(f"{path}: {type(key).__name__} keys cannot sign images")
     _check_algorithm(key, str(path))
     return SoftwareSigner(key)
 
@@ -267,7 +263,7 @@ def _check_algorithm(key: PublicKeyObject | PrivateKeyObject, source: str) -> No
     try:
         algorithm_of(key)
     except UnsupportedKeyTypeError as exc:
-        raise UnsupportedKeyTypeError(f"{source}: {exc}", field=source) from exc
+        raise UnsupportedKeyTypeError(f"{source}: {exc}") from exc
 
 
 def _load_pem_private(data: bytes, passphrase: bytes | None) -> PrivateKeyTypes:
@@ -299,10 +295,8 @@ def public_key_from_bytes(data: bytes, *, source: str) -> PublicKey:
     key = _try_public(data)
     if key is None:
         if b"PRIVATE KEY-----" in data:
-            raise KeyFormatError(
-                f"{source} holds a private key; give the public key (mers-sign getpub)", field=source
-            )
-        raise KeyFormatError(f"{source} is not a public key (PEM or DER)", field=source)
+            raise KeyFormatError(f"{source} holds a private key; give the public key (mers-sign getpub)")
+        raise KeyFormatError(f"{source} is not a public key (PEM or DER)")
     _check_algorithm(key, source)
     return PublicKey(key)
 
@@ -316,11 +310,11 @@ def read_passphrase_file(path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise KeyFileError(f"cannot read passphrase file {path}: {exc.strerror}", field=str(path)) from exc
+        raise KeyFileError(f"cannot read passphrase file {path}: {exc.strerror}") from exc
     if data.endswith(b"\r\n"):
         data = data[:-2]
     elif data.endswith(b"\n"):
         data = data[:-1]
     if not data:
-        raise KeyFileError(f"passphrase file {path} is empty", field=str(path))
+        raise KeyFileError(f"passphrase file {path} is empty")
     return data
