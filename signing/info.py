@@ -40,9 +40,11 @@ def describe_layout(layout: ImageLayout) -> dict[str, Any]:
         "file_size": layout.file_size,
     }
     areas = description["tlv_area"]
-    if layout.protected is not None:
-        areas["tlv_hdr_prot"] = _area_header(layout.protected)
-        areas["tlvs_prot"] = [_describe_tlv(entry) for entry in layout.protected.entries]
+    # empty when there is no protected area, as imgtool dumpinfo writes it
+    areas["tlv_hdr_prot"] = _area_header(layout.protected) if layout.protected else {}
+    areas["tlvs_prot"] = (
+        [_describe_tlv(entry) for entry in layout.protected.entries] if layout.protected else []
+    )
     areas["tlv_hdr"] = _area_header(layout.unprotected)
     areas["tlvs"] = [_describe_tlv(entry) for entry in layout.unprotected.entries]
     return description
@@ -97,7 +99,7 @@ def render_text(description: dict[str, Any]) -> str:
     ]
     areas = description["tlv_area"]
     for title, key in (("protected TLVs", "tlvs_prot"), ("TLVs", "tlvs")):
-        if key not in areas:
+        if not areas[key]:
             continue
         lines.append(f"{title}:")
         for tlv in areas[key]:

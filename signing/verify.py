@@ -132,7 +132,12 @@ def _trusted_signers(manifest: Manifest, trust: Trust) -> tuple[bytes, ...]:
         elif entry.key_hash in trust.revoked:
             revoked.append(entry.key_hash)
         else:
-            _check_signature(entry, key, manifest.digest)
+            try:
+                _check_signature(entry, key, manifest.digest)
+            except (SignatureTypeError, BadSignatureError):
+                # the KEYHASH may have been redirected from the trusted key that really signed
+                _refuse_mislabelled(entry, manifest.digest, trust.keys)
+                raise
             accepted.append(entry.key_hash)
     if accepted:
         return tuple(accepted)

@@ -56,7 +56,7 @@ def tlv_offset(path: Path, type_name: str) -> int:
     """Absolute offset of the first TLV of that name (its 4-byte header)."""
     info = read_image_info(path)
     for area, key in (("tlv_hdr_prot", "tlvs_prot"), ("tlv_hdr", "tlvs")):
-        if key not in info["tlv_area"]:
+        if not info["tlv_area"][key]:
             continue
         offset = info["tlv_area"][area]["offset"] + 4
         for tlv in info["tlv_area"][key]:
@@ -127,12 +127,24 @@ def test_a_second_signature_by_a_valid_key_survives_the_revocation_of_the_first(
     assert verify_image(image, trust).signed_by == (new.public_key.key_hash,)
 
 
-def test_a_keyhash_rewritten_to_another_trusted_key_fails_that_keys_signature_check(tmp_path):
-    signer, other = signer_for(RSA), signer_for(RSA, 1)
+@pytest.mark.parametrize("other_algorithm", [RSA, KeyAlgorithm.ED25519])
+def test_a_keyhash_redirected_to_another_trusted_key_is_reported_as_a_keyhash_mismatch(
+    tmp_path, other_algorithm
+):
+    signer, other = signer_for(RSA), signer_for(other_algorithm, 1)
     image = make_image(tmp_path, [signer])
     patch(image, tlv_offset(image, "KEYHASH") + 4, other.public_key.key_hash)
-    with pytest.raises(BadSignatureError):
+    with pytest.raises(KeyHashMismatchError):
         verify_image(image, trust_of(signer.public_key, other.public_key))
+
+
+def test_a_corrupted_signature_of_a_trusted_key_is_a_bad_signature(tmp_path):
+    signer = signer_for(RSA)
+    image = make_image(tmp_path, [signer])
+    offset = tlv_offset(image, "RSA3072") + 4 + 100
+    patch(image, offset, bytes([image.read_bytes()[offset] ^ 1]))
+    with pytest.raises(BadSignatureError):
+        verify_image(image, trust_of(signer.public_key))
 
 
 def test_a_keyhash_altered_to_name_no_key_is_caught_although_the_signature_is_good(tmp_path):
