@@ -20,6 +20,7 @@ import enum
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,7 @@ IMGTOOL_SLOT_SLACK = 0x10000
 DEFAULT_TIMEOUT_S = 900.0
 
 _MIB = 1 << 20
-_WRITE_CHUNK = _MIB
+_CHUNK = _MIB
 _KEY = "key.pem"
 _PUBLIC_KEY = "key.pub.pem"
 _IMGTOOL_KEY = "ik.pem"
@@ -83,16 +84,20 @@ class Step:
     figure: str
     argv: tuple[str, ...]
     role: Role
+    reads: str | None = None  # the file it reads, read through (untimed) just before each run
+    writes: str | None = None  # the file it writes, removed (untimed) before each run
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """A command's best wall time over the timed runs, and its largest peak RSS over the same runs."""
+    """A command's best wall time over the timed runs, its largest peak RSS over the same runs, and what
+    the best run read from the disk rather than the page cache (non-zero: the time includes disk I/O)."""
 
     figure: str
     role: Role
     seconds: float
     peak_rss_mib: float
+    disk_read_mib: float
 
 
 @dataclass(frozen=True)
@@ -173,24 +178,28 @@ def imgtool_skip_reason(size_bytes: int, skip_requested: bool) -> str | None:
 class _Sample:
     seconds: float
     peak_rss_mib: float
+    disk_read_mib: float
 
 
 def _kill_after(pid: int, timeout_s: float, done: threading.Event) -> None:
     if not done.wait(timeout_s):
         # The child is not reaped before this thread has been joined, so `pid` cannot have been reused.
-        os.kill(pid, 9)
+        os.kill(pid, signal.SIGKILL)
 
 
 def run_measured(argv: Sequence[str], cwd: Path, timeout_s: float) -> _Sample:
     """Run `argv` once; its wall time and peak RSS, or CommandFailedError with its stderr.
 
     The child is waited for with `waitid(WNOWAIT)` first, so the clock stops when it exits, and then
-    reaped with `wait4`, whose rusage is that child's alone (plus any children it reaped itself).
+    reaped with `wait4`, whose rusage is that child's (plus any children it reaped itself). Its
+    `ru_maxrss` has a floor, though: a child spawned by vfork and exec counts the peak RSS of the address
+    space it replaced, which is this process's; see the `true (RSS floor)` row.
     """
     with tempfile.TemporaryFile() as stderr:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=stderr)
+        proc = subprocess.Popen(
+            argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+        )
         done = threading.Event()
         watchdog = threading.Thread(target=_kill_after, args=(proc.pid, timeout_s, done), daemon=True)
         watchdog.start()
@@ -203,10 +212,14 @@ def run_measured(argv: Sequence[str], cwd: Path, timeout_s: float) -> _Sample:
         if proc.returncode != 0:
             stderr.seek(0)
             message = stderr.read().decode("utf-8", "replace")
-            if proc.returncode == -9:
+            if proc.returncode == -signal.SIGKILL:
                 message += f"\n(killed after the {timeout_s:.0f} s timeout)"
             raise CommandFailedError(argv, proc.returncode, message)
-    return _Sample(seconds=seconds, peak_rss_mib=usage.ru_maxrss / 1024)  # ru_maxrss is KiB on Linux
+    return _Sample(
+        seconds=seconds,
+        peak_rss_mib=usage.ru_maxrss / 1024,  # KiB on Linux
+        disk_read_mib=usage.ru_inblock * 512 / _MIB,  # counted in 512-byte blocks
+    )
 
 
 # --- preparing inputs -------------------------------------------------------------------------------
@@ -218,7 +231,7 @@ def write_random_file(path: Path, size_bytes: int) -> None:
     with path.open("wb") as out:
         left = size_bytes
         while left:
-            chunk = min(_WRITE_CHUNK, left)
+            chunk = min(_CHUNK, left)
             out.write(os.urandom(chunk))
             left -= chunk
 
@@ -241,19 +254,53 @@ def _steps(tools: Tools, size_bytes: int) -> list[Step]:
     cache before anything else touches it."""
     mers = str(tools.mers_sign)
     steps = [
-        Step("openssl dgst -sha256", (str(tools.openssl), "dgst", "-sha256", _PAYLOAD), Role.PEER),
-        Step("mers-sign sign", (mers, "sign", "--key", _KEY, "--version", "1.0.0", _PAYLOAD, _SIGNED),
-             Role.TARGETED),
-        Step("mers-sign verify", (mers, "verify", "--key", _PUBLIC_KEY, _SIGNED), Role.TARGETED),
+        Step(
+            "openssl dgst -sha256",
+            (str(tools.openssl), "dgst", "-sha256", _PAYLOAD),
+            Role.PEER,
+            reads=_PAYLOAD,
+        ),
+        Step(
+            "mers-sign sign",
+            (mers, "sign", "--key", _KEY, "--version", "1.0.0", _PAYLOAD, _SIGNED),
+            Role.TARGETED,
+            reads=_PAYLOAD,
+            writes=_SIGNED,
+        ),
+        Step(
+            "mers-sign verify", (mers, "verify", "--key", _PUBLIC_KEY, _SIGNED), Role.TARGETED, reads=_SIGNED
+        ),
     ]
     if tools.imgtool is not None:
         imgtool = str(tools.imgtool)
         steps += [
-            Step("imgtool sign", (imgtool, "sign", "-k", _IMGTOOL_KEY, "--version", "1.0.0",
-                                  "-H", hex(IMGTOOL_HEADER_SIZE), "--pad-header",
-                                  "-S", hex(imgtool_slot_size(size_bytes)), _PAYLOAD, _SIGNED_IMGTOOL),
-                 Role.COMPARISON),
-            Step("imgtool verify", (imgtool, "verify", "-k", _IMGTOOL_KEY, _SIGNED_IMGTOOL), Role.COMPARISON),
+            Step(
+                "imgtool sign",
+                (
+                    imgtool,
+                    "sign",
+                    "-k",
+                    _IMGTOOL_KEY,
+                    "--version",
+                    "1.0.0",
+                    "-H",
+                    hex(IMGTOOL_HEADER_SIZE),
+                    "--pad-header",
+                    "-S",
+                    hex(imgtool_slot_size(size_bytes)),
+                    _PAYLOAD,
+                    _SIGNED_IMGTOOL,
+                ),
+                Role.COMPARISON,
+                reads=_PAYLOAD,
+                writes=_SIGNED_IMGTOOL,
+            ),
+            Step(
+                "imgtool verify",
+                (imgtool, "verify", "-k", _IMGTOOL_KEY, _SIGNED_IMGTOOL),
+                Role.COMPARISON,
+                reads=_SIGNED_IMGTOOL,
+            ),
         ]
     steps += [
         Step("mers-sign --help (startup)", (mers, "--help"), Role.CONTEXT),
@@ -279,8 +326,34 @@ def _log(message: str) -> None:
     print(f"sign_verify: {message}", file=sys.stderr, flush=True)
 
 
-def measure(size_mib: int, repeat: int, *, keep_dir: Path | None = None, skip_imgtool: bool = False,
-            timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Measurement]:
+def _read_through(path: Path) -> None:
+    buffer = bytearray(_CHUNK)
+    with path.open("rb", buffering=0) as source:
+        while source.readinto(buffer):
+            pass
+
+
+def _settle(work: Path, step: Step) -> None:
+    """Start `step` from the same state every round: the image it writes does not exist yet (freeing a
+    large file's blocks is the filesystem's cost, and would be charged to whoever overwrites it); no
+    dirty pages are left from an earlier command (imgtool writes a whole image without fsync) for their
+    writeback to land on this command's clock; and the file it reads is in the page cache, even on a
+    machine that reclaims cached pages soon after their last use (as proactive reclaim does)."""
+    if step.writes is not None:
+        (work / step.writes).unlink(missing_ok=True)
+    os.sync()
+    if step.reads is not None:
+        _read_through(work / step.reads)
+
+
+def measure(
+    size_mib: int,
+    repeat: int,
+    *,
+    keep_dir: Path | None = None,
+    skip_imgtool: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> list[Measurement]:
     """Time every step: one warm-up round that is discarded, then `repeat` rounds, interleaved so that
     a drift in the machine's state hits every command alike. Best time, worst peak RSS."""
     size_bytes = size_mib * _MIB
@@ -297,18 +370,22 @@ def measure(size_mib: int, repeat: int, *, keep_dir: Path | None = None, skip_im
         for round_index in range(repeat + 1):
             _log("warm-up round" if round_index == 0 else f"round {round_index} of {repeat}")
             for step in steps:
+                _settle(work, step)
                 sample = run_measured(step.argv, work, timeout_s)
                 if round_index > 0:
                     samples[step.figure].append(sample)
-    return [
-        Measurement(
-            figure=step.figure,
-            role=step.role,
-            seconds=min(s.seconds for s in samples[step.figure]),
-            peak_rss_mib=max(s.peak_rss_mib for s in samples[step.figure]),
-        )
-        for step in steps
-    ]
+    return [_summarise(step, samples[step.figure]) for step in steps]
+
+
+def _summarise(step: Step, samples: Sequence[_Sample]) -> Measurement:
+    best = min(samples, key=lambda sample: sample.seconds)
+    return Measurement(
+        figure=step.figure,
+        role=step.role,
+        seconds=best.seconds,
+        peak_rss_mib=max(sample.peak_rss_mib for sample in samples),
+        disk_read_mib=best.disk_read_mib,
+    )
 
 
 def _peer_seconds(measurements: Sequence[Measurement]) -> float:
@@ -335,30 +412,41 @@ def rows_of(measurements: Sequence[Measurement]) -> list[Row]:
     for m in measurements:
         targeted = m.role is Role.TARGETED
         timed_against_peer = m.role is not Role.CONTEXT
-        rows.append(Row(
-            figure=f"{m.figure}: seconds",
-            ours=m.seconds,
-            peer_or_limit=peer if timed_against_peer else None,
-            ratio=m.seconds / peer if timed_against_peer else None,
-            target=f"<= {TIME_TARGET_RATIO}x openssl" if targeted else _untargeted_label(m.role),
-            met=time_met(m, peer) if targeted else None,
-        ))
-        rows.append(Row(
-            figure=f"{m.figure}: peak RSS MiB",
-            ours=m.peak_rss_mib,
-            peer_or_limit=RSS_LIMIT_MIB if targeted else None,
-            ratio=m.peak_rss_mib / RSS_LIMIT_MIB if targeted else None,
-            target=f"< {RSS_LIMIT_MIB:.0f} MiB" if targeted else _untargeted_label(m.role),
-            met=rss_met(m) if targeted else None,
-        ))
+        rows.append(
+            Row(
+                figure=f"{m.figure}: seconds",
+                ours=m.seconds,
+                peer_or_limit=peer if timed_against_peer else None,
+                ratio=m.seconds / peer if timed_against_peer else None,
+                target=f"<= {TIME_TARGET_RATIO}x openssl" if targeted else _untargeted_label(m.role),
+                met=time_met(m, peer) if targeted else None,
+            )
+        )
+        rows.append(
+            Row(
+                figure=f"{m.figure}: peak RSS MiB",
+                ours=m.peak_rss_mib,
+                peer_or_limit=RSS_LIMIT_MIB if targeted else None,
+                ratio=m.peak_rss_mib / RSS_LIMIT_MIB if targeted else None,
+                target=f"< {RSS_LIMIT_MIB:.0f} MiB" if targeted else _untargeted_label(m.role),
+                met=rss_met(m) if targeted else None,
+            )
+        )
     return rows
 
 
-def run(size_mib: int, repeat: int = 3, *, keep_dir: Path | None = None, skip_imgtool: bool = False,
-        timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Row]:
+def run(
+    size_mib: int,
+    repeat: int = 3,
+    *,
+    keep_dir: Path | None = None,
+    skip_imgtool: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> list[Row]:
     """The benchmark as `bench/run_all.py` calls it."""
-    return rows_of(measure(size_mib, repeat, keep_dir=keep_dir, skip_imgtool=skip_imgtool,
-                           timeout_s=timeout_s))
+    return rows_of(
+        measure(size_mib, repeat, keep_dir=keep_dir, skip_imgtool=skip_imgtool, timeout_s=timeout_s)
+    )
 
 
 # --- output -----------------------------------------------------------------------------------------
@@ -375,21 +463,34 @@ def _verdict(m: Measurement, peer_seconds: float) -> tuple[str, str]:
 
 def format_table(measurements: Sequence[Measurement], size_mib: int, repeat: int) -> str:
     peer = _peer_seconds(measurements)
-    header = ("figure", "seconds", "peak RSS MiB", "x openssl", "target", "met")
+    header = ("figure", "seconds", "peak RSS MiB", "x openssl", "target", "met", "disk read MiB")
     body = []
     for m in measurements:
         ratio = "" if m.role is Role.CONTEXT else f"{m.seconds / peer:.2f}"
-        body.append((m.figure, f"{m.seconds:.3f}", f"{m.peak_rss_mib:.1f}", ratio, *_verdict(m, peer)))
+        body.append(
+            (
+                m.figure,
+                f"{m.seconds:.3f}",
+                f"{m.peak_rss_mib:.1f}",
+                ratio,
+                *_verdict(m, peer),
+                f"{m.disk_read_mib:.1f}",
+            )
+        )
     widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header))]
-    numeric = {1, 2, 3}
+    numeric = {1, 2, 3, 6}
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+        return "  ".join(
+            c.rjust(w) if i in numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
 
     rate = size_mib * _MIB / peer / 1e9
-    title = (f"sign_verify: {size_mib} MiB random payload, best of {repeat} after a warm-up "
-             f"(openssl SHA-256 at {rate:.2f} GB/s)")
+    title = (
+        f"sign_verify: {size_mib} MiB random payload, best of {repeat} after a warm-up "
+        f"(openssl SHA-256 at {rate:.2f} GB/s)"
+    )
     return "\n".join([title, line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
@@ -409,8 +510,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=_positive_int, default=3, help="timed runs, best kept (default 3)")
     parser.add_argument("--keep-dir", type=Path, help="work in DIR and keep the payload, keys and images")
     parser.add_argument("--skip-imgtool", action="store_true", help="do not run imgtool")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                        help=f"seconds before a command is killed (default {DEFAULT_TIMEOUT_S:.0f})")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds before a command is killed (default {DEFAULT_TIMEOUT_S:.0f})",
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     return parser.parse_args(argv)
 
@@ -418,8 +523,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
-        measurements = measure(args.size_mib, args.repeat, keep_dir=args.keep_dir,
-                               skip_imgtool=args.skip_imgtool, timeout_s=args.timeout)
+        measurements = measure(
+            args.size_mib,
+            args.repeat,
+            keep_dir=args.keep_dir,
+            skip_imgtool=args.skip_imgtool,
+            timeout_s=args.timeout,
+        )
     except BenchError as error:
         print(f"sign_verify: {error}", file=sys.stderr)
         return 1

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import BadSignatureError, HashMismatchError, InputFileError, InvalidArgumentError
-from .files import atomic_output, file_size, open_input
+from .files import file_size, open_input
 from .image_format import (
     CUSTOM_TLV_MAX,
     CUSTOM_TLV_MIN,
@@ -34,7 +34,7 @@ from .image_format import (
 from .keys import PublicKey, Signer
 from .layout import FileSource, read_layout
 from .manifest import read_manifest
-from .output import SequentialWriter
+from .output import SequentialWriter, atomic_output
 
 _MAX_IMG_SIZE = 0xFFFFFFFF
 _MAX_HEADER_SIZE = 0xFFFF

@@ -11,11 +11,10 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .build import ImageOptions, attach_signature, prepare_unsigned, sign_image
 from .errors import (
     ImageFormatError,
     InputFileError,
@@ -26,12 +25,17 @@ from .errors import (
     SigningError,
     VerificationError,
 )
-from .files import atomic_output
-from .image_format import ImageVersion, class_uuid, vendor_uuid
-from .info import read_image_info, render_text
-from .key_sources import KeyAccess, load_any_public_key, load_signer
-from .keys import KeyAlgorithm, PublicKey, load_public_key, read_passphrase_file, write_key_pair
-from .verify import Trust, VerifiedImage, verify_image
+
+# The library modules are imported inside each command, not here: a command then loads only what it uses
+# (`verify` needs neither the output pipeline nor the PKCS#11 code), and start-up time is a visible share
+# of verifying an image. The names below are for type checking only.
+if TYPE_CHECKING:
+    from .build import ImageOptions
+    from .key_sources import KeyAccess
+    from .keys import PublicKey
+    from .verify import VerifiedImage
+
+KEY_TYPES = ("rsa-3072", "ecdsa-p256", "ed25519")  # KeyAlgorithm's values, without importing cryptography
 
 EXIT_REJECTED = 1  # the image is malformed or must not be trusted
 EXIT_USAGE = 2  # a value given on the command line is not acceptable (click uses 2 as well)
@@ -156,6 +160,9 @@ def image_options(function: F) -> F:
 def _access(
     passphrase_file: Path | None, pkcs11_module: str | None, pkcs11_pin_file: Path | None
 ) -> KeyAccess:
+    from .key_sources import KeyAccess
+    from .keys import read_passphrase_file
+
     passphrase = read_passphrase_file(passphrase_file) if passphrase_file else None
     pin = None
     if pkcs11_pin_file:
@@ -176,6 +183,9 @@ def _options(
     header_size: int,
     custom_tlv: tuple[tuple[int, bytes], ...],
 ) -> ImageOptions:
+    from .build import ImageOptions
+    from .image_format import ImageVersion
+
     return ImageOptions(
         version=ImageVersion.parse(version),
         security_counter=security_counter,
@@ -206,8 +216,8 @@ def main() -> None:
 @click.option(
     "--type",
     "key_type",
-    type=click.Choice([algorithm.value for algorithm in KeyAlgorithm]),
-    default=KeyAlgorithm.RSA3072.value,
+    type=click.Choice(KEY_TYPES),
+    default=KEY_TYPES[0],
     show_default=True,
 )
 @click.option(
@@ -221,6 +231,8 @@ def keygen(key_type: str, output: Path, passphrase_file: Path | None) -> None:
 
     Example: mers-sign keygen --type ecdsa-p256 -o release.pem
     """
+    from .keys import KeyAlgorithm, load_public_key, read_passphrase_file, write_key_pair
+
     with reported_errors():
         passphrase = read_passphrase_file(passphrase_file) if passphrase_file else None
         private_path, public_path = write_key_pair(output, KeyAlgorithm(key_type), passphrase)
@@ -254,6 +266,9 @@ def getpub(
 
     Example: mers-sign getpub release.pem --format hash
     """
+    from .key_sources import load_any_public_key
+    from .output import atomic_output
+
     with reported_errors():
         public = load_any_public_key(key, _access(passphrase_file, pkcs11_module, pkcs11_pin_file))
         data = _public_key_output(public, output_format)
@@ -309,6 +324,9 @@ def sign(
 
     Example: mers-sign sign --key release.pem --version 1.2.0+7 --vendor acme.example --class gw-1 IN OUT
     """
+    from .build import sign_image
+    from .key_sources import load_signer
+
     with reported_errors(), ExitStack() as stack:
         options = _options(**image)
         access = _access(passphrase_file, pkcs11_module, pkcs11_pin_file)
@@ -349,9 +367,16 @@ def verify(
 
     Example: mers-sign verify --key release.pub.pem --min-security-counter 3 rootfs.signed
     """
-    with reported_errors():
-        if image_class is not None and vendor is None:
-            raise click.UsageError("--class needs --vendor: a class is named within its vendor")
+    from .files import PrefixHasher, open_input
+
+    if image_class is not None and vendor is None:
+        raise click.UsageError("--class needs --vendor: a class is named within its vendor")
+    with reported_errors(), open_input(image, "image") as handle, PrefixHasher(handle) as hasher:
+        # the image is being hashed in the background while the verifier and the keys load
+        from .image_format import class_uuid, vendor_uuid
+        from .keys import load_public_key
+        from .verify import Trust, verify_open_image
+
         trust = Trust(
             keys=tuple(load_public_key(Path(spec)) for spec in keys),
             min_security_counter=min_security_counter,
@@ -359,7 +384,7 @@ def verify(
             class_uuid=class_uuid(vendor, image_class) if vendor and image_class else None,
             slot_size=slot_size,
         )
-        verified = verify_image(image, trust)
+        verified = verify_open_image(handle, hasher, trust)
     if as_json:
         click.echo(json.dumps(_verified_json(verified), indent=2))
     else:
@@ -393,6 +418,8 @@ def info(as_json: bool, image: Path) -> None:
 
     Example: mers-sign info --json rootfs.signed
     """
+    from .info import read_image_info, render_text
+
     with reported_errors():
         description = read_image_info(image)
     click.echo(json.dumps(description, indent=2) if as_json else render_text(description))
@@ -417,6 +444,9 @@ def digest(input_path: Path, unsigned_path: Path, digest_path: Path, **image: An
     openssl pkeyutl -sign -inkey k.pem -pkeyopt digest:sha256 -pkeyopt rsa_padding_mode:pss
     -pkeyopt rsa_pss_saltlen:32 -in DIGEST -out SIG ; then run `mers-sign attach`.
     """
+    from .build import prepare_unsigned
+    from .output import atomic_output
+
     with reported_errors():
         value = prepare_unsigned(input_path, unsigned_path, _options(**image))
         with atomic_output(digest_path) as handle:
@@ -444,6 +474,9 @@ def attach(signature: Path, pubkey: Path, image: Path, output_path: Path) -> Non
 
     Example: mers-sign attach --signature sig.bin --pubkey hsm.pub.pem unsigned.img signed.img
     """
+    from .build import attach_signature
+    from .keys import load_public_key
+
     with reported_errors():
         public = load_public_key(pubkey)
         try:

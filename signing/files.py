@@ -1,19 +1,20 @@
-"""File I/O with the guarantees release engineers rely on: typed errors for unreadable inputs, outputs
-that appear whole or not at all, and streaming in fixed chunks so memory never grows with image size."""
+"""Reading inputs: typed errors for unreadable files, and hashing in fixed chunks so memory never grows
+with image size. (Outputs are `output.py`'s job.)"""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from types import TracebackType
+from typing import BinaryIO, Self
 
-from .errors import InputFileError, OutputFileError
-from .output import CHUNK_SIZE, SequentialWriter
+from .errors import InputFileError
+
+CHUNK_SIZE = 1 << 20
 
 
 @contextmanager
@@ -35,54 +36,62 @@ def file_size(handle: BinaryIO) -> int:
     return os.fstat(handle.fileno()).st_size
 
 
-@contextmanager
-def atomic_output(path: Path, mode: int = 0o644) -> Iterator[SequentialWriter]:
-    """Write `path` through a temporary file in the same directory, fsync it, rename it into place and
-    fsync the directory: a crash or an error leaves the old file or none, never a partial one."""
-    directory = path.parent
-    try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise OutputFileError(f"cannot write in {directory}: {exc.strerror}") from exc
-    temp_path = Path(temporary)
-    writer = SequentialWriter(fd, temp_path)
-    try:
-        yield writer
-        writer.close()
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-        os.close(fd)
-        os.replace(temp_path, path)
-    except BaseException as exc:
-        writer.abort()
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        temp_path.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OutputFileError(f"cannot write {path}: {exc.strerror}") from exc
-        raise
-    _fsync_directory(directory)
+#: the unprotected TLV area, which is never hashed, ends the image and holds at most this many bytes
+_UNHASHED_TAIL_MAX = 0xFFFF
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class PrefixHasher:
+    """SHA-256 of a file's first bytes, computed in a background thread from the moment the file is open.
 
+    Verifying is mostly hashing, and hashlib releases the GIL while it hashes, so the caller can meanwhile
+    import the verifier, load the trust anchors and parse the TLVs. Before the caller knows where the
+    signed range ends, the thread hashes all but the last 64 KiB (an image's unhashed tail is never
+    longer); `digest(length)` waits for it and hashes the rest. Memory is one chunk buffer."""
 
-def hash_prefix(handle: BinaryIO, length: int) -> bytes:
-    """SHA-256 of the first `length` bytes of `handle`, read in fixed chunks into one reused buffer."""
-    digest = hashlib.sha256()
-    buffer = bytearray(min(CHUNK_SIZE, max(length, 1)))
-    view = memoryview(buffer)
-    fd = handle.fileno()
-    done = 0
-    while done < length:
-        got = os.preadv(fd, [view[: min(len(buffer), length - done)]], done)
-        if got == 0:
-            raise InputFileError(f"the input shrank while being read (at byte {done})")
-        digest.update(view[:got])
-        done += got
-    return digest.digest()
+    def __init__(self, handle: BinaryIO) -> None:
+        self._fd = handle.fileno()
+        self._buffer = bytearray(CHUNK_SIZE)
+        self._hash = hashlib.sha256()
+        self._done = 0
+        self._stop = threading.Event()
+        self._error: InputFileError | None = None
+        early_limit = max(0, file_size(handle) - _UNHASHED_TAIL_MAX)
+        self._thread = threading.Thread(target=self._run, args=(early_limit,), name="mers-hash", daemon=True)
+        self._thread.start()
+
+    def digest(self, length: int) -> bytes:
+        """The SHA-256 of the first `length` bytes."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if length < self._done:  # not an image whose tail is short; hash again, exactly
+            self._hash, self._done = hashlib.sha256(), 0
+        self._hash_until(length)
+        return self._hash.digest()
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.cancel()
+
+    def _run(self, limit: int) -> None:
+        try:
+            self._hash_until(limit)
+        except InputFileError as error:
+            self._error = error
+
+    def _hash_until(self, length: int) -> None:
+        view = memoryview(self._buffer)
+        while self._done < length and not self._stop.is_set():
+            got = os.preadv(self._fd, [view[: min(CHUNK_SIZE, length - self._done)]], self._done)
+            if got == 0:
+                raise InputFileError(f"the input shrank while being read (at byte {self._done})")
+            self._hash.update(view[:got])
+            self._done += got

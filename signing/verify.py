@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import (
     BadSignatureError,
@@ -27,7 +28,7 @@ from .errors import (
     UnknownKeyError,
     VendorMismatchError,
 )
-from .files import file_size, hash_prefix, open_input
+from .files import PrefixHasher, file_size, open_input
 from .image_format import ImageVersion
 from .keys import PublicKey
 from .layout import FileSource, read_layout
@@ -63,11 +64,17 @@ class VerifiedImage:
 
 def verify_image(path: Path, trust: Trust) -> VerifiedImage:
     """Verify the image file at `path` against `trust`, or raise the `SigningError` naming what failed."""
-    with open_input(path, "image") as handle:
-        layout = read_layout(FileSource(handle.fileno(), file_size(handle)))
-        manifest = read_manifest(layout)
-        check_manifest(manifest, trust)
-        digest = hash_prefix(handle, layout.signed_length)
+    with open_input(path, "image") as handle, PrefixHasher(handle) as hasher:
+        return verify_open_image(handle, hasher, trust)
+
+
+def verify_open_image(handle: BinaryIO, hasher: PrefixHasher, trust: Trust) -> VerifiedImage:
+    """`verify_image` for a file already open and being hashed (the CLI starts hashing first, so that
+    loading this module and the keys costs no time)."""
+    layout = read_layout(FileSource(handle.fileno(), file_size(handle)))
+    manifest = read_manifest(layout)
+    check_manifest(manifest, trust)
+    digest = hasher.digest(layout.signed_length)
     return finish_verification(manifest, digest, trust)
 
 

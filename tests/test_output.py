@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 
 from signing import ImageOptions, ImageVersion, Trust, sign_image, verify_image
 from signing.errors import InputFileError, OutputFileError
-from signing.files import atomic_output
 from signing.keys import KeyAlgorithm
-from signing.output import CHUNK_SIZE
+from signing.output import CHUNK_SIZE, atomic_output
 from tests.signing_helpers import signer_for
 
 pieces = st.lists(
