@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from types import TracebackType
+from typing import TYPE_CHECKING, BinaryIO, Self
 
 from .errors import BadSignatureError, HashMismatchError, InputFileError, InvalidArgumentError
 from .files import file_size, open_input
@@ -31,10 +34,14 @@ from .image_format import (
     class_uuid,
     vendor_uuid,
 )
-from .keys import PublicKey, Signer
 from .layout import FileSource, read_layout
 from .manifest import read_manifest
 from .output import SequentialWriter, atomic_output
+
+# keys (and so cryptography) are not needed to stream an image: not importing them here lets the CLI load
+# them while the payload is already being hashed
+if TYPE_CHECKING:
+    from .keys import PublicKey, Signer
 
 _MAX_IMG_SIZE = 0xFFFFFFFF
 _MAX_HEADER_SIZE = 0xFFFF
@@ -94,30 +101,99 @@ class SignedImage:
     key_hashes: tuple[bytes, ...]
 
 
+class ImageBuilder:
+    """Streams the payload into a new image in a background thread from the moment it is created, so the
+    caller can load its keys (or wait for an HSM) meanwhile; `finish` adds the signatures and commits.
+
+    Leaving the `with` block without `finish` (a wrong passphrase, an unknown token) stops the stream and
+    removes the temporary output: nothing partial is left behind."""
+
+    def __init__(self, input_path: Path, output_path: Path, options: ImageOptions) -> None:
+        self.output_path = output_path
+        self._finished = False
+        self._stack = ExitStack()
+        try:
+            self._source = self._stack.enter_context(open_input(input_path))
+            self._target = self._stack.enter_context(atomic_output(output_path))
+        except BaseException:
+            self._stack.close()
+            raise
+        self.img_size = file_size(self._source)
+        self._options = options
+        self._stop = threading.Event()
+        self._digest: bytes | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._stream, name="mers-sign", daemon=True)
+        self._thread.start()
+
+    def _stream(self) -> None:
+        try:
+            self._digest = _write_signed_range(
+                self._source, self._target, self.img_size, self._options, self._stop
+            )
+        except BaseException as error:  # handed to the caller's thread by `digest`
+            self._error = error
+
+    def digest(self) -> bytes:
+        """Wait for the stream; the SHA-256 to sign."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
+
+    def finish(self, signatures: Sequence[tuple[PublicKey, bytes]]) -> bytes:
+        """Write the unprotected TLVs (hash, then KEYHASH + signature for each) and commit the file."""
+        digest = self.digest()
+        self._target.write(_unprotected_area(digest, signatures))
+        self._stack.close()  # leaves atomic_output normally: fsync, rename
+        self._finished = True
+        return digest
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self._finished:
+            return
+        self._stop.set()
+        self._thread.join()
+        # hand the failure (or the abandonment) to atomic_output, which then removes the temporary file
+        failure = value if value is not None else _Abandoned("the image was not finished")
+        self._stack.__exit__(type(failure), failure, trace)
+
+
+class _Abandoned(Exception):
+    """Raised into the output's context when a builder is left unfinished, so it is discarded."""
+
+
 def sign_image(
     input_path: Path, output_path: Path, signers: Sequence[Signer], options: ImageOptions
 ) -> SignedImage:
     """Wrap the raw payload at `input_path` into an image signed by every signer (one signature each)."""
     if not signers:
         raise InvalidArgumentError("at least one key is needed to sign", field="key")
+    with ImageBuilder(input_path, output_path, options) as builder:
+        return finish_signed(builder, signers)
+
+
+def finish_signed(builder: ImageBuilder, signers: Sequence[Signer]) -> SignedImage:
+    """Sign the builder's digest with every signer and commit the image."""
     keys = [signer.public_key for signer in signers]
     if len({key.key_hash for key in keys}) != len(keys):
         raise InvalidArgumentError("the same key is given twice", field="key")
-    with open_input(input_path) as source, atomic_output(output_path) as target:
-        img_size = file_size(source)
-        digest = _write_signed_range(source, target, img_size, options)
-        signatures = [(signer.public_key, signer.sign_digest(digest)) for signer in signers]
-        target.write(_unprotected_area(digest, signatures))
-    return SignedImage(output_path, digest, img_size, tuple(key.key_hash for key in keys))
+    digest = builder.digest()
+    builder.finish([(signer.public_key, signer.sign_digest(digest)) for signer in signers])
+    return SignedImage(builder.output_path, digest, builder.img_size, tuple(key.key_hash for key in keys))
 
 
 def prepare_unsigned(input_path: Path, output_path: Path, options: ImageOptions) -> bytes:
     """Write the image with its hash but no signature, and return the exact digest an offline or HSM
     signer must sign (PSS/ECDSA over the prehashed SHA-256, or Ed25519 over the 32 bytes)."""
-    with open_input(input_path) as source, atomic_output(output_path) as target:
-        digest = _write_signed_range(source, target, file_size(source), options)
-        target.write(_unprotected_area(digest, []))
-    return digest
+    with ImageBuilder(input_path, output_path, options) as builder:
+        return builder.finish([])
 
 
 def attach_signature(image_path: Path, output_path: Path, signature: bytes, public_key: PublicKey) -> bytes:
@@ -151,7 +227,7 @@ def attach_signature(image_path: Path, output_path: Path, signature: bytes, publ
 
 
 def _write_signed_range(
-    source: BinaryIO, target: SequentialWriter, img_size: int, options: ImageOptions
+    source: BinaryIO, target: SequentialWriter, img_size: int, options: ImageOptions, stop: threading.Event
 ) -> bytes:
     """Header, padding, payload and protected TLVs, hashed as they are written; returns the digest."""
     if img_size > _MAX_IMG_SIZE:
@@ -174,7 +250,7 @@ def _write_signed_range(
     head = header + bytes(options.header_size - HEADER_SIZE)
     digest.update(head)
     target.write(head)
-    target.copy_from(source.fileno(), 0, img_size, digest)
+    target.copy_from(source.fileno(), 0, img_size, digest, stop)
     digest.update(protected_area)
     target.write(protected_area)
     return digest.digest()

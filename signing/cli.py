@@ -324,18 +324,21 @@ def sign(
 
     Example: mers-sign sign --key release.pem --version 1.2.0+7 --vendor acme.example --class gw-1 IN OUT
     """
-    from .build import sign_image
-    from .key_sources import load_signer
+    from .build import ImageBuilder, finish_signed
 
     with reported_errors(), ExitStack() as stack:
         options = _options(**image)
+        # the payload streams into OUT from here on, while the keys (and cryptography) load
+        builder = stack.enter_context(ImageBuilder(input_path, output_path, options))
+        from .key_sources import load_signer
+
         access = _access(passphrase_file, pkcs11_module, pkcs11_pin_file)
         signers = []
         for spec in keys:
             signer = load_signer(spec, access)
             stack.callback(signer.close)
             signers.append(signer)
-        signed = sign_image(input_path, output_path, signers, options)
+        signed = finish_signed(builder, signers)
         click.echo(
             f"signed {output_path}: version {options.version}, payload {signed.img_size} bytes, "
             f"sha256 {signed.digest.hex()}, {len(signers)} signature(s)"

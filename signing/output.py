@@ -69,10 +69,18 @@ class SequentialWriter:
             view = view[len(piece) :]
             self._flush_if_full()
 
-    def copy_from(self, source_fd: int, offset: int, length: int, digest: HashObject) -> None:
-        """Append `length` bytes of `source_fd` from `offset`, feeding each to `digest` as it passes."""
+    def copy_from(
+        self,
+        source_fd: int,
+        offset: int,
+        length: int,
+        digest: HashObject,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Append `length` bytes of `source_fd` from `offset`, feeding each to `digest` as it passes;
+        `stop` ends the copy early (the caller is abandoning the output)."""
         done = 0
-        while done < length:
+        while done < length and not (stop and stop.is_set()):
             room = memoryview(self._buffer)[self._filled : min(CHUNK_SIZE, self._filled + length - done)]
             got = os.preadv(source_fd, [room], offset + done)
             if got == 0:

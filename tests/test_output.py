@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from signing import ImageOptions, ImageVersion, Trust, sign_image, verify_image
+from signing.build import ImageBuilder, finish_signed
 from signing.errors import InputFileError, OutputFileError
 from signing.keys import KeyAlgorithm
 from signing.output import CHUNK_SIZE, atomic_output
@@ -118,3 +119,34 @@ def test_an_output_in_a_missing_directory_is_a_typed_error(tmp_path):
             [signer_for(KeyAlgorithm.ED25519)],
             ImageOptions(ImageVersion(1)),
         )
+
+
+def test_an_image_builder_left_unfinished_leaves_no_output(tmp_path):
+
+    raw = tmp_path / "in.raw"
+    raw.write_bytes(os.urandom(3 * CHUNK_SIZE))
+    with ImageBuilder(raw, tmp_path / "out.img", ImageOptions(ImageVersion(1))):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.raw"]
+
+
+def test_a_key_that_fails_to_load_while_the_payload_streams_leaves_no_output(tmp_path):
+
+    raw = tmp_path / "in.raw"
+    raw.write_bytes(os.urandom(3 * CHUNK_SIZE))
+    with (
+        pytest.raises(InputFileError),
+        ImageBuilder(raw, tmp_path / "out.img", ImageOptions(ImageVersion(1))),
+    ):
+        raise InputFileError("the key file vanished")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.raw"]
+
+
+def test_a_finished_image_builder_commits_an_image_with_the_streamed_digest(tmp_path):
+
+    raw = tmp_path / "in.raw"
+    raw.write_bytes(os.urandom(CHUNK_SIZE + 5))
+    signer = signer_for(KeyAlgorithm.ED25519)
+    with ImageBuilder(raw, tmp_path / "out.img", ImageOptions(ImageVersion(2))) as builder:
+        signed = finish_signed(builder, [signer])
+    assert verify_image(tmp_path / "out.img", Trust(keys=(signer.public_key,))).digest == signed.digest
