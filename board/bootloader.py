@@ -1,0 +1,191 @@
+"""The simulated bootloader: U-Boot's bootcount logic over the boot environment and the slot checks.
+
+The model, one call of `boot` per power-on:
+
+1. Read the environment. A missing `bootcount` is 0, a missing `bootlimit` is 3 (DEFAULT_BOOTLIMIT), a
+   missing `upgrade_available` is 0; a missing or unknown `boot_slot`, or a value that is not a number
+   where one belongs, stops the boot with an error (U-Boot would boot something undefined).
+2. `upgrade_available=0`: the committed slot `boot_slot` is booted and the environment is not written
+   (U-Boot saves `bootcount` only while an upgrade is on trial).
+3. `upgrade_available=1`: `bootcount` is incremented. While it is at most `bootlimit`, this is trial boot
+   number `bootcount` of `boot_slot`. Once it passes `bootlimit`, the boot rolls back as U-Boot's
+   `altbootcmd` does: `boot_slot` becomes the other slot and `upgrade_available` 0 (`bootcount` keeps its
+   value, telling `mers confirm` why). Either way the changes are ONE environment write, made before the
+   kernel is loaded, exactly as U-Boot saves the count before it tries.
+4. The chosen slot boots if its content matches its record (or it has none: factory content). If not, the
+   boot attempt fails: nothing runs, and what U-Boot does next is up to the watchdog, which resets the
+   board, so the caller simply boots again. On trial, the failed attempts count towards `bootlimit` and
+   end in a rollback; on a committed slot nothing counts, so every attempt fails alike (a bricked board
+   stays visibly bricked rather than booting something it was not told to).
+
+`decide_boot` is that model as a pure function; `boot` is the thin layer that reads and writes the board.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import BootEnvError
+from .interface import (
+    DEFAULT_BOOTLIMIT,
+    ENV_BOOT_SLOT,
+    ENV_BOOTCOUNT,
+    ENV_BOOTLIMIT,
+    ENV_UPGRADE_AVAILABLE,
+    SlotCheck,
+    SlotName,
+)
+from .simboard import SimBoard
+
+
+class BootOutcome(enum.StrEnum):
+    BOOTED = "booted"
+    FAILED = "failed"  # the attempt failed; boot again
+
+
+class BootReason(enum.StrEnum):
+    """Why the slot was chosen."""
+
+    COMMITTED = "committed"  # no upgrade on trial
+    TRIAL = "trial"  # an upgrade on trial, within bootlimit
+    ROLLBACK = "rollback"  # the trial passed bootlimit: back to the other slot
+
+
+@dataclass(frozen=True)
+class BootDecision:
+    slot: SlotName  # the slot the attempt boots
+    outcome: BootOutcome
+    reason: BootReason
+    bootcount: int  # after this boot
+    bootlimit: int
+    upgrade_available: bool  # after this boot
+    env_changes: Mapping[str, str] = field(default_factory=dict)  # one write; empty: nothing written
+
+
+def decide_boot(env: Mapping[str, str], slot_bootable: Mapping[SlotName, bool]) -> BootDecision:
+    """One boot attempt of the model in the module docstring. `slot_bootable` is consulted only for the
+    slot chosen, so a caller can check slots lazily."""
+    boot_slot = _slot(env)
+    bootcount = _number(env, ENV_BOOTCOUNT, 0)
+    bootlimit = _number(env, ENV_BOOTLIMIT, DEFAULT_BOOTLIMIT)
+    on_trial = _flag(env)
+    changes: dict[str, str] = {}
+    reason = BootReason.COMMITTED
+    if on_trial:
+        bootcount += 1
+        changes[ENV_BOOTCOUNT] = str(bootcount)
+        reason = BootReason.TRIAL
+        if bootcount > bootlimit:
+            boot_slot = boot_slot.other
+            on_trial = False
+            changes[ENV_BOOT_SLOT] = boot_slot.value
+            changes[ENV_UPGRADE_AVAILABLE] = "0"
+            reason = BootReason.ROLLBACK
+    outcome = BootOutcome.BOOTED if slot_bootable[boot_slot] else BootOutcome.FAILED
+    return BootDecision(boot_slot, outcome, reason, bootcount, bootlimit, on_trial, changes)
+
+
+def _slot(env: Mapping[str, str]) -> SlotName:
+    value = env.get(ENV_BOOT_SLOT)
+    if value not in (SlotName.A, SlotName.B):
+        raise BootEnvError(f"boot_slot is {value!r}, not a or b: nothing to boot", field=ENV_BOOT_SLOT)
+    return SlotName(value)
+
+
+def _number(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name)
+    if value is None:
+        return default
+    if not value.isascii() or not value.isdigit():
+        raise BootEnvError(f"{name} is {value!r}, not a non-negative decimal number", field=name)
+    return int(value)
+
+
+def _flag(env: Mapping[str, str]) -> bool:
+    value = env.get(ENV_UPGRADE_AVAILABLE, "0")
+    if value not in ("0", "1"):
+        raise BootEnvError(f"upgrade_available is {value!r}, not 0 or 1", field=ENV_UPGRADE_AVAILABLE)
+    return value == "1"
+
+
+# --- the I/O layer ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BootResult:
+    decision: BootDecision
+    check: SlotCheck  # of the slot the attempt booted
+
+    @property
+    def message(self) -> str:
+        """One line: which slot booted (or failed to), and why."""
+        decision = self.decision
+        slot = decision.slot
+        if decision.reason is BootReason.COMMITTED:
+            why = "committed"
+        elif decision.reason is BootReason.TRIAL:
+            why = f"trial boot {decision.bootcount} of {decision.bootlimit}"
+        else:
+            why = (
+                f"rolled back from slot {slot.other} (bootcount {decision.bootcount} > "
+                f"bootlimit {decision.bootlimit})"
+            )
+        if decision.outcome is BootOutcome.BOOTED:
+            return f"booted slot {slot}: {why}; {self.check.detail}"
+        if decision.upgrade_available:
+            then = "boot again"
+        else:
+            then = f"nothing is on trial, so every boot will try slot {slot} again"
+        return f"boot of slot {slot} failed ({why}): {self.check.detail}; {then}"
+
+    def as_json(self) -> dict[str, Any]:
+        decision = self.decision
+        return {
+            "outcome": decision.outcome.value,
+            "slot": decision.slot.value,
+            "reason": decision.reason.value,
+            "bootcount": decision.bootcount,
+            "bootlimit": decision.bootlimit,
+            "upgrade_available": decision.upgrade_available,
+            "env_changes": dict(decision.env_changes),
+            "slot_status": self.check.status.value,
+            "detail": self.check.detail,
+            "message": self.message,
+        }
+
+
+def boot(board: SimBoard) -> BootResult:
+    """Power the simulated board on once: decide, write the environment (one write, if anything changed),
+    then record what runs (the kernel command line) and clear the reboot request."""
+    env = board.boot_env.read()
+    checks = _SlotChecks(board)
+    decision = decide_boot(env, checks)
+    if decision.env_changes:
+        board.boot_env.write(decision.env_changes)
+    board.record_boot(decision.slot if decision.outcome is BootOutcome.BOOTED else None)
+    return BootResult(decision, checks.check(decision.slot))
+
+
+class _SlotChecks(Mapping[SlotName, bool]):
+    """Slot bootability computed on first use: checking hashes the whole slot, and only one is needed."""
+
+    def __init__(self, board: SimBoard) -> None:
+        self._board = board
+        self._checks: dict[SlotName, SlotCheck] = {}
+
+    def check(self, name: SlotName) -> SlotCheck:
+        if name not in self._checks:
+            self._checks[name] = self._board.slot(name).check()
+        return self._checks[name]
+
+    def __getitem__(self, name: SlotName) -> bool:
+        return self.check(name).status.bootable
+
+    def __iter__(self) -> Iterator[SlotName]:
+        return iter(SlotName)
+
+    def __len__(self) -> int:
+        return len(SlotName)
