@@ -55,7 +55,13 @@ from .errors import (
     WriteOnceError,
 )
 from .interface import KEY_SLOT_COUNT, Board, BoardingData, KeySlot, KeySlotState
-from .storage import SECRET_MODE, ensure_directory, read_if_present, write_atomically
+from .storage import (
+    SECRET_MODE,
+    ensure_directory,
+    read_if_present,
+    remove_stale_temporaries,
+    write_atomically,
+)
 
 _FORMAT = "mers-keystore"
 _VERSION = 1
@@ -358,6 +364,9 @@ class KeyStore:
             raise StorageError(f"cannot open lock file {self._lock_path}: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            # a writer killed between its temporary file and the rename left that file behind; under the
+            # lock no other writer can be mid-write, so what is there now is debris
+            remove_stale_temporaries(self.path)
             yield
         finally:
             os.close(fd)

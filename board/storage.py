@@ -8,6 +8,7 @@ at any point leaves the old file or the new one, never a mix; an error leaves no
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import tempfile
@@ -46,6 +47,16 @@ def write_atomically(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> Non
             raise StorageError(f"cannot write {path}: {exc.strerror}", field=path.name) from exc
         raise
     fsync_directory(directory)
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files `write_atomically` leaves for `path` when a writer dies before its
+    rename. Only call this while holding the lock that serialises writers of `path`."""
+    try:
+        for debris in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            debris.unlink(missing_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot clean up beside {path}: {exc.strerror}", field=path.name) from exc
 
 
 def remove_durably(path: Path) -> None:

@@ -523,3 +523,16 @@ def test_key_store_files_of_other_formats_are_refused(tmp_path):
     path.write_text(json.dumps(body))
     with pytest.raises(CorruptStoreError):
         KeyStore(path).read()
+
+
+def test_the_temporary_file_of_a_writer_killed_before_its_rename_is_swept_by_the_next_update(tmp_path):
+    store = KeyStore(tmp_path / "otp.json")
+    store.initialise()
+    debris = tmp_path / ".otp.json.abc123.tmp"
+    debris.write_bytes(b"half a key store")
+    unrelated = tmp_path / ".other.json.abc123.tmp"
+    unrelated.write_bytes(b"not ours")
+    store.update(lambda state: with_key(state, 0, der()))
+    assert not debris.exists()
+    assert unrelated.exists()
+    assert store.read().key_slots[0].state is KeySlotState.WRITTEN
