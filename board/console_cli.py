@@ -92,8 +92,9 @@ def _stop_on_signals() -> threading.Event:
 def _serve_until_stopped(board: Board, port: Port, announce: Callable[[], None] = lambda: None) -> None:
     """Serve `port` until a signal; the port is closed on every way out, a failure included."""
     try:
+        stop = _stop_on_signals()  # before announcing: whoever reads the announcement may signal at once
         announce()
-        serve(board, port, _stop_on_signals())
+        serve(board, port, stop)
     finally:
         port.close()
 
