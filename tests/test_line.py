@@ -230,7 +230,7 @@ def test_a_paced_pty_really_takes_the_line_time():
         reader.join()
         elapsed = time.monotonic() - started
         assert bytes(received) == b"p" * 2400
-        assert 1.2 < elapsed < 2.5
+        assert elapsed > 1.2  # never faster than the line; no upper bound: a loaded machine is slower
     finally:
         os.close(station)
         pty.close()
