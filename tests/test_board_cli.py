@@ -10,10 +10,8 @@ import pytest
 
 from board.interface import SlotName
 from board.simboard import SimBoard
+from tests.board_helpers import corrupt, install, signed_image, write_gateway
 from tests.conftest import CliResult, run_cli
-from tests.test_bootloader import corrupt
-from tests.test_gateway_board import write_gateway
-from tests.test_simboard import install, signed_image
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -17,8 +16,8 @@ from board.errors import BootEnvError
 from board.interface import SlotName, SlotStatus
 from board.simboard import SimBoard
 from board.ubootenv import NoValidEnvironmentError, UBootEnv
+from tests.board_helpers import corrupt, install, signed_image, simulated_board
 from tests.conftest import require_tool
-from tests.test_simboard import install, signed_image, simulated_board
 
 BOTH_GOOD = {SlotName.A: True, SlotName.B: True}
 
@@ -173,14 +172,6 @@ def env_flags(board: SimBoard) -> int:
     flags = next(copy.flags for copy in env.copies() if copy.current)
     assert flags is not None
     return flags
-
-
-def corrupt(path: Path, offset: int = 100) -> None:
-    with open(path, "r+b") as handle:
-        handle.seek(offset)
-        byte = handle.read(1)
-        handle.seek(offset)
-        handle.write(bytes([byte[0] ^ 0xFF]))
 
 
 @pytest.fixture

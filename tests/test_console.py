@@ -1,312 +1,61 @@
 """The provisioning console end to end: a simulated board served on a real pty, driven by an independent
 MCUmgr client (smpclient) for the OS group and by a small SMP client of our own for the provisioning group.
 
-The helpers here (boarding data, the test client, consoles in a thread or a subprocess) are shared with
-`test_console_faults.py`.
+The helpers (boarding data, the test client, consoles in a thread or a subprocess) are in
+`tests/console_helpers.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextlib
-import datetime
-import functools
 import hashlib
-import json
 import os
 import select
 import signal
-import struct
 import subprocess
 import sys
-import threading
 import time
 import tty
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import cbor2
-import jwt
 import pytest
 import serial
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from smp import header as smp_header
 from smp import packet as smp_packet
-from smp.exceptions import SMPDecodeError
 from smp.os_management import EchoWriteResponse, MCUMgrParametersReadResponse, ResetWriteResponse
 from smpclient import SMPClient
 from smpclient.requests.os_management import EchoWrite, MCUMgrParametersRead, ResetWrite
 from smpclient.transport.serial import SMPSerialTransport
 
 from board import protocol as wire
-from board.console import ProvisioningService, PtyPort, impaired, serve
-from board.interface import Identity
-from board.line import LineConditions
+from board.console import ProvisioningService
 from board.simboard import SimBoard
 from signing.keys import KeyAlgorithm
+from tests.board_helpers import ca_bundle
+from tests.console_helpers import (
+    IAT_EXPIRY,
+    REPO,
+    ConsoleProcess,
+    SmpTestClient,
+    boarding,
+    boarding_config,
+    client_for,
+    console_in_thread,
+    keystore_bytes,
+    lock_body,
+    new_board,
+    read_line,
+    station_digest,
+    trust_key,
+    upload_boarding,
+    write_boarding,
+    write_key,
+)
 from tests.signing_helpers import signer_for
-
-REPO = Path(__file__).resolve().parent.parent
-IAT_EXPIRY = 2_000_000_000
-
-
-# --- data a station writes ---------------------------------------------------------------------------
-
-
-def trust_key(index: int = 0) -> bytes:
-    """A trust anchor in the DER form MCUboot embeds (small keys: a noisy line prefers short frames)."""
-    return signer_for(KeyAlgorithm.ECDSA_P256, index).public_key.der
-
-
-@functools.cache
-def ca_bundle() -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "console test hub CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(7)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
-    return certificate.public_bytes(serialization.Encoding.PEM)
-
-
-def boarding_config(client_id: str = "agent-1", *, subject: str | None = None, **content: object) -> bytes:
-    token = jwt.encode(
-        {"sub": subject or client_id, "exp": IAT_EXPIRY, "jti": f"iat-{client_id}"},
-        "a hub secret that is long enough to sign",
-        algorithm="HS256",
-    )
-    fields: dict[str, object] = {
-        "baseUrl": "https://hub.example:8443",
-        "iat": token,
-        "clientCredentialProfile": ["SHARED_SECRET"],
-        "clientId": client_id,
-        "tenant": "factory",
-        **content,
-    }
-    return json.dumps({"content": fields, "expiration": "2033-05-18T03:33:20.000Z"}).encode()
-
-
-def boarding(
-    client_id: str = "agent-1", network: bytes | None = b'{"proxy": "http://proxy:3128"}'
-) -> wire.WriteBoardingRequest:
-    return wire.WriteBoardingRequest(boarding_config(client_id), ca_bundle(), network)
-
-
-def new_board(directory: Path, serial_number: str = "GW-0001") -> Path:
-    SimBoard.create(directory, Identity(serial_number, "Acme", "gw-100", "rev B"), slot_size=1 << 20)
-    return directory
-
-
-def keystore_bytes(board_dir: Path) -> bytes:
-    return (board_dir / "keystore.json").read_bytes()
-
-
-# --- a small SMP client: smp.packet framing, cbor2 bodies, pyserial ------------------------------------
-
-
-class SmpTestClient:
-    """A station in miniature. It reads answers with its own line splitter and `smp.packet.decode`, not
-    with the board's reassembler, so a fault there cannot hide itself."""
-
-    def __init__(self, path: str) -> None:
-        self.port = serial.Serial(path, 115200, timeout=0.01, write_timeout=5, exclusive=True)
-        self.port.reset_input_buffer()
-        self._pending = bytearray()
-        self._decoder: Any = None
-        self._sequence = 0
-        self._messages: list[bytes] = []
-
-    def close(self) -> None:
-        self.port.close()
-
-    def send_raw(self, data: bytes) -> None:
-        self.port.write(data)
-
-    def send(
-        self,
-        command: wire.Command,
-        body: bytes,
-        version: smp_header.Version = smp_header.Version.V2,
-    ) -> int:
-        self._sequence = (self._sequence + 1) & 0xFF
-        self.send_raw(b"".join(wire.frame_lines(wire.encode_request(command, self._sequence, body, version))))
-        return self._sequence
-
-    def receive(self, sequence: int, timeout: float = 5.0) -> tuple[smp_header.Header, dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            while self._messages:
-                message = self._messages.pop(0)
-                try:
-                    header, body = wire.decode_message(message)
-                except wire.ProtocolError:
-                    continue
-                if header.sequence == sequence:
-                    return header, cbor2.loads(body)
-            self._pending += self.port.read(max(1, self.port.in_waiting))  # back as soon as a byte is in
-            self._split_lines()
-        raise TimeoutError(f"no answer to sequence {sequence} within {timeout} s")
-
-    def _split_lines(self) -> None:
-        while (end := self._pending.find(b"\n")) >= 0:
-            line = bytes(self._pending[: end + 1])
-            del self._pending[: end + 1]
-            start = line.rfind(smp_packet.START_DELIMITER)
-            if start >= 0:
-                self._decoder = smp_packet.decode()
-                next(self._decoder)
-                line = line[start:]
-            elif not line.startswith(smp_packet.CONTINUE_DELIMITER) or self._decoder is None:
-                continue
-            try:
-                self._decoder.send(line)
-            except StopIteration as done:
-                self._messages.append(bytes(done.value))
-                self._decoder = None
-            except (SMPDecodeError, binascii.Error, struct.error, ValueError):
-                self._decoder = None
-
-    def call(
-        self,
-        command: wire.Command,
-        body: bytes,
-        *,
-        version: smp_header.Version = smp_header.Version.V2,
-        timeout: float = 5.0,
-    ) -> tuple[dict[str, Any], wire.ErrorReply | None]:
-        header, answer = self.receive(self.send(command, body, version), timeout)
-        assert header.op is wire.Op(int(command.op) + 1)
-        assert (header.group_id, header.command_id, header.version) == (
-            command.group,
-            command.command,
-            version,
-        )
-        return answer, wire.ErrorReply.from_map(answer, command.group)
-
-    def ok(self, command: wire.Command, body: bytes, **options: Any) -> bytes:
-        """The answer's CBOR, asserting it is a success."""
-        answer, error = self.call(command, body, **options)
-        assert error is None, error.describe()
-        return cbor2.dumps(answer)
-
-    def refused(self, command: wire.Command, body: bytes) -> wire.ErrorReply:
-        answer, error = self.call(command, body)
-        assert error is not None, f"expected an error, got {answer}"
-        return error
-
-    def info(self) -> wire.InfoResponse:
-        return wire.InfoResponse.from_cbor(self.ok(wire.INFO, wire.EmptyRequest().to_cbor()))
-
-    def echo(self, text: str, timeout: float = 5.0) -> str:
-        answer = self.ok(wire.ECHO, wire.EchoRequest(text).to_cbor(), timeout=timeout)
-        return wire.EchoResponse.from_cbor(answer).text
-
-
-@contextlib.contextmanager
-def client_for(path: str) -> Iterator[SmpTestClient]:
-    client = SmpTestClient(path)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-# --- consoles --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def console_in_thread(board_dir: Path, conditions: LineConditions | None = None) -> Iterator[str]:
-    """A console serving `board_dir` on a new pty from a thread; yields the path a station opens."""
-    board = SimBoard.open(board_dir)
-    pty = PtyPort.open()
-    stop = threading.Event()
-    failures: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            serve(board, impaired(pty, conditions or LineConditions()), stop)
-        except BaseException as error:
-            failures.append(error)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield pty.path
-    finally:
-        stop.set()
-        thread.join(10)
-        pty.close()
-    assert not thread.is_alive()
-    assert failures == []
-
-
-def read_line(stream: IO[bytes], deadline: float) -> bytes:
-    """The first line from a child's pipe, or what came before `deadline` (or before the child ended)."""
-    fd = stream.fileno()
-    data = b""
-    while b"\n" not in data and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.05)
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            data += chunk
-    return data.split(b"\n", 1)[0] + b"\n" if b"\n" in data else data
-
-
-class ConsoleProcess:
-    """`python -m board.console_cli serve DIR --json` as a real process, as the factory runs it."""
-
-    def __init__(self, board_dir: Path, *options: str, command: str = "serve") -> None:
-        self.stderr_path = board_dir.parent / f"{board_dir.name}.console-{time.monotonic_ns()}.err"
-        with open(self.stderr_path, "wb") as stderr:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "board.console_cli", command, str(board_dir), "--json", *options],
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                cwd=REPO,
-            )
-        assert self.process.stdout is not None
-        line = read_line(self.process.stdout, time.monotonic() + 30)
-        if not line:
-            self.kill()
-            raise AssertionError(f"the console did not start: {self.stderr()}")
-        self.announcement = json.loads(line)
-        self.port: str = self.announcement["port"]
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        """SIGTERM, as a service manager stops it; returns the exit code."""
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=20)
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=20)
-
-    def __enter__(self) -> ConsoleProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.kill()
-        assert self.process.stdout is not None
-        self.process.stdout.close()
-
 
 # --- fixtures --------------------------------------------------------------------------------------------
 
@@ -320,37 +69,6 @@ def board_dir(tmp_path: Path) -> Path:
 def client(board_dir: Path) -> Iterator[SmpTestClient]:
     with console_in_thread(board_dir) as path, client_for(path) as station:
         yield station
-
-
-def write_key(station: SmpTestClient, slot: int, key: bytes) -> wire.WriteKeyResponse:
-    return wire.WriteKeyResponse.from_cbor(
-        station.ok(wire.WRITE_KEY, wire.WriteKeyRequest.for_key(slot, key).to_cbor())
-    )
-
-
-def write_boarding(station: SmpTestClient, request: wire.WriteBoardingRequest) -> wire.WriteBoardingResponse:
-    return wire.WriteBoardingResponse.from_cbor(station.ok(wire.WRITE_BOARDING, request.to_cbor()))
-
-
-def upload_boarding(
-    station: SmpTestClient, request: wire.WriteBoardingRequest, chunk_size: int
-) -> wire.WriteBoardingResponse:
-    answer = None
-    for chunk in request.chunks(chunk_size):
-        answer = wire.WriteBoardingResponse.from_cbor(station.ok(wire.WRITE_BOARDING, chunk.to_cbor()))
-        assert answer.off == chunk.off + len(chunk.data)
-    assert answer is not None
-    return answer
-
-
-def station_digest(serial_number: str, keys: list[bytes | None], request: wire.WriteBoardingRequest) -> bytes:
-    """What a station computes over what it wrote (slot order, None for a slot it left empty)."""
-    key_hashes = [None if key is None else hashlib.sha256(key).digest() for key in keys]
-    return wire.lock_digest(serial_number, key_hashes, request.hashes())
-
-
-def lock_body(digest: bytes) -> bytes:
-    return wire.LockRequest(digest).to_cbor()
 
 
 # --- conformance with an independent MCUmgr client -----------------------------------------------------

@@ -22,12 +22,12 @@ from smp import header as smp_header
 from board import protocol as wire
 from board.interface import BoardingData, KeySlotState
 from board.simboard import SimBoard
-from tests.test_console import (
+from tests.board_helpers import ca_bundle
+from tests.console_helpers import (
     ConsoleProcess,
     SmpTestClient,
     boarding,
     boarding_config,
-    ca_bundle,
     client_for,
     keystore_bytes,
     new_board,

@@ -12,9 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from board import fw_env_config
 from board.errors import BoardError, BootEnvError, ConfigError, RebootError, RunningSlotUnknownError
-from board.fw_env_config import EnvDevice, FwEnvConfig
 from board.gateway import (
     DEFAULT_REBOOT_COMMAND,
     GatewayBoard,
@@ -25,57 +23,9 @@ from board.gateway import (
 )
 from board.interface import Identity, SlotName
 from board.ubootenv import NoValidEnvironmentError
-from board.ubootenv import create as create_env
+from tests.board_helpers import der, write_gateway
 
 EXAMPLE = Path(__file__).parent.parent / "board" / "gateway.example.toml"
-
-
-def write_gateway(
-    directory: Path, *, extra: str = "", cmdline: str = "quiet mers.slot=a root=/dev/mmcblk0p2"
-) -> Path:
-    """A gateway whose slots are plain files: the layout a real one has, with block devices."""
-    for name in ("slot-a", "slot-b"):
-        with open(directory / name, "wb") as handle:
-            handle.truncate(8192)
-    env_config = FwEnvConfig(
-        (EnvDevice(directory / "env0", 0, 0x2000), EnvDevice(directory / "env1", 0, 0x2000))
-    )
-    (directory / "fw_env.config").write_text(fw_env_config.render(env_config))
-    create_env(
-        env_config,
-        {"boot_slot": "a", "upgrade_available": "0", "bootcount": "0", "bootlimit": "3"},
-        lock_path=directory / "env.lock",
-    )
-    (directory / "cmdline").write_text(cmdline + "\n")
-    config = directory / "gateway.toml"
-    config.write_text(
-        f"""
-[identity]
-serial_number = "GW-7"
-vendor = "Acme"
-class = "gw-100"
-
-[storage]
-state_dir = "state"
-key_store = "otp/keystore.json"
-
-[slots.a]
-device = "slot-a"
-record = "a.record"
-
-[slots.b]
-device = "slot-b"
-size = "4KiB"
-record = "b.record"
-
-[boot]
-fw_env_config = "fw_env.config"
-lock_file = "env.lock"
-cmdline = "cmdline"
-{extra}
-"""
-    )
-    return config
 
 
 def example_document() -> dict[str, Any]:
@@ -241,8 +191,6 @@ def test_a_gateway_board_reads_its_slots_and_running_slot(tmp_path):
 
 
 def test_a_gateway_board_writes_its_otp_and_state_where_configured(tmp_path):
-    from tests.test_keystore import der
-
     board = GatewayBoard.from_toml(write_gateway(tmp_path))
     board.write_key(0, der())
     board.state.write("journal", b"{}")

@@ -4,20 +4,15 @@ that is always the old state or the new one."""
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import functools
 import json
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -54,56 +49,12 @@ from board.simboard import SimBoard
 from signing import verify_image
 from signing.errors import ClassMismatchError, RevokedKeyError, SecurityCounterError
 from signing.keys import KeyAlgorithm
+from tests.board_helpers import boarding, ca_bundle, config, der, iat
 from tests.signing_helpers import make_image, signer_for
 
 
 class PowerCut(BaseException):
     pass
-
-
-def der(algorithm: KeyAlgorithm = KeyAlgorithm.ED25519, index: int = 0) -> bytes:
-    return signer_for(algorithm, index).public_key.der
-
-
-@functools.cache
-def ca_bundle() -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mers test hub CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
-    return certificate.public_bytes(serialization.Encoding.PEM)
-
-
-def iat(subject: str = "agent-1", **claims: object) -> str:
-    payload = {"sub": subject, "exp": 2_000_000_000, "jti": "iat-1", **claims}
-    return jwt.encode(payload, "a hub secret that is long enough to sign", algorithm="HS256")
-
-
-def config(**content: object) -> bytes:
-    fields: dict[str, object] = {
-        "baseUrl": "https://hub.example:8443",
-        "iat": iat(),
-        "clientCredentialProfile": ["SHARED_SECRET"],
-        "clientId": "agent-1",
-        "tenant": "factory",
-    }
-    fields.update(content)
-    return json.dumps(
-        {"content": {k: v for k, v in fields.items() if v is not None}, "expiration": "x"}
-    ).encode()
-
-
-def boarding(**content: object) -> BoardingData:
-    return BoardingData(config(**content), ca_bundle(), b'{"proxy": "http://proxy:3128"}')
 
 
 def provisioned() -> KeyStoreState:

@@ -1,7 +1,4 @@
-"""The simulated board: one directory, the same code paths as a gateway, and the installer's only write path.
-
-`install` and `simulated_board` are used by the bootloader and CLI tests too.
-"""
+"""The simulated board: one directory, the code paths of a gateway, and the installer's only write path."""
 
 from __future__ import annotations
 
@@ -24,48 +21,12 @@ from board.interface import Board, Identity, KeySlotState, SlotName, SlotStatus
 from board.simboard import CONFIG_NAME, SimBoard
 from board.slots import payload_offset, slot_record_of_image
 from board.storage import StateDirectory
-from signing.image_format import ImageVersion
+from tests.board_helpers import IDENTITY, SLOT_SIZE, boarding, der, install, signed_image, simulated_board
 from tests.conftest import require_tool
-from tests.signing_helpers import make_image
-from tests.test_keystore import boarding, der
-
-IDENTITY = Identity("GW-0001", "Acme", "gw-100", "B")
-SLOT_SIZE = 1 << 16
 
 
 class PowerCut(BaseException):
     pass
-
-
-def simulated_board(directory: Path, **options: object) -> SimBoard:
-    return SimBoard.create(directory, IDENTITY, slot_size=SLOT_SIZE, **options)  # type: ignore[arg-type]
-
-
-def signed_image(directory: Path, version: str = "1.2.3", payload: bytes | None = None) -> Path:
-    return make_image(
-        directory,
-        payload=payload if payload is not None else os.urandom(3000),
-        name=f"image-{version}.signed",
-        version=ImageVersion.parse(version),
-        vendor=IDENTITY.vendor,
-        image_class=IDENTITY.image_class,
-    )
-
-
-def install(board: SimBoard, image: Path, *, switch: bool = True) -> SlotName:
-    """What the installer does, through the board's API only: write the inactive slot, record the image,
-    flip the environment in one write."""
-    record = slot_record_of_image(image)
-    target = board.inactive_slot()
-    with board.open_inactive_slot_for_writing() as slot, open(image, "rb") as source:
-        source.seek(payload_offset(record))
-        slot.write(source.read(record.payload_size))
-        slot.flush()
-        os.fsync(slot.fileno())
-    board.write_slot_record(target, record)
-    if switch:
-        board.boot_env.write({"boot_slot": target.value, "upgrade_available": "1", "bootcount": "0"})
-    return target
 
 
 def _mode(path: Path) -> int:
