@@ -75,7 +75,10 @@ def main() -> None:
 
 @main.group()
 def sim() -> None:
-    """Simulated boards (one directory each)."""
+    """Simulated boards (one directory each).
+
+    Example: mers-board sim create ./gw1 --serial GW-1 --vendor Acme --class gw-1; mers-board sim serve ./gw1
+    """
 
 
 @sim.command("create")
@@ -127,6 +130,7 @@ def boot(directory: Path, as_json: bool) -> None:
     """Power the simulated board in DIRECTORY on once, as U-Boot with bootcount boots.
 
     Prints which slot booted and why. Exit status 1: the boot attempt failed; run it again.
+
     Example: mers-board boot ./gw1 --json
     """
     with reported_errors():

@@ -112,6 +112,9 @@ class GatewayConfig:
         return self.slot_a if name is SlotName.A else self.slot_b
 
 
+_MAX_SIZE = 1 << 50
+
+
 def parse_size(value: object, field: str) -> int:
     """A size in bytes: an integer, or text such as `4096`, `0x1000`, `64MiB`, `64M` (binary units)."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -122,6 +125,8 @@ def parse_size(value: object, field: str) -> int:
         raise ConfigError(f"{field} {value!r} is not a size (bytes, or e.g. 64MiB)", field=field)
     if number <= 0:
         raise ConfigError(f"{field} must be positive, not {number}", field=field)
+    if number > _MAX_SIZE:
+        raise ConfigError(f"{field} {number} is larger than any device (at most 1 PiB)", field=field)
     return number
 
 
@@ -229,7 +234,25 @@ def parse_config(document: dict[str, Any], base: Path) -> GatewayConfig:
         raise ConfigError("boot.slot_parameter is not a kernel parameter name", field="boot.slot_parameter")
     if config.slot_a.device == config.slot_b.device or config.slot_a.record == config.slot_b.record:
         raise ConfigError("slots a and b must use different devices and records", field="slots.b")
+    _refuse_files_in_state_dir(config)
     return config
+
+
+def _refuse_files_in_state_dir(config: GatewayConfig) -> None:
+    """The installer may write and delete anything in its state directory: the key store, the slot
+    records or the environment configuration in there could be forged or reset through it."""
+    guarded = {
+        "storage.key_store": config.key_store,
+        "slots.a.record": config.slot_a.record,
+        "slots.b.record": config.slot_b.record,
+        "boot.fw_env_config": config.fw_env_config,
+    }
+    state_dir = config.state_dir.resolve()
+    for field, path in guarded.items():
+        if path.resolve().is_relative_to(state_dir):
+            raise ConfigError(
+                f"{field} must not be inside storage.state_dir ({config.state_dir})", field=field
+            )
 
 
 def _identity(table: _Table) -> Identity:

@@ -135,14 +135,14 @@ class BootEnvironment(Protocol):
 
 
 class StateStore(Protocol):
-    """The installer's persistent files: atomic (temp, fsync, rename, fsync dir); secrets at 0600."""
+    """The installer's persistent files: atomic (temp, fsync, rename, fsync dir), all at mode 0600."""
 
     @property
     def directory(self) -> Path: ...
 
     def read(self, name: str) -> bytes | None: ...
 
-    def write(self, name: str, data: bytes, *, secret: bool = False) -> None: ...
+    def write(self, name: str, data: bytes) -> None: ...
 
     def delete(self, name: str) -> None: ...
 

@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -238,8 +239,10 @@ def validate_boarding_data(data: BoardingData) -> BoardingSummary:
             field="config.content.iat",
         )
     expires = claims.get("exp")
-    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, int | float)):
-        raise BoardingDataError("the IAT's exp claim is not a number", field="config.content.iat")
+    if expires is not None and (
+        isinstance(expires, bool) or not isinstance(expires, int | float) or not math.isfinite(expires)
+    ):
+        raise BoardingDataError("the IAT's exp claim is not a finite number", field="config.content.iat")
     jti = claims.get("jti")
     _check_ca_bundle(data.ca_bundle)
     if data.network is not None:

@@ -46,7 +46,12 @@ def write_atomically(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> Non
         if isinstance(exc, OSError):
             raise StorageError(f"cannot write {path}: {exc.strerror}", field=path.name) from exc
         raise
-    fsync_directory(directory)
+    try:
+        fsync_directory(directory)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot make the rename of {path} durable: {exc.strerror}", field=path.name
+        ) from exc
 
 
 def remove_stale_temporaries(path: Path) -> None:
@@ -125,10 +130,11 @@ class StateDirectory:
     def read(self, name: str) -> bytes | None:
         return read_if_present(self._directory / validate_name(name))
 
-    def write(self, name: str, data: bytes, *, secret: bool = False) -> None:
+    def write(self, name: str, data: bytes) -> None:
         path = self._directory / validate_name(name)
         ensure_directory(self._directory)
-        write_atomically(path, data, mode=SECRET_MODE if secret else PUBLIC_MODE)
+        # every state file is 0600 (DESIGN section 4): tokens and journals alike say what the device is doing
+        write_atomically(path, data, mode=SECRET_MODE)
 
     def delete(self, name: str) -> None:
         path = self._directory / validate_name(name)

@@ -48,7 +48,7 @@ from construct import (
     Struct,
 )
 
-from .errors import BoardError
+from .errors import BootEnvError
 from .fw_env_config import EnvDevice, FwEnvConfig
 
 #: the lock file libubootenv 0.3.2 hard-codes (U-Boot's fw_printenv used the same name)
@@ -67,7 +67,7 @@ _ENCODING_ERRORS = "surrogateescape"
 # --- errors ----------------------------------------------------------------------------------------
 
 
-class UBootEnvError(BoardError):
+class UBootEnvError(BootEnvError):
     """Base of every error this module raises on purpose; `field` names the variable, device or step."""
 
 

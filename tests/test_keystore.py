@@ -487,3 +487,9 @@ def test_the_temporary_file_of_a_writer_killed_before_its_rename_is_swept_by_the
     assert not debris.exists()
     assert unrelated.exists()
     assert store.read().key_slots[0].state is KeySlotState.WRITTEN
+
+
+@pytest.mark.parametrize("expires", [float("nan"), float("inf"), float("-inf")])
+def test_an_iat_whose_expiry_is_not_a_finite_number_is_invalid_boarding_data(expires):
+    with pytest.raises(BoardingDataError, match="finite"):
+        validate_boarding_data(boarding(iat=iat(exp=expires)))

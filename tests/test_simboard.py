@@ -228,7 +228,7 @@ def test_keys_boarding_data_and_the_lock_persist_across_reopening(tmp_path):
 def test_the_state_store_is_the_boards_state_directory(tmp_path):
     board = simulated_board(tmp_path / "gw")
     assert isinstance(board.state, StateDirectory)
-    board.state.write("credentials", b"secret", secret=True)
+    board.state.write("credentials", b"secret")
     assert _mode(tmp_path / "gw" / "state" / "credentials") == 0o600
 
 

@@ -82,16 +82,16 @@ def test_a_secret_is_0600_from_its_first_byte_to_its_rename(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "write", spying_write)
     state = StateDirectory(tmp_path / "state")
-    state.write("credentials.json", b'{"client_secret": "s3cret"}', secret=True)
+    state.write("credentials.json", b'{"client_secret": "s3cret"}')
     assert modes_while_written and set(modes_while_written) == {0o600}
     assert _mode(tmp_path / "state" / "credentials.json") == 0o600
 
 
-def test_a_secret_written_over_a_public_file_becomes_0600(tmp_path):
+def test_every_state_file_is_0600_whatever_was_there_before(tmp_path):
+    (tmp_path / "token").write_bytes(b"left by someone else")
+    (tmp_path / "token").chmod(0o644)
     state = StateDirectory(tmp_path)
-    state.write("token", b"public")
-    assert _mode(tmp_path / "token") == 0o644
-    state.write("token", b"secret", secret=True)
+    state.write("token", b"secret")
     assert _mode(tmp_path / "token") == 0o600
 
 
