@@ -141,6 +141,23 @@ def boot(directory: Path, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("config", metavar="TOML", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def init(config: Path) -> None:
+    """Give a new gateway its empty key store (once: an existing one is never replaced).
+
+    Run it when the gateway's image is built or on its first boot, before the factory provisions it. A key
+    store that disappears later is an error, not a reset: that would unlock the board.
+
+    Example: mers-board init /etc/mers/board.toml
+    """
+    with reported_errors():
+        board = GatewayBoard.from_toml(config)
+        created = board.initialise()
+    where = board.config.key_store
+    click.echo(f"created the key store {where}" if created else f"the key store {where} exists: unchanged")
+
+
+@main.command()
 @click.argument("board_path", metavar="DIR|TOML", type=click.Path(exists=True, path_type=Path))
 @click.option("--check-slots", is_flag=True, help="Hash each slot against its record (reads both slots).")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")

@@ -374,6 +374,13 @@ class GatewayBoard:
     def from_toml(cls, path: Path) -> GatewayBoard:
         return cls(load_config(path))
 
+    def initialise(self) -> bool:
+        """Give a new gateway its empty key store, once (its first boot, or the image build). True when
+        it was created now; an existing store, locked or not, is left exactly as it is."""
+        existed = self._key_store.exists()
+        self._key_store.initialise()
+        return not existed
+
     @property
     def identity(self) -> Identity:
         return self.config.identity

@@ -10,7 +10,7 @@ from another.
 Boarding data is checked here before it is stored (`validate_boarding_data`): what a device needs to
 onboard, so a bad record is refused at the factory rather than discovered on site.
 
-A missing file is a factory-fresh board (nothing written, unlocked). A damaged file is an error, never a
+A board gets its store once (`initialise`); afterwards a missing or damaged file is an error, never a
 reset: a reset would unlock the board and un-revoke its keys. (On a real gateway this file is only as
 tamper-proof as the filesystem it lives on: root can rewrite it. Real OTP, eFuses or a TPM NV index are
 what would make it hardware-enforced; this module keeps their semantics so such a backend can replace it.)
@@ -340,7 +340,13 @@ class KeyStore:
 
     def read(self) -> KeyStoreState:
         data = read_if_present(self.path)
-        return KeyStoreState.empty() if data is None else decode_state(data, source=str(self.path))
+        if data is None:
+            # never "factory-fresh": deleting the file would then unlock the board and forget revocations
+            raise CorruptStoreError(
+                f"key store {self.path} is missing; a new board gets one once, with `mers-board init`",
+                field="key_store",
+            )
+        return decode_state(data, source=str(self.path))
 
     def update(self, transition: Callable[[KeyStoreState], KeyStoreState]) -> KeyStoreState:
         """Apply `transition` to the current state; write only if it changed anything."""
@@ -351,8 +357,12 @@ class KeyStore:
                 write_atomically(self.path, encode_state(new), mode=SECRET_MODE)
             return new
 
+    def exists(self) -> bool:
+        return self.path.exists()
+
     def initialise(self) -> None:
-        """Write a factory-fresh store, unless one exists (a fresh simulated board starts from a file)."""
+        """Write a factory-fresh store, unless one exists: done once, when a board is made (`sim create`,
+        or `mers-board init` on a gateway's first boot), never to recover from a missing file."""
         with self._exclusive():
             if read_if_present(self.path) is None:
                 write_atomically(self.path, encode_state(KeyStoreState.empty()), mode=SECRET_MODE)

@@ -17,6 +17,7 @@ from cryptography.x509.oid import NameOID
 
 from board import fw_env_config
 from board.fw_env_config import EnvDevice, FwEnvConfig
+from board.gateway import GatewayBoard
 from board.interface import BoardingData, Identity, SlotName
 from board.simboard import SimBoard
 from board.slots import payload_offset, slot_record_of_image
@@ -161,4 +162,5 @@ cmdline = "cmdline"
 {extra}
 """
     )
+    GatewayBoard.from_toml(config).initialise()  # as the image build or first boot does
     return config

@@ -151,3 +151,18 @@ def test_help_shows_an_example(mers_board):
     result = mers_board("--help")
     assert result.returncode == 0
     assert "mers-board sim create" in result.stdout
+
+
+def test_init_gives_a_gateway_its_key_store_once_and_never_replaces_it(mers_board, tmp_path):
+    config = write_gateway(tmp_path)  # already initialised, as an image build would
+    key_store = tmp_path / "otp" / "keystore.json"
+    key_store.unlink()
+    assert mers_board("info", config).returncode != 0  # a missing store is an error, not a fresh board
+    created = mers_board("init", config)
+    assert created.returncode == 0, created.stderr
+    assert "created" in created.stdout
+    before = key_store.read_bytes()
+    again = mers_board("init", config)
+    assert again.returncode == 0
+    assert "unchanged" in again.stdout
+    assert key_store.read_bytes() == before

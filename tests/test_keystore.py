@@ -61,6 +61,13 @@ def provisioned() -> KeyStoreState:
     return with_boarding(with_key(KeyStoreState.empty(), 0, der()), boarding())
 
 
+def new_store(path: Path) -> KeyStore:
+    """A key store as a new board gets it: initialised once."""
+    store = KeyStore(path)
+    store.initialise()
+    return store
+
+
 # --- key slots -------------------------------------------------------------------------------------
 
 
@@ -351,12 +358,26 @@ def test_no_sequence_of_operations_undoes_a_write_a_revocation_the_lock_or_the_f
 # --- the file --------------------------------------------------------------------------------------
 
 
-def test_a_missing_key_store_file_is_a_factory_fresh_board(tmp_path):
-    assert KeyStore(tmp_path / "otp.json").read() == KeyStoreState.empty()
+def test_a_missing_key_store_file_is_an_error_not_a_factory_fresh_board(tmp_path):
+    """Deleting the file must not unlock the board or forget a revocation."""
+    with pytest.raises(CorruptStoreError, match="missing"):
+        KeyStore(tmp_path / "otp.json").read()
+    with pytest.raises(CorruptStoreError, match="missing"):
+        KeyStore(tmp_path / "otp.json").update(lambda state: with_key(state, 0, der()))
+    assert not (tmp_path / "otp.json").exists()
+
+
+def test_an_initialised_key_store_starts_empty_and_a_second_initialise_changes_nothing(tmp_path):
+    store = KeyStore(tmp_path / "otp.json")
+    store.initialise()
+    assert store.read() == KeyStoreState.empty()
+    store.update(lambda state: with_key(state, 0, der()))
+    store.initialise()
+    assert store.read().key_slots[0].state is KeySlotState.WRITTEN
 
 
 def test_the_key_store_file_holds_every_change_and_is_0600(tmp_path):
-    store = KeyStore(tmp_path / "otp.json")
+    store = new_store(tmp_path / "otp.json")
     store.update(lambda s: with_key(s, 0, der()))
     store.update(lambda s: with_boarding(s, boarding()))
     store.update(with_lock)
@@ -369,7 +390,7 @@ def test_the_key_store_file_holds_every_change_and_is_0600(tmp_path):
 
 
 def test_a_refused_or_unchanged_operation_does_not_touch_the_file(tmp_path):
-    store = KeyStore(tmp_path / "otp.json")
+    store = new_store(tmp_path / "otp.json")
     store.update(lambda s: with_key(s, 0, der()))
     before = os.stat(tmp_path / "otp.json")
     store.update(lambda s: with_key(s, 0, der()))
@@ -380,7 +401,7 @@ def test_a_refused_or_unchanged_operation_does_not_touch_the_file(tmp_path):
 
 
 def test_a_crash_before_the_rename_leaves_the_previous_key_store_whole(tmp_path, monkeypatch):
-    store = KeyStore(tmp_path / "otp.json")
+    store = new_store(tmp_path / "otp.json")
     store.update(lambda s: with_key(s, 0, der()))
     previous = (tmp_path / "otp.json").read_bytes()
 
@@ -408,7 +429,7 @@ def test_a_crash_before_the_rename_leaves_the_previous_key_store_whole(tmp_path,
     ids=["unlocked-by-hand", "truncated", "empty", "not-an-object", "unrevoked-by-hand"],
 )
 def test_a_damaged_key_store_is_an_error_never_a_reset(tmp_path, damage):
-    store = KeyStore(tmp_path / "otp.json")
+    store = new_store(tmp_path / "otp.json")
     store.update(lambda s: with_key(s, 1, der(index=1)))
     store.update(lambda s: with_lock(with_boarding(with_key(s, 0, der()), boarding())))
     store.update(lambda s: with_revoked(s, 1))
@@ -421,7 +442,7 @@ def test_a_damaged_key_store_is_an_error_never_a_reset(tmp_path, damage):
 
 
 def test_concurrent_writers_never_lose_each_others_keys(tmp_path):
-    path = tmp_path / "otp.json"
+    path = new_store(tmp_path / "otp.json").path
     errors: list[BaseException] = []
 
     def write(index: int) -> None:
@@ -477,8 +498,7 @@ def test_key_store_files_of_other_formats_are_refused(tmp_path):
 
 
 def test_the_temporary_file_of_a_writer_killed_before_its_rename_is_swept_by_the_next_update(tmp_path):
-    store = KeyStore(tmp_path / "otp.json")
-    store.initialise()
+    store = new_store(tmp_path / "otp.json")
     debris = tmp_path / ".otp.json.abc123.tmp"
     debris.write_bytes(b"half a key store")
     unrelated = tmp_path / ".other.json.abc123.tmp"
