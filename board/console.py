@@ -39,7 +39,7 @@ from .errors import (
     WriteOnceError,
 )
 from .gateway import GatewayBoard
-from .interface import Board, BoardingData, KeySlotState
+from .interface import Board, BoardingData, KeySlot, KeySlotState
 from .keystore import validate_boarding_data
 from .line import ImpairedPort, LineConditions, Port
 from .simboard import SimBoard
@@ -210,19 +210,28 @@ class ProvisioningService:
                     wire.ProvisioningRc.DIGEST_MISMATCH,
                     f"the board holds other data than the station wrote (board digest {digest.hex()[:16]})",
                 )
-            self.board.lock()
+            self.board.lock(lambda slots, boarding: self._check_sealed(slots, boarding, request.digest))
         return wire.LockResponse(digest).to_cbor()
 
     # --- helpers
 
     def _digest(self) -> bytes | None:
         """The lock digest over what the board holds now; None while it could not lock."""
-        slots = self.board.key_slots()
-        boarding = self.board.boarding_data()
+        return self._digest_of(self.board.key_slots(), self.board.boarding_data())
+
+    def _digest_of(self, slots: tuple[KeySlot, ...], boarding: BoardingData | None) -> bytes | None:
         if boarding is None or all(slot.key_hash is None for slot in slots):
             return None
         hashes = wire.BoardingHashes.of(boarding.config, boarding.ca_bundle, boarding.network)
         return wire.lock_digest(self.board.identity.serial_number, [slot.key_hash for slot in slots], hashes)
+
+    def _check_sealed(
+        self, slots: tuple[KeySlot, ...], boarding: BoardingData | None, expected: bytes
+    ) -> None:
+        """Run under the key store's lock: what is sealed must be what the station wrote, even if another
+        writer changed the board between the comparison above and the lock."""
+        if self._digest_of(slots, boarding) != expected:
+            raise refusal(wire.ProvisioningRc.DIGEST_MISMATCH, "the board changed while it was being locked")
 
     def _commit_boarding(self, request: wire.WriteBoardingRequest) -> wire.BoardingHashes:
         self.board.write_boarding_data(BoardingData(request.config, request.ca, request.network))

@@ -59,7 +59,16 @@ from .errors import (
     RebootError,
     RunningSlotUnknownError,
 )
-from .interface import BoardingData, BootEnvironment, Identity, KeySlot, SlotName, SlotRecord, StateStore
+from .interface import (
+    BoardingData,
+    BootEnvironment,
+    Identity,
+    KeySlot,
+    LockCheck,
+    SlotName,
+    SlotRecord,
+    StateStore,
+)
 from .keystore import (
     BoardingSummary,
     KeyStore,
@@ -399,8 +408,8 @@ class GatewayBoard:
     def is_locked(self) -> bool:
         return self._key_store.read().locked
 
-    def lock(self) -> None:
-        self._update(with_lock)
+    def lock(self, check: LockCheck | None = None) -> None:
+        self._update(lambda state: with_lock(state, check))
 
     def security_counter_floor(self) -> int:
         return self._key_store.read().security_counter_floor

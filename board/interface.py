@@ -8,7 +8,7 @@ real gateway. Every write that matters is atomic: a power cut leaves the old sta
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -122,6 +122,10 @@ class SlotCheck:
     detail: str  # one line for people: which check failed, or the version found
 
 
+#: inspects what a lock is about to seal, and raises to refuse it
+LockCheck = Callable[[tuple["KeySlot", ...], "BoardingData | None"], None]
+
+
 class BootEnvironment(Protocol):
     """The U-Boot environment (DESIGN section 4), readable by fw_printenv."""
 
@@ -191,8 +195,10 @@ class Board(Protocol):
 
     def is_locked(self) -> bool: ...
 
-    def lock(self) -> None:
-        """End provisioning writes for good; needs a usable key and the boarding data; again: no-op."""
+    def lock(self, check: LockCheck | None = None) -> None:
+        """End provisioning writes for good; needs a usable key and the boarding data; again: no-op.
+        `check` sees exactly the slots and boarding data being sealed, under the same lock as the write,
+        and refuses by raising (the console compares the station's digest there)."""
         ...
 
     # --- anti-rollback

@@ -55,7 +55,7 @@ from .errors import (
     StorageError,
     WriteOnceError,
 )
-from .interface import KEY_SLOT_COUNT, Board, BoardingData, KeySlot, KeySlotState
+from .interface import KEY_SLOT_COUNT, Board, BoardingData, KeySlot, KeySlotState, LockCheck
 from .storage import (
     SECRET_MODE,
     ensure_directory,
@@ -129,15 +129,17 @@ def with_revoked(state: KeyStoreState, index: int) -> KeyStoreState:
     return _with_slot(state, replace(slot, state=KeySlotState.REVOKED))
 
 
-def with_lock(state: KeyStoreState) -> KeyStoreState:
+def with_lock(state: KeyStoreState, check: LockCheck | None = None) -> KeyStoreState:
     """End provisioning. A board locked without a usable key or boarding data could never verify an image
-    or reach its hub, and nothing could be added any more."""
+    or reach its hub, and nothing could be added any more. `check` sees what is being sealed."""
     if state.locked:
         return state
     if not state.usable_keys:
         raise NotReadyToLockError("cannot lock: no usable key is written")
     if state.boarding is None:
         raise NotReadyToLockError("cannot lock: no boarding data is written")
+    if check is not None:
+        check(state.key_slots, state.boarding)
     return replace(state, locked=True)
 
 

@@ -513,3 +513,20 @@ def test_the_temporary_file_of_a_writer_killed_before_its_rename_is_swept_by_the
 def test_an_iat_whose_expiry_is_not_a_finite_number_is_invalid_boarding_data(expires):
     with pytest.raises(BoardingDataError, match="finite"):
         validate_boarding_data(boarding(iat=iat(exp=expires)))
+
+
+def test_a_lock_check_sees_exactly_what_is_sealed_and_can_refuse_it(tmp_path):
+    store = new_store(tmp_path / "otp.json")
+    store.update(lambda state: with_boarding(with_key(state, 0, der()), boarding()))
+    seen: list[tuple[object, object]] = []
+
+    def refuse(slots: object, sealed: object) -> None:
+        seen.append((slots, sealed))
+        raise NotReadyToLockError("the station wrote something else")
+
+    with pytest.raises(NotReadyToLockError):
+        store.update(lambda state: with_lock(state, refuse))
+    assert not store.read().locked
+    assert seen == [(store.read().key_slots, store.read().boarding)]
+    store.update(lambda state: with_lock(state, lambda slots, sealed: None))
+    assert store.read().locked
