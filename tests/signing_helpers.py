@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
+from typing import Any
 
 from signing import ImageOptions, ImageVersion, Signer, sign_image
 from signing.keys import KeyAlgorithm, SoftwareSigner, generate_private_key
+from tests.conftest import CliResult, run_cli
 
 
 @functools.cache
@@ -36,3 +39,25 @@ def make_image(
         ImageOptions(version=version, **options),  # type: ignore[arg-type]
     )
     return output
+
+
+def succeeded(result: CliResult) -> CliResult:
+    """`result`, after asserting the command exited 0 (its output in the message otherwise)."""
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr or result.stdout}"
+    return result
+
+
+def imgtool(*args: str | Path) -> CliResult:
+    """`imgtool ARGS...` from this environment (the pinned 2.5.0), as a subprocess."""
+    return run_cli("imgtool", *args)
+
+
+def image_info(path: Path) -> dict[str, Any]:
+    """`mers-sign info --json` of the image at `path`."""
+    description: dict[str, Any] = json.loads(succeeded(run_cli("mers-sign", "info", "--json", path)).stdout)
+    return description
+
+
+def key_hash(key: Path) -> str:
+    """The KEYHASH of a key file, as `mers-sign getpub --format hash` prints it (hex)."""
+    return succeeded(run_cli("mers-sign", "getpub", "--format", "hash", key)).stdout.strip()

@@ -12,11 +12,11 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import CliResult, require_tool, run_cli
+from tests.conftest import CliResult, require_tool
+from tests.signing_helpers import image_info, imgtool, key_hash, succeeded
 
 ALGORITHMS = ("rsa-3072", "ecdsa-p256", "ed25519")
 GENPKEY_OPTIONS = {
@@ -132,24 +132,6 @@ def payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- our side -------------------------------------------------------------------------------------
 
 
-def succeeded(result: CliResult) -> CliResult:
-    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr or result.stdout}"
-    return result
-
-
-def image_info(path: Path) -> dict[str, Any]:
-    description: dict[str, Any] = json.loads(succeeded(run_cli("mers-sign", "info", "--json", path)).stdout)
-    return description
-
-
-def key_hash(public: Path) -> str:
-    return succeeded(run_cli("mers-sign", "getpub", "--format", "hash", public)).stdout.strip()
-
-
-def imgtool(*args: str | Path) -> CliResult:
-    return run_cli("imgtool", *args)
-
-
 def prepare(mers_sign: MersSign, payload: Path, directory: Path, version: str = VERSION) -> Prepared:
     prepared = Prepared(directory / "unsigned.img", directory / "digest.bin")
     succeeded(
@@ -165,6 +147,17 @@ def strict_verify(mers_sign: MersSign, public: Path, image: Path) -> CliResult:
         "verify", "--key", public, "--vendor", VENDOR, "--class", IMAGE_CLASS,
         "--min-security-counter", str(SECURITY_COUNTER), "--json", image,
     )  # fmt: skip
+
+
+def attach_is_refused(
+    mers_sign: MersSign, signature: Path, public: Path, prepared: Prepared, field: str
+) -> None:
+    """`attach` of `signature` fails naming `field`, and leaves the directory exactly as it was."""
+    out = prepared.unsigned.with_name("final.img")
+    before = listing(out.parent)
+    result = mers_sign("attach", "--signature", signature, "--pubkey", public, prepared.unsigned, out)
+    assert result.returncode == 1
+    assert_refused_leaving_nothing(result, out, before, field)
 
 
 def assert_refused_leaving_nothing(result: CliResult, out: Path, before: set[str], field: str) -> None:
@@ -243,12 +236,7 @@ def test_signature_by_another_key_is_refused_and_leaves_no_output(
     release, impostor = keys
     prepared = prepare(mers_sign, payload, tmp_path)
     signature = openssl_sign(openssl, algorithm, impostor, prepared.digest, tmp_path / "impostor.sig")
-    out = tmp_path / "final.img"
-    before = listing(tmp_path)
-
-    result = mers_sign("attach", "--signature", signature, "--pubkey", release.public, prepared.unsigned, out)
-    assert result.returncode == 1
-    assert_refused_leaving_nothing(result, out, before, "signature")
+    attach_is_refused(mers_sign, signature, release.public, prepared, "signature")
 
 
 @pytest.mark.parametrize("damage", ["a flipped bit", "a missing last byte"])
@@ -270,12 +258,7 @@ def test_corrupted_signature_is_refused_and_leaves_no_output(
         signature.write_bytes(good[:middle] + bytes([good[middle] ^ 0x10]) + good[middle + 1 :])
     else:
         signature.write_bytes(good[:-1])
-    out = tmp_path / "final.img"
-    before = listing(tmp_path)
-
-    result = mers_sign("attach", "--signature", signature, "--pubkey", release.public, prepared.unsigned, out)
-    assert result.returncode == 1
-    assert_refused_leaving_nothing(result, out, before, "signature")
+    attach_is_refused(mers_sign, signature, release.public, prepared, "signature")
 
 
 @pytest.mark.parametrize("algorithm", ["rsa-3072"], indirect=True)
@@ -304,12 +287,7 @@ def test_rsa_signature_padded_otherwise_than_mcuboot_checks_is_refused(
     signature = openssl_sign(
         openssl, algorithm, release, prepared.digest, tmp_path / "s.sig", options=options
     )
-    out = tmp_path / "final.img"
-    before = listing(tmp_path)
-
-    result = mers_sign("attach", "--signature", signature, "--pubkey", release.public, prepared.unsigned, out)
-    assert result.returncode == 1
-    assert_refused_leaving_nothing(result, out, before, "signature")
+    attach_is_refused(mers_sign, signature, release.public, prepared, "signature")
 
 
 @pytest.mark.parametrize("change", ["a payload byte edited", "the image remade as another version"])
@@ -334,12 +312,7 @@ def test_signature_for_an_image_changed_after_digest_is_refused_and_leaves_no_ou
     else:
         prepare(mers_sign, payload, tmp_path, version="2.1.1")
         field = "signature"
-    out = tmp_path / "final.img"
-    before = listing(tmp_path)
-
-    result = mers_sign("attach", "--signature", signature, "--pubkey", release.public, prepared.unsigned, out)
-    assert result.returncode == 1
-    assert_refused_leaving_nothing(result, out, before, field)
+    attach_is_refused(mers_sign, signature, release.public, prepared, field)
 
 
 def test_two_keys_attached_in_turn_verify_with_either_key_alone(

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import CliResult, run_cli
+from tests.signing_helpers import image_info, imgtool, key_hash, succeeded
 
 ALGORITHMS = ("rsa-3072", "ecdsa-p256", "ed25519")
 VERSION = "1.2.3+4"
@@ -59,28 +60,9 @@ class OurImages:
 # --- running the tools ----------------------------------------------------------------------------
 
 
-def imgtool(*args: str | Path) -> CliResult:
-    """`imgtool ARGS...` from this environment (the pinned 2.5.0), as a subprocess."""
-    return run_cli("imgtool", *args)
-
-
-def succeeded(result: CliResult) -> CliResult:
-    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr or result.stdout}"
-    return result
-
-
-def image_info(path: Path) -> dict[str, Any]:
-    description: dict[str, Any] = json.loads(succeeded(run_cli("mers-sign", "info", "--json", path)).stdout)
-    return description
-
-
 def imgtool_dumpinfo(path: Path) -> dict[str, Any]:
     description: dict[str, Any] = json.loads(succeeded(imgtool("dumpinfo", "-f", "json", path)).stdout)
     return description
-
-
-def our_key_hash(key: Path) -> str:
-    return succeeded(run_cli("mers-sign", "getpub", "--format", "hash", key)).stdout.strip()
 
 
 def imgtool_key_hash(key: Path, scratch: Path) -> str:
@@ -191,7 +173,7 @@ def imgtool_image_info(imgtool_image: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def other_key_hash(other_key: KeyPair) -> bytes:
-    return bytes.fromhex(our_key_hash(other_key.public))
+    return bytes.fromhex(key_hash(other_key.public))
 
 
 #: for checks made before any key is used (usage, size, hardware, counter), one algorithm is enough
@@ -270,7 +252,7 @@ def test_imgtool_signed_image_is_held_to_the_device_constraints(
 
 def test_getpub_hash_equals_imgtool_getpubhash(imgtool_key: KeyPair, our_key: KeyPair, workdir: Path) -> None:
     for key in (imgtool_key.private, our_key.public):
-        assert our_key_hash(key) == imgtool_key_hash(key, workdir), key.name
+        assert key_hash(key) == imgtool_key_hash(key, workdir), key.name
 
 
 # --- both describe an image the same way ----------------------------------------------------------
