@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,18 @@ def make_image(
         ImageOptions(version=version, **options),  # type: ignore[arg-type]
     )
     return output
+
+
+#: the `mers_sign` fixture's type: call `mers-sign ARGS...` as a subprocess
+MersSign = Callable[..., CliResult]
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A key made by a tool under test: the private file and its public half."""
+
+    private: Path
+    public: Path
 
 
 def succeeded(result: CliResult) -> CliResult:

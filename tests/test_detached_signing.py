@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import CliResult, require_tool
-from tests.signing_helpers import image_info, imgtool, key_hash, succeeded
+from tests.signing_helpers import KeyPair, MersSign, image_info, imgtool, key_hash, succeeded
 
 ALGORITHMS = ("rsa-3072", "ecdsa-p256", "ed25519")
 GENPKEY_OPTIONS = {
@@ -46,14 +45,6 @@ IMAGE_OPTIONS = (
 )  # fmt: skip
 DIGEST_SIZE = 32
 IMGTOOL_OK = "Image was correctly validated"
-
-MersSign = Callable[..., CliResult]
-
-
-@dataclass(frozen=True)
-class KeyPair:
-    private: Path
-    public: Path
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import CliResult, run_cli
-from tests.signing_helpers import image_info, imgtool, key_hash, succeeded
+from tests.conftest import run_cli
+from tests.signing_helpers import KeyPair, MersSign, image_info, imgtool, key_hash, succeeded
 
 ALGORITHMS = ("rsa-3072", "ecdsa-p256", "ed25519")
 VERSION = "1.2.3+4"
@@ -38,14 +37,6 @@ IMGTOOL_OK = "Image was correctly validated"
 HEADER_FIELDS = ("magic", "load_addr", "hdr_size", "protected_tlv_size", "img_size", "flags", "version")
 AREA_FIELDS = ("magic", "tlv_tot")
 TLV_FIELDS = ("type", "type_name", "len", "data")
-
-MersSign = Callable[..., CliResult]
-
-
-@dataclass(frozen=True)
-class KeyPair:
-    private: Path
-    public: Path
 
 
 @dataclass(frozen=True)
