@@ -6,11 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.hub_helpers import RunningHub, running_hub
 
 BIN_DIR = Path(sys.executable).parent
 
@@ -86,3 +88,10 @@ def mers_sign() -> Callable[..., CliResult]:
         return run_cli("mers-sign", *args, **kwargs)  # type: ignore[arg-type]
 
     return call
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[RunningHub]:
+    """A fresh hub on SQLite, served over TLS on 127.0.0.1."""
+    with running_hub(tmp_path / "hub") as running:
+        yield running

@@ -1,0 +1,70 @@
+"""Engines and sessions: SQLite (the default, one file in the hub directory) or PostgreSQL.
+
+SQLite gets WAL (readers never block the writer), a busy timeout (writers queue rather than fail under
+the load of many agents registering at once) and enforced foreign keys; its file is 0600, since it holds
+agents' shared secrets."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .errors import HubSetupError
+from .models import Base
+
+
+def open_engine(url: str) -> Engine:
+    """An engine for `url`, with the SQLite settings above; a bad URL or an unreachable server is a
+    `HubSetupError` naming the database (never its password)."""
+    try:
+        engine = create_engine(url, pool_pre_ping=True)
+    except (ArgumentError, ImportError) as exc:
+        raise HubSetupError(f"unusable database URL: {exc}") from exc
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _configure_sqlite)
+        database = engine.url.database
+        if database and database != ":memory:" and not os.path.exists(database):
+            fd = os.open(database, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+    return engine
+
+
+def _configure_sqlite(connection: Any, _record: object) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def create_schema(engine: Engine) -> None:
+    try:
+        Base.metadata.create_all(engine)
+    except OperationalError as exc:
+        raise HubSetupError(
+            f"cannot create the hub's tables in {engine.url.render_as_string(hide_password=True)}: "
+            f"{exc.orig}"
+        ) from exc
+
+
+class Database:
+    """The hub's session factory; `transaction()` commits on success and rolls back on any error."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,104 @@
+"""Serving the hub: uvicorn over TLS only, on a socket we bind first so port 0 works and the base URL is
+known before the first request. Once listening, the URL goes to `DIR/url` (the scripting contract);
+a clean shutdown removes it again, so a script never finds the URL of a hub that has stopped."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+import tempfile
+import time
+from pathlib import Path
+
+import uvicorn
+
+from .app import create_app
+from .errors import HubSetupError
+from .home import HubHome
+from .state import HubState, load_state
+from .tokens import Clock
+
+
+class HubServer(uvicorn.Server):
+    """A uvicorn server that publishes its URL when it is ready to accept connections."""
+
+    def __init__(self, config: uvicorn.Config, state: HubState, url: str) -> None:
+        super().__init__(config)
+        self.hub = state
+        self.url = url
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            _publish_url(self.hub.home.url_file, self.url)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        try:
+            if self.hub.home.url_file.read_text(encoding="utf-8").strip() == self.url:
+                self.hub.home.url_file.unlink()
+        except OSError:
+            pass
+        self.hub.close()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise HubSetupError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.listen(2048)
+    return sock
+
+
+def url_for(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"https://{shown}:{port}"
+
+
+def build_server(
+    home: HubHome, sock: socket.socket, *, clock: Clock = time.time, log_level: str = "warning"
+) -> HubServer:
+    """The server for `home` on the bound socket `sock`; `run(sockets=[sock])` serves it."""
+    for path in (home.server_certificate, home.server_key):
+        if not path.is_file():
+            raise HubSetupError(f"{path} is missing; is {home.root} a hub directory made by mers-hub init?")
+    url = url_for(sock)
+    state = load_state(home, url, clock)
+    config = uvicorn.Config(
+        create_app(state),
+        ssl_certfile=str(home.server_certificate),
+        ssl_keyfile=str(home.server_key),
+        ssl_version=ssl.PROTOCOL_TLS_SERVER,
+        access_log=False,  # ours is redacted; uvicorn's would log signed URLs' signatures
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+        server_header=False,
+    )
+    return HubServer(config, state, url)
+
+
+def serve(home: HubHome, host: str, port: int, *, log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    sock = bind(host, port)
+    server = build_server(home, sock, log_level=log_level)
+    server.run(sockets=[sock])
+
+
+def _publish_url(path: Path, url: str) -> None:
+    fd, temporary = tempfile.mkstemp(prefix=".url.", dir=path.parent)
+    try:
+        os.write(fd, url.encode("ascii") + b"\n")
+        os.fchmod(fd, 0o644)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)

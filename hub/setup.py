@@ -1,0 +1,101 @@
+"""`mers-hub init`: create a hub directory from nothing, or refuse.
+
+Every file is created exclusively (an existing hub is never overwritten, even in part), secrets are 0600
+from their first byte, and the admin token is kept in the hub only as its SHA-256: the clear token goes to
+`admin-token` (0600) for the local CLI and is shown once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from .database import create_schema, open_engine
+from .errors import HubSetupError
+from .home import HubHome, HubSettings
+from .tls import create_tls_material
+
+SECRET_MODE = 0o600
+PUBLIC_MODE = 0o644
+
+
+@dataclass(frozen=True)
+class InitResult:
+    home: HubHome
+    admin_token: str
+
+
+def hash_admin_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def create_hub(root: Path, hostnames: tuple[str, ...] = (), settings: HubSettings | None = None) -> InitResult:
+    """Create the hub directory `root` (which must not exist, or be empty)."""
+    settings = settings or HubSettings()
+    _prepare_directory(root)
+    home = HubHome(root)
+    signing_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    tls = create_tls_material(hostnames)
+    admin_token = secrets.token_urlsafe(32)
+    files = [
+        (home.signing_key, _private_pem(signing_key), SECRET_MODE),
+        (home.url_secret, secrets.token_hex(32).encode("ascii"), SECRET_MODE),
+        (home.admin_token, admin_token.encode("ascii") + b"\n", SECRET_MODE),
+        (home.admin_token_hash, hash_admin_token(admin_token).encode("ascii") + b"\n", SECRET_MODE),
+        (home.ca_key, tls.ca_key_pem, SECRET_MODE),
+        (home.ca_certificate, tls.ca_certificate_pem, PUBLIC_MODE),
+        (home.server_key, tls.server_key_pem, SECRET_MODE),
+        (home.server_certificate, tls.server_certificate_pem + tls.ca_certificate_pem, PUBLIC_MODE),
+    ]
+    for path, data, mode in files:
+        _write_new(path, data, mode)
+    home.blobs.mkdir(mode=0o700)
+    engine = open_engine(settings.database_url or f"sqlite:///{home.default_database}")
+    try:
+        create_schema(engine)
+    finally:
+        engine.dispose()
+    # written last: a directory without hub.toml is an unfinished init, never mistaken for a hub
+    _write_new(home.settings_file, settings.to_toml().encode("utf-8"), SECRET_MODE)
+    return InitResult(home, admin_token)
+
+
+def _prepare_directory(root: Path) -> None:
+    if root.exists():
+        if not root.is_dir():
+            raise HubSetupError(f"{root} exists and is not a directory")
+        if any(root.iterdir()):
+            raise HubSetupError(f"{root} is not empty; mers-hub init never overwrites a hub")
+        os.chmod(root, 0o700)
+        return
+    try:
+        root.mkdir(mode=0o700, parents=True)
+    except OSError as exc:
+        raise HubSetupError(f"cannot create {root}: {exc.strerror}") from exc
+
+
+def _private_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError as exc:
+        raise HubSetupError(f"{path} already exists; mers-hub init never overwrites a hub") from exc
+    except OSError as exc:
+        raise HubSetupError(f"cannot create {path}: {exc.strerror}") from exc
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
