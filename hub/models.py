@@ -50,7 +50,8 @@ class Agent(Base):
     iat_used: Mapped[bool] = mapped_column(Boolean, default=False)
     registering_since: Mapped[float | None] = mapped_column(Float, default=None)
 
-    #: bumped by onboarding, renewal and offboarding: access tokens carry it, so old ones die with it
+    #: bumped when credentials are revoked (offboarding): access tokens carry it as `cgen`, so the ones
+    #: issued before die with it; a renewal does not bump it (tokens live out their 30 minutes)
     credential_generation: Mapped[int] = mapped_column(Integer, default=0)
     client_secret: Mapped[str | None] = mapped_column(String(128), default=None)
     public_jwk: Mapped[str | None] = mapped_column(Text, default=None)

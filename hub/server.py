@@ -81,6 +81,7 @@ def build_server(
         log_level=log_level,
         timeout_graceful_shutdown=5,
         server_header=False,
+        lifespan="off",  # the hub has no startup or shutdown hooks
     )
     return HubServer(config, state, url)
 
