@@ -135,4 +135,3 @@ async def _send_error(send: Send, error: HubError) -> None:
     body = JSONResponse(error_body(error.code, error.message), status_code=error.status)
     await send({"type": "http.response.start", "status": body.status_code, "headers": body.raw_headers})
     await send({"type": "http.response.body", "body": body.body})
-

@@ -1,6 +1,7 @@
 """Who is calling: the operator (the admin token from `mers-hub init`) or an onboarded agent (an access
 token from the token endpoint). Secrets are compared in constant time; an access token dies with the
-credential generation it was issued for, so offboarding or renewing revokes what was handed out before."""
+credential generation it was issued for, so offboarding revokes what was handed out before (a renewal
+does not: tokens live out their short lifetime)."""
 
 from __future__ import annotations
 

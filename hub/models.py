@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import enum
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -15,7 +15,7 @@ class Base(DeclarativeBase):
 
 
 class SecurityProfile(enum.StrEnum):
-    SHARED_SECRET = "SHARED_SECRET"
+    SHARED_SECRET = "SHARED_SECRET"  # noqa: S105 - a profile name, not a password
     RSA_3072 = "RSA_3072"
 
 
@@ -37,6 +37,7 @@ class Agent(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     security_profile: Mapped[str] = mapped_column(String(16))
+    description: Mapped[str] = mapped_column(Text, default="")
     etag: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
@@ -93,10 +94,12 @@ class Release(Base):
     sha256: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(256))
     version: Mapped[str] = mapped_column(String(64))
-    security_counter: Mapped[int] = mapped_column(Integer)
+    #: u32 in the image, beyond PostgreSQL's INTEGER
+    security_counter: Mapped[int] = mapped_column(BigInteger)
     vendor_uuid: Mapped[str | None] = mapped_column(String(36))
     class_uuid: Mapped[str | None] = mapped_column(String(36))
-    size: Mapped[int] = mapped_column(Integer)
+    #: up to `max_release_size` (8 GiB by default), beyond PostgreSQL's INTEGER
+    size: Mapped[int] = mapped_column(BigInteger)
     image_digest: Mapped[str] = mapped_column(String(64))
     #: JSON list of the key hashes whose signatures verified
     signed_by: Mapped[str] = mapped_column(Text)
@@ -124,9 +127,7 @@ class TaskTransition(Base):
     __tablename__ = "task_transitions"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    task_id: Mapped[str] = mapped_column(
-        ForeignKey("installation_tasks.id", ondelete="CASCADE"), index=True
-    )
+    task_id: Mapped[str] = mapped_column(ForeignKey("installation_tasks.id", ondelete="CASCADE"), index=True)
     from_state: Mapped[str | None] = mapped_column(String(16))
     to_state: Mapped[str] = mapped_column(String(16))
     progress: Mapped[float] = mapped_column(Float)

@@ -1,5 +1,73 @@
-"""(being written)"""
+"""The agent's side of the Agent Management API v3: register, renew, the OAuth token endpoint and the
+key that verifies access tokens (DESIGN section 6).
 
-from fastapi import APIRouter
+Answers that carry credentials are marked `Cache-Control: no-store` (RFC 6749 section 5.1), so no proxy
+or client cache keeps a secret. The token endpoint reads its form body itself (`oauth_form`).
+"""
 
-router = APIRouter()
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request, status
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from . import oauth, onboarding
+from .auth import State, bearer_token
+from .oauth_form import TOKEN_FORM_SCHEMA, parse_token_request
+from .onboarding import RegistrationRequest, RenewalRequest
+
+PREFIX = "/api/agentmanagement/v3"
+router = APIRouter(prefix=PREFIX, tags=["onboarding"])
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+ClientId = Annotated[str, Path(min_length=1, max_length=64)]
+
+
+@router.post("/register", status_code=status.HTTP_201_CREATED)
+def register(request: Request, state: State, body: RegistrationRequest | None = None) -> JSONResponse:
+    """Onboard with the IAT of the boarding configuration (`Authorization: Bearer <IAT>`): 201 with the
+    credentials, 401 `token_validation_failed` for an expired, used or unknown IAT, 429 while another
+    registration of the same agent is in progress."""
+    iat = bearer_token(request)
+    registration = onboarding.register(state, iat, body or RegistrationRequest())
+    return JSONResponse(registration.to_json(), status.HTTP_201_CREATED, headers=NO_STORE)
+
+
+@router.put("/register/{client_id}")
+def renew(client_id: ClientId, body: RenewalRequest, request: Request, state: State) -> JSONResponse:
+    """Renew the credentials with the RAT (`Authorization: Bearer <RAT>`): 200 with a full new set."""
+    rat = bearer_token(request)
+    registration = onboarding.renew(state, client_id, rat, body)
+    return JSONResponse(registration.to_json(), headers=NO_STORE)
+
+
+_TOKEN_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/x-www-form-urlencoded": {"schema": TOKEN_FORM_SCHEMA}},
+    }
+}
+
+
+@router.post("/oauth/token", openapi_extra=_TOKEN_REQUEST_BODY)
+async def token(request: Request, state: State) -> JSONResponse:
+    """An access token for a client assertion (RFC 7523): 400 `invalid_request` / `invalid_grant`,
+    401 `invalid_client`."""
+    token_request = parse_token_request(await request.body())
+    # database and signatures off the event loop, as FastAPI does for the synchronous routes
+    grant = await run_in_threadpool(oauth.grant_access_token, state, token_request)
+    return JSONResponse(grant.to_json(), headers=NO_STORE)
+
+
+@router.get("/oauth/token_key")
+def token_key(state: State) -> JSONResponse:
+    """The public key that verifies the hub's access tokens."""
+    return JSONResponse(oauth.token_key(state.issuer.key))
+
+
+@router.get("/oauth/token_keys")
+def token_keys(state: State) -> JSONResponse:
+    return JSONResponse({"keys": [oauth.token_key(state.issuer.key)]})
