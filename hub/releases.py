@@ -1,0 +1,261 @@
+"""Release upload: receive an image, vet it, and keep it once under its SHA-256.
+
+The body is streamed into a temporary file in the blob directory while it is hashed, in bounded chunks,
+so an upload of gigabytes costs a few MiB of memory; more than `max_release_size` bytes is refused as it
+arrives (the endless-data attack). The finished file is then verified by the signing library against the
+hub's release trust keys, the same strict checks a device makes, so the hub never hands a device an image
+it would refuse (or one signed by a key the operator did not trust). Only a verified image is renamed to
+`blobs/<sha256>`; a refused, oversized or interrupted upload leaves nothing behind. Identical bytes are
+stored once and answered with the release that already holds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import uuid
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import anyio.to_thread
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from signing.errors import SigningError
+from signing.keys import PublicKey
+from signing.verify import Trust, VerifiedImage, verify_image
+
+from .database import Database
+from .errors import NotFoundError, PayloadTooLargeError, ReleaseRejectedError
+from .models import Release
+from .timefmt import iso
+from .tokens import Clock
+from .trust import trust_anchors
+
+#: bytes gathered from the request before one write-and-hash in a worker thread
+WRITE_CHUNK = 4 << 20
+UPLOAD_PREFIX = ".upload-"
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class ReleaseView:
+    id: str
+    name: str
+    version: str
+    security_counter: int
+    vendor_uuid: str | None
+    class_uuid: str | None
+    size: int
+    sha256: str
+    image_digest: str
+    signed_by: tuple[str, ...]
+    uploaded_at: float
+
+    @classmethod
+    def of(cls, row: Release) -> ReleaseView:
+        return cls(
+            id=row.id,
+            name=row.name,
+            version=row.version,
+            security_counter=row.security_counter,
+            vendor_uuid=row.vendor_uuid,
+            class_uuid=row.class_uuid,
+            size=row.size,
+            sha256=row.sha256,
+            image_digest=row.image_digest,
+            signed_by=tuple(json.loads(row.signed_by)),
+            uploaded_at=row.uploaded_at,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "version": self.version,
+            "securityCounter": self.security_counter,
+            "vendorUuid": self.vendor_uuid,
+            "classUuid": self.class_uuid,
+            "size": self.size,
+            "sha256": self.sha256,
+            "imageDigest": self.image_digest,
+            "signedBy": list(self.signed_by),
+            "uploadedAt": iso(self.uploaded_at),
+        }
+
+
+@dataclass(frozen=True)
+class Upload:
+    release: ReleaseView
+    #: False when the same bytes had been uploaded before
+    created: bool
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """A received body, complete, on disk and hashed, but not yet trusted."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+def new_id() -> str:
+    """The id of a new release or task: 32 hex digits."""
+    return uuid.uuid4().hex
+
+
+def is_well_formed_id(text: str) -> bool:
+    """True for what `new_id` makes; anything else is looked up nowhere (a NUL byte, say, is an error on
+    PostgreSQL, and an unknown id must be a 404, never a 5xx)."""
+    return _ID.fullmatch(text) is not None
+
+
+def blob_file(blobs: Path, sha256: str) -> Path:
+    """Where the bytes of the release with this SHA-256 live."""
+    return blobs / sha256
+
+
+async def receive_release(
+    database: Database,
+    blobs: Path,
+    name: str,
+    body: AsyncIterable[bytes],
+    *,
+    max_size: int,
+    clock: Clock,
+) -> Upload:
+    """Spool, verify and store the image streamed in `body` as release `name`. Database, disk and
+    verification work runs in worker threads: the event loop keeps serving other requests meanwhile."""
+    anchors = await anyio.to_thread.run_sync(trust_anchors, database)
+    if not anchors:
+        # refused before a byte is stored: nothing could ever verify
+        raise ReleaseRejectedError("no release trust key is configured: add one (POST /trustedKeys) first")
+    spooled = await spool(body, blobs, max_size)
+    try:
+        return await anyio.to_thread.run_sync(_admit, database, blobs, name, spooled, anchors, clock)
+    finally:
+        spooled.path.unlink(missing_ok=True)
+
+
+def _admit(
+    database: Database, blobs: Path, name: str, spooled: Spooled, anchors: tuple[PublicKey, ...], clock: Clock
+) -> Upload:
+    """The release the spooled file becomes: the existing one for known bytes, else a new one if the
+    image verifies (its blob moved into place first, so a recorded release always has its bytes)."""
+    existing = find_by_sha256(database, spooled.sha256)
+    if existing is not None:
+        return Upload(existing, created=False)
+    verified = _verify(spooled.path, anchors)
+    _store_blob(spooled.path, blob_file(blobs, spooled.sha256))
+    return _record(database, name, spooled, verified, clock())
+
+
+async def spool(body: AsyncIterable[bytes], directory: Path, max_size: int) -> Spooled:
+    """Write `body` to a new temporary file in `directory` while hashing it; at most `max_size` bytes.
+    On any failure (too large, client gone, disk full) the temporary file is removed."""
+    fd, name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=directory)
+    path = Path(name)
+    hasher = hashlib.sha256()
+    size = 0
+    pending = bytearray()
+    try:
+        with os.fdopen(fd, "wb") as output:
+            async for chunk in body:
+                size += len(chunk)
+                if size > max_size:
+                    raise PayloadTooLargeError(f"the release exceeds {max_size} bytes")
+                pending += chunk
+                if len(pending) >= WRITE_CHUNK:
+                    await anyio.to_thread.run_sync(_write_and_hash, output, hasher, pending)
+                    pending.clear()
+            await anyio.to_thread.run_sync(_write_and_hash, output, hasher, pending)
+            await anyio.to_thread.run_sync(_sync, output)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return Spooled(path, hasher.hexdigest(), size)
+
+
+def _write_and_hash(output: BinaryIO, hasher: hashlib._Hash, data: bytearray) -> None:
+    # in a worker thread (hashlib and file writes release the GIL): the event loop serves others meanwhile
+    hasher.update(data)
+    output.write(data)
+
+
+def _sync(output: BinaryIO) -> None:
+    output.flush()
+    os.fsync(output.fileno())
+
+
+def _verify(path: Path, anchors: tuple[PublicKey, ...]) -> VerifiedImage:
+    try:
+        return verify_image(path, Trust(keys=anchors))
+    except SigningError as exc:
+        raise ReleaseRejectedError(str(exc)) from exc
+
+
+def _store_blob(spooled: Path, target: Path) -> None:
+    """Rename the verified file into place, durably. Content-addressed: a file already at `target` holds
+    these very bytes (a concurrent upload of the same image), so it is kept as is."""
+    if target.exists():
+        return
+    os.replace(spooled, target)
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _record(database: Database, name: str, spooled: Spooled, verified: VerifiedImage, now: float) -> Upload:
+    row = Release(
+        id=new_id(),
+        sha256=spooled.sha256,
+        name=name,
+        version=str(verified.version),
+        security_counter=verified.security_counter,
+        vendor_uuid=str(verified.vendor_uuid) if verified.vendor_uuid else None,
+        class_uuid=str(verified.class_uuid) if verified.class_uuid else None,
+        size=spooled.size,
+        image_digest=verified.digest.hex(),
+        signed_by=json.dumps([key_hash.hex() for key_hash in verified.signed_by]),
+        uploaded_at=now,
+    )
+    try:
+        with database.transaction() as session:
+            session.add(row)
+    except IntegrityError:
+        # the same bytes, recorded by a concurrent upload after our look-up
+        existing = find_by_sha256(database, spooled.sha256)
+        if existing is None:
+            raise
+        return Upload(existing, created=False)
+    return Upload(ReleaseView.of(row), created=True)
+
+
+def find_by_sha256(database: Database, sha256: str) -> ReleaseView | None:
+    with database.transaction() as session:
+        row = session.scalars(select(Release).where(Release.sha256 == sha256)).first()
+        return ReleaseView.of(row) if row is not None else None
+
+
+def get_release(database: Database, release_id: str) -> ReleaseView:
+    if not is_well_formed_id(release_id):
+        raise NotFoundError(f"no release {release_id!r}")
+    with database.transaction() as session:
+        row = session.get(Release, release_id)
+        if row is None:
+            raise NotFoundError(f"no release {release_id}")
+        return ReleaseView.of(row)
+
+
+def list_releases(database: Database) -> list[ReleaseView]:
+    with database.transaction() as session:
+        rows = session.scalars(select(Release).order_by(Release.uploaded_at, Release.id))
+        return [ReleaseView.of(row) for row in rows]
