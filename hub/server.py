@@ -20,6 +20,8 @@ from .home import HubHome
 from .state import HubState, load_state
 from .tokens import Clock
 
+log = logging.getLogger("mers.hub")
+
 
 class HubServer(uvicorn.Server):
     """A uvicorn server that publishes its URL when it is ready to accept connections."""
@@ -33,6 +35,7 @@ class HubServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             _publish_url(self.hub.home.url_file, self.url)
+            log.info("serving %s at %s", self.hub.home.root, self.url)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await super().shutdown(sockets)

@@ -35,11 +35,20 @@ def hash_admin_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def create_hub(root: Path, hostnames: tuple[str, ...] = (), settings: HubSettings | None = None) -> InitResult:
+def create_hub(
+    root: Path, hostnames: tuple[str, ...] = (), settings: HubSettings | None = None
+) -> InitResult:
     """Create the hub directory `root` (which must not exist, or be empty)."""
     settings = settings or HubSettings()
     _prepare_directory(root)
     home = HubHome(root)
+    # the database first: an unreachable server or a bad URL then leaves the directory as it was (empty),
+    # so init can simply run again once the URL is fixed
+    engine = open_engine(settings.database_url or f"sqlite:///{home.default_database}")
+    try:
+        create_schema(engine)
+    finally:
+        engine.dispose()
     signing_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
     tls = create_tls_material(hostnames)
     admin_token = secrets.token_urlsafe(32)
@@ -56,11 +65,6 @@ def create_hub(root: Path, hostnames: tuple[str, ...] = (), settings: HubSetting
     for path, data, mode in files:
         _write_new(path, data, mode)
     home.blobs.mkdir(mode=0o700)
-    engine = open_engine(settings.database_url or f"sqlite:///{home.default_database}")
-    try:
-        create_schema(engine)
-    finally:
-        engine.dispose()
     # written last: a directory without hub.toml is an unfinished init, never mistaken for a hub
     _write_new(home.settings_file, settings.to_toml().encode("utf-8"), SECRET_MODE)
     return InitResult(home, admin_token)
