@@ -49,8 +49,7 @@ def create_schema(engine: Engine) -> None:
         Base.metadata.create_all(engine)
     except OperationalError as exc:
         raise HubSetupError(
-            f"cannot create the hub's tables in {engine.url.render_as_string(hide_password=True)}: "
-            f"{exc.orig}"
+            f"cannot create the hub's tables in {engine.url.render_as_string(hide_password=True)}: {exc.orig}"
         ) from exc
 
 

@@ -9,10 +9,12 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
-from tests.hub_helpers import RunningHub, running_hub
+from hub.home import HubSettings
+from tests.hub_helpers import RunningHub, fresh_postgres_database, running_hub
 
 BIN_DIR = Path(sys.executable).parent
 
@@ -23,17 +25,18 @@ def require_tool(name: str, reason: str = "") -> str:
     found = shutil.which(name) or shutil.which(name, path=f"{BIN_DIR}:/usr/sbin:/sbin")
     if found:
         return found
-    message = f"{name} is not installed{': ' + reason if reason else ''}"
-    if os.environ.get("MERS_REQUIRE_ALL") == "1":
-        pytest.fail(f"MERS_REQUIRE_ALL=1 but {message}")
-    pytest.skip(message)
+    unavailable(f"{name} is not installed{': ' + reason if reason else ''}")
 
 
 def require_file(path: str, reason: str = "") -> Path:
     """Like `require_tool`, for a file such as a PKCS#11 module."""
     if Path(path).exists():
         return Path(path)
-    message = f"{path} is absent{': ' + reason if reason else ''}"
+    unavailable(f"{path} is absent{': ' + reason if reason else ''}")
+
+
+def unavailable(message: str) -> NoReturn:
+    """Skip for a missing system resource, or fail under MERS_REQUIRE_ALL=1 (CI must run every test)."""
     if os.environ.get("MERS_REQUIRE_ALL") == "1":
         pytest.fail(f"MERS_REQUIRE_ALL=1 but {message}")
     pytest.skip(message)
@@ -94,4 +97,22 @@ def mers_sign() -> Callable[..., CliResult]:
 def hub(tmp_path: Path) -> Iterator[RunningHub]:
     """A fresh hub on SQLite, served over TLS on 127.0.0.1."""
     with running_hub(tmp_path / "hub") as running:
+        yield running
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database (dropped afterwards) on the server named by
+    MERS_TEST_POSTGRES_URL, which scripts/test sets after starting Debian's cluster on 127.0.0.1."""
+    server_url = os.environ.get("MERS_TEST_POSTGRES_URL")
+    if not server_url:
+        unavailable("MERS_TEST_POSTGRES_URL is not set (scripts/test starts PostgreSQL and sets it)")
+    with fresh_postgres_database(server_url) as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_hub(tmp_path: Path, postgres_url: str) -> Iterator[RunningHub]:
+    """A fresh hub on PostgreSQL, served over TLS on 127.0.0.1."""
+    with running_hub(tmp_path / "hub", HubSettings(database_url=postgres_url)) as running:
         yield running
