@@ -13,11 +13,11 @@ import requests
 
 from hub.models import Agent, SecurityProfile
 from signing.keys import KeyAlgorithm, SoftwareSigner
-from tests.hub_helpers import FIRMWARE, RunningHub
+from tests.hub_helpers import FIRMWARE, HubAPI, RunningHub
 from tests.signing_helpers import make_image, signer_for
 
 
-def trust(hub: RunningHub, signer: SoftwareSigner, name: str = "release key") -> dict[str, Any]:
+def trust(hub: HubAPI, signer: SoftwareSigner, name: str = "release key") -> dict[str, Any]:
     response = hub.admin(
         "POST", f"{FIRMWARE}/trustedKeys", json={"name": name, "pem": signer.public_key.pem().decode()}
     )
@@ -26,7 +26,7 @@ def trust(hub: RunningHub, signer: SoftwareSigner, name: str = "release key") ->
     return key
 
 
-def upload(hub: RunningHub, image: Path | bytes, name: str = "gateway firmware") -> requests.Response:
+def upload(hub: HubAPI, image: Path | bytes, name: str = "gateway firmware") -> requests.Response:
     body = image.read_bytes() if isinstance(image, Path) else image
     return hub.admin(
         "POST",
@@ -88,7 +88,7 @@ def publish(hub: RunningHub, directory: Path, payload: bytes | None = None) -> P
     return Published(image.read_bytes(), release, agent_id, task)
 
 
-def new_task(hub: RunningHub, agent_id: str, release_id: str) -> dict[str, Any]:
+def new_task(hub: HubAPI, agent_id: str, release_id: str) -> dict[str, Any]:
     body = {"deviceId": agent_id, "softwareType": "FIRMWARE", "softwareReleaseId": release_id}
     response = hub.admin("POST", f"{FIRMWARE}/installationTasks", json=body)
     assert response.status_code == 201, response.text

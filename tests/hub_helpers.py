@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 import requests
@@ -27,6 +27,22 @@ from hub.state import HubState
 
 AGENTS = "/api/agentmanagement/v3"
 FIRMWARE = "/api/firmwaredeployment/v3"
+
+
+class HubAPI(Protocol):
+    """What the onboarding helpers need of a hub: its HTTP API, and the time it keeps. Both the in-process
+    `RunningHub` and a `mers-hub serve` subprocess provide it."""
+
+    @property
+    def url(self) -> str: ...
+
+    def clock(self) -> float: ...
+
+    def request(
+        self, method: str, path: str, *, token: str | None = None, **kwargs: Any
+    ) -> requests.Response: ...
+
+    def admin(self, method: str, path: str, **kwargs: Any) -> requests.Response: ...
 
 
 @dataclass
@@ -170,14 +186,14 @@ def token_form(assertion: str) -> dict[str, str]:
     }
 
 
-def create_agent(hub: RunningHub, name: str, profile: str = "SHARED_SECRET") -> dict[str, Any]:
+def create_agent(hub: HubAPI, name: str, profile: str = "SHARED_SECRET") -> dict[str, Any]:
     response = hub.admin("POST", f"{AGENTS}/agents", json={"name": name, "securityProfile": profile})
     assert response.status_code == 201, response.text
     agent: dict[str, Any] = response.json()
     return agent
 
 
-def boarding_configuration(hub: RunningHub, agent_id: str) -> dict[str, Any]:
+def boarding_configuration(hub: HubAPI, agent_id: str) -> dict[str, Any]:
     response = hub.admin("GET", f"{AGENTS}/agents/{agent_id}/boarding/configuration")
     assert response.status_code == 200, response.text
     configuration: dict[str, Any] = response.json()
@@ -188,7 +204,7 @@ def boarding_configuration(hub: RunningHub, agent_id: str) -> dict[str, Any]:
 class OnboardedAgent:
     """An agent that registered with the hub: what a gateway holds after `mers onboard`."""
 
-    hub: RunningHub
+    hub: HubAPI
     id: str
     profile: str
     rat: str
@@ -240,7 +256,7 @@ class OnboardedAgent:
 
 
 def register(
-    hub: RunningHub, iat: str, profile: str, private_key: rsa.RSAPrivateKey | None = None
+    hub: HubAPI, iat: str, profile: str, private_key: rsa.RSAPrivateKey | None = None
 ) -> requests.Response:
     """The agent's registration call with its IAT (`{}`, or its public JWK for RSA_3072)."""
     body: dict[str, Any] = {}
@@ -251,7 +267,7 @@ def register(
 
 
 def onboard_agent(
-    hub: RunningHub,
+    hub: HubAPI,
     name: str,
     profile: str = "SHARED_SECRET",
     *,

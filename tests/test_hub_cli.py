@@ -17,9 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from tests.hub_helpers import (
     create_agent,
     onboard_agent,
 )
+from tests.served_hub import ServedHub, serving
 from tests.signing_helpers import key_hash, succeeded
 
 EXIT_REFUSED = 1
@@ -45,7 +44,6 @@ EXIT_USAGE = 2
 EXIT_SETUP = 3
 
 MIB = 1 << 20
-START_DEADLINE = 60.0
 
 Argv = list[str | Path]
 
@@ -68,55 +66,6 @@ def without_secrets(result: CliResult, *secrets: str) -> CliResult:
     for secret in secrets:
         assert secret not in result.stdout and secret not in result.stderr
     return result
-
-
-# --- a hub served by `mers-hub serve`, as a subprocess ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServedHub:
-    root: Path
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def ca(self) -> Path:
-        return self.root / "ca.pem"
-
-    @property
-    def admin_token(self) -> str:
-        return (self.root / "admin-token").read_text().strip()
-
-
-def wait_for_url(root: Path, process: subprocess.Popen[bytes], log: Path) -> str:
-    """DIR/url once `serve` listens, polled with a deadline; fails at once if the server exits."""
-    url_file = HubHome(root).url_file
-    deadline = time.monotonic() + START_DEADLINE
-    while True:
-        if url_file.is_file() and (text := url_file.read_text().strip()):
-            return text
-        assert process.poll() is None, f"serve exited with {process.returncode}: {log.read_text()}"
-        assert time.monotonic() < deadline, f"no {url_file} within {START_DEADLINE} s: {log.read_text()}"
-        time.sleep(0.02)
-
-
-@contextmanager
-def serving(root: Path, *options: str) -> Iterator[ServedHub]:
-    """`mers-hub serve ROOT --port 0 OPTIONS`, stopped (SIGTERM) when the block ends if still running."""
-    log = root.parent / f"{root.name}-serve.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [str(BIN_DIR / "mers-hub"), "serve", str(root), "--port", "0", *options],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield ServedHub(root, wait_for_url(root, process, log), process, log)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
