@@ -116,3 +116,11 @@ def postgres_hub(tmp_path: Path, postgres_url: str) -> Iterator[RunningHub]:
     """A fresh hub on PostgreSQL, served over TLS on 127.0.0.1."""
     with running_hub(tmp_path / "hub", HubSettings(database_url=postgres_url)) as running:
         yield running
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def hub_on_each_database(request: pytest.FixtureRequest) -> RunningHub:
+    """The same test on a SQLite hub, then on a PostgreSQL one: for the flows whose correctness rests on
+    the database (conditional updates, unique claims, transactions under concurrency)."""
+    running: RunningHub = request.getfixturevalue("hub" if request.param == "sqlite" else "postgres_hub")
+    return running

@@ -58,8 +58,9 @@ def data_source_read(hub: RunningHub, agent_id: str, access_token: str) -> reque
 
 @pytest.mark.parametrize("profile", ["SHARED_SECRET", "RSA_3072"])
 def test_an_agent_registers_renews_is_offboarded_and_registers_again(
-    hub: RunningHub, profile: str, rsa_keys: list[rsa.RSAPrivateKey]
+    hub_on_each_database: RunningHub, profile: str, rsa_keys: list[rsa.RSAPrivateKey]
 ) -> None:
+    hub = hub_on_each_database
     agent = onboard_agent(hub, "gw-1", profile, private_key=rsa_keys[0] if profile == "RSA_3072" else None)
     assert status_of(hub, agent.id) == "ONBOARDED"
     first_token = agent.access_token()
@@ -163,7 +164,8 @@ def test_tokens_of_other_kinds_do_not_register(hub: RunningHub) -> None:
     assert_hub_error(renew_raw(hub, agent, iat, {"client_id": agent.id}), 401, "token_validation_failed")
 
 
-def test_concurrent_registrations_with_one_iat_make_one_onboarding(hub: RunningHub) -> None:
+def test_concurrent_registrations_with_one_iat_make_one_onboarding(hub_on_each_database: RunningHub) -> None:
+    hub = hub_on_each_database
     agent_id, iat = new_agent_iat(hub, "gw-1")
     barrier = threading.Barrier(4)
     statuses: list[int] = []
@@ -307,7 +309,8 @@ def test_a_renewal_answer_is_a_full_new_set_with_200(hub: RunningHub) -> None:
     assert body["registration_access_token"] != old[0] and body["client_secret"] != old[1]
 
 
-def test_the_previous_rat_still_renews_while_the_new_set_is_unused(hub: RunningHub) -> None:
+def test_the_previous_rat_still_renews_while_the_new_set_is_unused(hub_on_each_database: RunningHub) -> None:
+    hub = hub_on_each_database
     agent = onboard_agent(hub, "gw-1")
     first_rat, first_secret = agent.rat, agent.client_secret
     lost = renew_raw(hub, agent, first_rat, {"client_id": agent.id})  # the answer never reaches the agent
