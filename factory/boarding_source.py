@@ -1,0 +1,303 @@
+"""Where a board's boarding configuration (and its IAT) comes from: the hub's admin API, or a batch file.
+
+Both sources hand back a `Boarding`: the configuration as the exact bytes the board will store (canonical
+JSON, so the same configuration always hashes the same, whichever source it came from, and a re-run can
+recognise a board it already provisioned) and the facts the records keep about the IAT (`jti`, expiry)
+instead of the token itself, which is a credential.
+
+- `HubSource` finds or creates the agent named after the board's serial number and fetches its
+  configuration; when the IAT expires within the margin it offboards the agent to get a fresh one, but
+  never an agent that already onboarded (that would cut a working device off).
+- `BatchSource` reads JSON lines ``{"serial", "agentId"?, "boarding"}`` exported from the hub with
+  `export_batch` (`mers-factory batch export`), for a line without access to the hub.
+
+The hub is reached with TLS verified against its CA on every request (`verify=` per request, and the
+session ignores the environment, since requests prefers ``REQUESTS_CA_BUNDLE`` over `Session.verify`); the
+admin token travels only in the Authorization header and is never part of a message or repr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import jwt
+import requests
+
+from .errors import BatchFileError, HubRefusedError, HubUnreachableError, IatError, InputError
+
+AGENTS: Final = "/api/agentmanagement/v3"
+HUB_TIMEOUT_S: Final = (10.0, 30.0)
+PROFILES: Final = ("SHARED_SECRET", "RSA_3072")
+MAX_BATCH_LINE: Final = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Boarding:
+    """One serial number's boarding configuration, ready to write."""
+
+    serial_number: str
+    agent_id: str | None
+    config: bytes = field(repr=False)  # holds the IAT: kept out of reprs and logs
+    client_id: str
+    iat_jti: str
+    iat_expires: int
+
+    def expires_within(self, not_before: float) -> bool:
+        return self.iat_expires < not_before
+
+
+def canonical_json(document: object) -> bytes:
+    """Sorted keys, no blanks: equal documents are equal bytes, so the board's hash of them is stable."""
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def parse_boarding(serial_number: str, agent_id: str | None, document: object) -> Boarding:
+    """A `Boarding` from a configuration document (as the hub serves it); `ValueError` names what is wrong.
+
+    The IAT's claims are read without checking its signature: that is the hub's to check at onboarding;
+    here they only give the expiry and the ``jti`` the records keep."""
+    if not isinstance(document, dict) or not isinstance(document.get("content"), dict):
+        raise ValueError("the boarding configuration has no content object")
+    content = document["content"]
+    client_id, token = content.get("clientId"), content.get("iat")
+    if not isinstance(client_id, str) or not isinstance(token, str):
+        raise ValueError("the boarding configuration lacks clientId or iat")
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        raise ValueError("the IAT is not a JWT") from None
+    jti, expires = claims.get("jti"), claims.get("exp")
+    if not isinstance(jti, str) or not jti:
+        raise ValueError("the IAT has no jti")
+    if isinstance(expires, bool) or not isinstance(expires, int | float):
+        raise ValueError("the IAT has no exp")
+    if claims.get("sub") != client_id:
+        raise ValueError("the IAT was not issued for the configuration's clientId")
+    return Boarding(serial_number, agent_id, canonical_json(document), client_id, jti, int(expires))
+
+
+class BoardingSource(Protocol):
+    """What the station needs of a source of boarding configurations."""
+
+    def current(self, serial_number: str) -> Boarding | None:
+        """The configuration as it stands, changing nothing (None when there is none for this serial)."""
+        ...
+
+    def fresh(self, serial_number: str, not_before: float) -> Boarding:
+        """A configuration whose IAT is valid at least until `not_before`, or `IatError`."""
+        ...
+
+
+# --- the hub -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HubSource:
+    """The hub's admin API (Agent Management v3): one agent per board, named after its serial number."""
+
+    url: str
+    ca: Path
+    token: str = field(repr=False)
+    profile: str = "SHARED_SECRET"
+    session: requests.Session = field(default_factory=requests.Session, repr=False)
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        self.session.trust_env = False  # REQUESTS_CA_BUNDLE must not replace the hub's CA
+
+    @classmethod
+    def from_files(cls, url: str, token_file: Path, ca: Path, profile: str = "SHARED_SECRET") -> HubSource:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise InputError(f"cannot read the hub token file {token_file}: {error.strerror}") from None
+        if not token:
+            raise InputError(f"the hub token file {token_file} is empty", field="hub-token-file")
+        if not ca.is_file():
+            raise InputError(f"the hub CA {ca} does not exist", field="hub-ca")
+        return cls(url, ca, token, profile)
+
+    def current(self, serial_number: str) -> Boarding | None:
+        agent_id = self._find_agent(serial_number)
+        if agent_id is None:
+            return None
+        return self._configuration(serial_number, agent_id)
+
+    def fresh(self, serial_number: str, not_before: float) -> Boarding:
+        agent_id = self._find_agent(serial_number) or self._create_agent(serial_number)
+        boarding = self._configuration(serial_number, agent_id)
+        if not boarding.expires_within(not_before):
+            return boarding
+        status = self._request("GET", f"/agents/{agent_id}/boarding/status").get("status")
+        if status == "ONBOARDED":
+            raise IatError(
+                f"agent {agent_id} ({serial_number}) has already onboarded: "
+                "refusing to offboard it for a new IAT"
+            )
+        self._request("POST", f"/agents/{agent_id}/boarding/offboard")
+        boarding = self._configuration(serial_number, agent_id)
+        if boarding.expires_within(not_before):
+            raise IatError(
+                f"the hub issues IATs that expire within the margin (jti {boarding.iat_jti})", boarding
+            )
+        return boarding
+
+    def _find_agent(self, serial_number: str) -> str | None:
+        page = self._request("GET", "/agents", params={"name": serial_number, "size": 1})
+        content = page.get("content")
+        if not isinstance(content, list) or not content:
+            return None
+        agent_id = content[0].get("id") if isinstance(content[0], dict) else None
+        if not isinstance(agent_id, str):
+            raise HubRefusedError("the hub's agent list is not understood", 200)
+        return agent_id
+
+    def _create_agent(self, serial_number: str) -> str:
+        try:
+            agent = self._request(
+                "POST", "/agents", json={"name": serial_number, "securityProfile": self.profile}
+            )
+        except HubRefusedError as error:
+            if error.status != 409:
+                raise
+            found = self._find_agent(serial_number)  # another station created it first
+            if found is None:
+                raise
+            return found
+        agent_id = agent.get("id")
+        if not isinstance(agent_id, str):
+            raise HubRefusedError("the hub's new agent has no id", 201)
+        return agent_id
+
+    def _configuration(self, serial_number: str, agent_id: str) -> Boarding:
+        document = self._request("GET", f"/agents/{agent_id}/boarding/configuration")
+        try:
+            return parse_boarding(serial_number, agent_id, document)
+        except ValueError as error:
+            raise HubRefusedError(
+                f"the hub's boarding configuration for {serial_number}: {error}", 200
+            ) from None
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = self.session.request(
+                method,
+                self.url + AGENTS + path,
+                headers={"Authorization": f"Bearer {self.token}"},
+                verify=str(self.ca),
+                timeout=HUB_TIMEOUT_S,
+                **kwargs,
+            )
+        except requests.exceptions.SSLError:
+            raise HubUnreachableError(f"TLS verification of {self.url} against {self.ca} failed") from None
+        except requests.RequestException as error:
+            raise HubUnreachableError(
+                f"the hub at {self.url} is unreachable ({type(error).__name__})"
+            ) from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not response.ok:
+            reason = body.get("error_description") or body.get("error") if isinstance(body, dict) else None
+            raise HubRefusedError(
+                f"the hub refused {method} {path}: HTTP {response.status_code} {reason or response.reason}",
+                response.status_code,
+            )
+        if not isinstance(body, dict):
+            raise HubUnreachableError(f"{self.url} does not answer like a hub (no JSON object)")
+        return body
+
+
+# --- batch files ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchSource:
+    """A batch file of JSON lines ``{"serial", "agentId"?, "boarding"}``, one per board."""
+
+    entries: dict[str, Boarding]
+
+    @classmethod
+    def load(cls, path: Path) -> BatchSource:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise BatchFileError(f"cannot read the batch file {path}: {error}") from None
+        return cls(parse_batch(text.splitlines(), str(path)))
+
+    def current(self, serial_number: str) -> Boarding | None:
+        return self.entries.get(serial_number)
+
+    def fresh(self, serial_number: str, not_before: float) -> Boarding:
+        boarding = self.entries.get(serial_number)
+        if boarding is None:
+            raise BatchFileError(f"the batch file has no boarding configuration for {serial_number}")
+        if boarding.expires_within(not_before):
+            raise IatError(
+                f"the IAT for {serial_number} (jti {boarding.iat_jti}) expires within the margin: "
+                "export a fresh batch",
+                boarding,
+            )
+        return boarding
+
+
+def parse_batch(lines: Iterable[str], source: str = "batch") -> dict[str, Boarding]:
+    """Every line's `Boarding`, by serial number; blank lines are allowed, anything else wrong is a
+    `BatchFileError` naming the line (a batch is refused whole, before any board is touched)."""
+    entries: dict[str, Boarding] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{source} line {number}"
+        if len(line) > MAX_BATCH_LINE:
+            raise BatchFileError(f"{where} is longer than {MAX_BATCH_LINE} characters")
+        try:
+            item = json.loads(line)
+        except ValueError:
+            raise BatchFileError(f"{where} is not JSON") from None
+        if not isinstance(item, dict) or not isinstance(item.get("serial"), str) or not item["serial"]:
+            raise BatchFileError(f"{where} is not an object with a serial")
+        agent_id = item.get("agentId")
+        if agent_id is not None and not isinstance(agent_id, str):
+            raise BatchFileError(f"{where}: agentId is not a string")
+        try:
+            boarding = parse_boarding(item["serial"], agent_id, item.get("boarding"))
+        except ValueError as error:
+            raise BatchFileError(f"{where}: {error}") from None
+        if boarding.serial_number in entries:
+            raise BatchFileError(f"{where}: {boarding.serial_number} appears twice")
+        entries[boarding.serial_number] = boarding
+    return entries
+
+
+def batch_line(boarding: Boarding) -> str:
+    document = json.loads(boarding.config)
+    return json.dumps({"serial": boarding.serial_number, "agentId": boarding.agent_id, "boarding": document})
+
+
+def export_batch(
+    source: BoardingSource, serial_numbers: Iterable[str], output: Path, not_before: float
+) -> int:
+    """Write a batch file for `serial_numbers` (each IAT valid until `not_before`), atomically and readable
+    by its owner only: it holds credentials. Returns the number of lines."""
+    lines = [batch_line(source.fresh(serial, not_before)) for serial in dict.fromkeys(serial_numbers)]
+    directory = output.absolute().parent
+    try:
+        with tempfile.NamedTemporaryFile(
+            "w", encoding="utf-8", dir=directory, prefix=f".{output.name}.", delete=False
+        ) as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write("".join(line + "\n" for line in lines))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, output)
+    except OSError as error:
+        raise InputError(f"cannot write the batch file {output}: {error.strerror}", field="output") from None
+    return len(lines)

@@ -1,0 +1,415 @@
+"""`mers-factory`: provision boards over their serial console, export boarding batches, read the records.
+
+A thin click layer over `station`, `boarding_source` and `records`. Every failure is one line on stderr,
+``mers-factory: error: ...``, and one of the exit codes of `factory.errors.ExitCode`:
+
+- 0 done; 1 several boards failed in different ways; 2 usage or bad input (options, key file, batch
+  file, network file, CA bundle); 3 refused (IAT expiring or claimed for another serial, board locked over
+  other data, read-back mismatch, a write refused by the board); 4 serial port (busy, gone, no answer);
+  5 hub (unreachable, TLS, refused); 6 records (database, or a broken chain for ``records verify``).
+
+The admin token is read from a file and never printed; records and output keep the IAT's ``jti``, never
+the token.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final, NoReturn
+
+import click
+
+from signing.errors import SigningError
+from signing.keys import PublicKey, load_public_key
+
+from .boarding_source import PROFILES, BatchSource, BoardingSource, HubSource, canonical_json, export_batch
+from .errors import ExitCode, FactoryError, InputError, KeyFileError
+
+try:
+    from .records import Outcome, Records
+    from .station import DEFAULT_IAT_MARGIN_S, Event, Result, Station, StationConfig
+except ModuleNotFoundError as missing:  # the records' database layer comes with the `factory` extra
+    if missing.name != "sqlalchemy":
+        raise
+    sys.exit("mers-factory: error: the records need SQLAlchemy: pip install 'mers[factory]'")
+
+DEFAULT_RECORDS: Final = "factory-records.db"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNIT_SECONDS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+EPILOG: Final = (
+    "Exit codes: 0 ok, 1 boards failed differently, 2 usage or bad input, 3 refused, 4 serial port, "
+    "5 hub, 6 records."
+)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``N[.N]{s,m,h,d}`` (``24h``, ``90m``, ``2d``); anything else is a `ValueError`."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration such as 24h, 90m or 2d")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+class Duration(click.ParamType[float, Any]):
+    name = "DURATION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+def fail(error: FactoryError) -> NoReturn:
+    click.echo(f"mers-factory: error: {_line(error)}", err=True)
+    sys.exit(int(error.exit_code))
+
+
+def _line(error: FactoryError) -> str:
+    text = " ".join(str(error).split())  # one line, whatever the message held
+    return f"[{error.field}] {text}" if error.field else text
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    try:
+        yield
+    except FactoryError as error:
+        fail(error)
+
+
+# --- inputs --------------------------------------------------------------------------------------------
+
+
+def load_keys(paths: Sequence[Path]) -> tuple[PublicKey, ...]:
+    keys = []
+    for path in paths:
+        try:
+            keys.append(load_public_key(path))
+        except SigningError as error:
+            raise KeyFileError(str(error)) from None
+    return tuple(keys)
+
+
+def read_ca(path: Path, option: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror}", field=option) from None
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise InputError(f"{path} holds no PEM certificate", field=option)
+    return data
+
+
+def read_network(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        document = json.loads(path.read_bytes())
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror}", field="network") from None
+    except ValueError:
+        raise InputError(f"{path} is not JSON", field="network") from None
+    if not isinstance(document, dict):
+        raise InputError(f"{path} is not a JSON object", field="network")
+    return canonical_json(document)
+
+
+def hub_source(url: str | None, token_file: Path | None, ca: Path | None, profile: str) -> HubSource:
+    if url is None or token_file is None or ca is None:
+        raise InputError("the hub needs all of --hub, --hub-token-file and --hub-ca", field="hub")
+    return HubSource.from_files(url, token_file, ca, profile)
+
+
+# --- output --------------------------------------------------------------------------------------------
+
+
+class Printer:
+    """Progress for people (a line per step, prefixed by the port) or one JSON event per step."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self._lock = threading.Lock()
+
+    def event(self, event: Event) -> None:
+        if self.as_json:
+            text = json.dumps(
+                {"port": event.port, "serial": event.serial, "step": event.step, "status": event.status}
+                | ({"detail": event.detail} if event.detail else {})
+            )
+        elif event.step == "done":
+            return  # the summary says it
+        else:
+            text = f"{event.port} {event.serial or '-'}: {event.step} {event.status}"
+        with self._lock:
+            click.echo(text)
+
+    def summary(self, result: Result) -> None:
+        if self.as_json:
+            return
+        what = result.outcome.value.replace("_", " ")
+        click.echo(f"{result.port} {result.serial or '-'}: {what} ({result.seconds:.1f} s)")
+
+
+def exit_code_of(results: Sequence[Result]) -> ExitCode:
+    codes = {result.error.exit_code for result in results if result.error is not None}
+    if not codes:
+        return ExitCode.OK
+    return codes.pop() if len(codes) == 1 else ExitCode.FAILED
+
+
+# --- commands ------------------------------------------------------------------------------------------
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}, epilog=EPILOG
+)
+def cli() -> None:
+    """The factory provisioning station: trust keys and boarding configurations into new boards.
+
+    \b
+    Example:
+      mers-factory provision --port /dev/ttyUSB0 --key release.pub.pem \\
+          --hub https://hub.example:8443 --hub-token-file admin-token --hub-ca hub-ca.pem
+      mers-factory records verify --records factory-records.db
+    """
+
+
+_records_option = click.option(
+    "--records",
+    "records_url",
+    default=DEFAULT_RECORDS,
+    show_default=True,
+    envvar="MERS_FACTORY_RECORDS",
+    help="Records database: a SQLite file path or URL, or postgresql+psycopg://... for a shared line.",
+)
+
+
+@cli.command(epilog=EPILOG)
+@click.option("--port", "ports", multiple=True, required=True, help="Serial device of a board; repeatable.")
+@click.option(
+    "--key", "key_paths", multiple=True, required=True, type=click.Path(path_type=Path), help="Trust key PEM."
+)
+@click.option("--hub", "hub_url", help="The hub's URL (https://HOST:PORT).")
+@click.option("--hub-token-file", type=click.Path(path_type=Path), help="File holding the hub's admin token.")
+@click.option("--hub-ca", type=click.Path(path_type=Path), help="The hub's CA certificate (PEM).")
+@click.option("--boarding-batch", type=click.Path(path_type=Path), help="Batch file from `batch export`.")
+@click.option("--profile", type=click.Choice(PROFILES), default=PROFILES[0], show_default=True)
+@click.option("--device-ca", type=click.Path(path_type=Path), help="CA bundle the device trusts [--hub-ca].")
+@click.option("--network", type=click.Path(path_type=Path), help="Network configuration JSON (HTTPS proxy).")
+@click.option("--baud", type=click.IntRange(min=1), default=115200, show_default=True)
+@click.option(
+    "--iat-margin", type=Duration(), default="24h", show_default=True, help="Refuse IATs expiring sooner."
+)
+@click.option(
+    "--station", default=socket.gethostname(), show_default=True, help="Station name for the records."
+)
+@_records_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per step per board on stdout.")
+def provision(
+    ports: tuple[str, ...],
+    key_paths: tuple[Path, ...],
+    hub_url: str | None,
+    hub_token_file: Path | None,
+    hub_ca: Path | None,
+    boarding_batch: Path | None,
+    profile: str,
+    device_ca: Path | None,
+    network: Path | None,
+    baud: int,
+    iat_margin: float,
+    station: str,
+    records_url: str,
+    as_json: bool,
+) -> None:
+    """Provision the board on each --port (concurrently): write the keys and the boarding configuration,
+    read them back, lock, record.
+
+    \b
+    Example:
+      mers-factory provision --port /dev/ttyUSB0 --port /dev/ttyUSB1 --key release.pub.pem \\
+          --hub https://hub.example:8443 --hub-token-file admin-token --hub-ca hub-ca.pem
+      mers-factory provision --port /dev/ttyUSB0 --key release.pub.pem \\
+          --boarding-batch batch.jsonl --device-ca hub-ca.pem --records postgresql+psycopg://line/records
+    """
+    with _reported():
+        source: BoardingSource
+        if boarding_batch is not None:
+            if hub_url or hub_token_file:
+                raise InputError("give either --boarding-batch or the --hub options, not both", field="hub")
+            source = BatchSource.load(boarding_batch)
+        else:
+            source = hub_source(hub_url, hub_token_file, hub_ca, profile)
+        ca_path = device_ca or hub_ca
+        if ca_path is None:
+            raise InputError("--device-ca is needed with --boarding-batch", field="device-ca")
+        config = StationConfig(
+            keys=load_keys(key_paths),
+            device_ca=read_ca(ca_path, "device-ca"),
+            network=read_network(network),
+            iat_margin=iat_margin,
+            baud=baud,
+            station=station,
+        )
+        printer = Printer(as_json)
+        records = Records.open(records_url)
+        try:
+            results = Station(config, source, records, printer.event).provision_all(list(ports))
+        finally:
+            records.close()
+    for result in results:
+        printer.summary(result)
+        if result.error is not None:
+            click.echo(f"mers-factory: error: {result.port}: {_line(result.error)}", err=True)
+    sys.exit(int(exit_code_of(results)))
+
+
+@cli.group()
+def batch() -> None:
+    """Boarding batch files (JSON lines {serial, agentId, boarding}) for lines without the hub."""
+
+
+@batch.command("export", epilog=EPILOG)
+@click.argument("serials", nargs=-1)
+@click.option("--serials-file", type=click.File("r"), help="Serial numbers, one a line.")
+@click.option("--hub", "hub_url", required=True)
+@click.option("--hub-token-file", required=True, type=click.Path(path_type=Path))
+@click.option("--hub-ca", required=True, type=click.Path(path_type=Path))
+@click.option("--profile", type=click.Choice(PROFILES), default=PROFILES[0], show_default=True)
+@click.option("--iat-margin", type=Duration(), default="24h", show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def batch_export(
+    serials: tuple[str, ...],
+    serials_file: Any,
+    hub_url: str,
+    hub_token_file: Path,
+    hub_ca: Path,
+    profile: str,
+    iat_margin: float,
+    output: Path,
+) -> None:
+    """Write OUTPUT (mode 0600: it holds IATs) with one boarding configuration per serial number, creating
+    agents on the hub as needed.
+
+    Example: mers-factory batch export GW-0001 GW-0002 --hub https://hub:8443 --hub-token-file t
+    --hub-ca ca.pem -o batch.jsonl
+    """
+    with _reported():
+        names = list(serials) + (
+            [line.strip() for line in serials_file if line.strip()] if serials_file else []
+        )
+        if not names:
+            raise InputError("give at least one serial number", field="serials")
+        source = hub_source(hub_url, hub_token_file, hub_ca, profile)
+        count = export_batch(source, names, output, time.time() + iat_margin)
+    click.echo(f"{count} boarding configurations written to {output}")
+
+
+@cli.group()
+def records() -> None:
+    """The provisioning records: verify the hash chain, export, show a board's attempts."""
+
+
+def _with_records(action: Callable[[Records], None], url: str) -> None:
+    with _reported():
+        store = Records.open(url)
+        try:
+            action(store)
+        finally:
+            store.close()
+
+
+@records.command("verify", epilog=EPILOG)
+@_records_option
+def records_verify(records_url: str) -> None:
+    """Check the hash chain from the first row; report the first broken row (exit 6).
+
+    Example: mers-factory records verify --records factory-records.db
+    """
+
+    def verify(store: Records) -> None:
+        report = store.verify()
+        click.echo(f"chain intact: {report.rows} rows, head {report.head}")
+
+    _with_records(verify, records_url)
+
+
+@records.command("export", epilog=EPILOG)
+@_records_option
+@click.option("--csv", "as_csv", is_flag=True, help="CSV with a header row.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, one row each.")
+def records_export(records_url: str, as_csv: bool, as_json: bool) -> None:
+    """Every row, in chain order, on stdout.
+
+    Example: mers-factory records export --csv > records.csv
+    """
+    if as_csv == as_json:
+        fail(InputError("give exactly one of --csv and --json", field="format"))
+
+    def export(store: Records) -> None:
+        writer: Any = None
+        for row in store.rows():
+            if as_json:
+                click.echo(json.dumps(row))
+                continue
+            if writer is None:
+                writer = csv.DictWriter(sys.stdout, fieldnames=list(row), lineterminator="\n")
+                writer.writeheader()
+            writer.writerow(row)
+
+    _with_records(export, records_url)
+
+
+@records.command("show", epilog=EPILOG)
+@click.argument("serial")
+@_records_option
+@click.option("--json", "as_json", is_flag=True)
+def records_show(serial: str, records_url: str, as_json: bool) -> None:
+    """The attempts for board SERIAL, oldest first.
+
+    Example: mers-factory records show GW-0001
+    """
+
+    def show(store: Records) -> None:
+        found = False
+        for row in store.rows(serial):
+            found = True
+            if as_json:
+                click.echo(json.dumps(row))
+            else:
+                error = f" {row['error']}" if row["error"] else ""
+                click.echo(
+                    f"{row['seq']} {row['ended_at']} {row['station']} {row['port']} {row['outcome']}{error}"
+                )
+        if not found:
+            raise InputError(f"no records for {serial}", field="serial")
+
+    _with_records(show, records_url)
+
+
+def main() -> None:
+    """Run the CLI with click's own error output reduced to our one line."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.Abort:
+        click.echo("mers-factory: error: aborted", err=True)
+        sys.exit(int(ExitCode.FAILED))
+    except click.ClickException as error:
+        click.echo(f"mers-factory: error: {' '.join(error.format_message().split())}", err=True)
+        sys.exit(int(ExitCode.USAGE))
+
+
+__all__ = ["DEFAULT_IAT_MARGIN_S", "Outcome", "cli", "main"]

@@ -1,0 +1,168 @@
+"""The factory's one exception family, and the exit code of each kind of failure.
+
+Every failure of the station is a `FactoryError` naming the step or field that failed, so a caller catches
+one base and the CLI prints one line and exits with the code of the family (`ExitCode`). No message ever
+holds the hub's admin token or an IAT: they are credentials, and error lines end up in shift logs.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+from board import protocol as wire
+
+
+class ExitCode(enum.IntEnum):
+    """`mers-factory`'s documented exit codes."""
+
+    OK = 0
+    FAILED = 1
+    """Boards failed in different ways (each board's line says why)."""
+    USAGE = 2
+    """Bad input on the command line: options, key file, batch file, network file, CA bundle."""
+    REFUSED = 3
+    """A check refused the board or its data: IAT expiring or claimed, board locked over other data,
+    read-back mismatch, the board refused a write."""
+    PORT = 4
+    """The serial port: busy, gone, or the board stopped answering (line failure)."""
+    HUB = 5
+    """The hub: unreachable, TLS failure, or it refused a request."""
+    RECORDS = 6
+    """The records database: unreachable, or `records verify` found a broken chain."""
+
+
+class FactoryError(Exception):
+    """Base of every factory failure; `field` names the step, option or column that failed."""
+
+    exit_code: ClassVar[ExitCode] = ExitCode.FAILED
+    field: str = ""
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(message)
+        if field:
+            self.field = field
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+
+class InputError(FactoryError):
+    """A file or option given to the station is unusable; nothing was touched."""
+
+    exit_code = ExitCode.USAGE
+
+
+class KeyFileError(InputError):
+    field = "key"
+
+
+class BatchFileError(InputError):
+    field = "boarding-batch"
+
+
+# --- the serial line -----------------------------------------------------------------------------------
+
+
+class PortError(FactoryError):
+    """The serial port could not be opened, or failed, or the board stopped answering."""
+
+    exit_code = ExitCode.PORT
+    field = "port"
+
+
+class PortBusyError(PortError):
+    """Another program (another station) holds the port exclusively."""
+
+
+class PortGoneError(PortError):
+    """The port does not exist or vanished (unplugged USB adapter)."""
+
+
+class LineError(PortError):
+    """No valid answer within the bounded retries: a dead, cut or hopelessly noisy line."""
+
+
+# --- refusals ------------------------------------------------------------------------------------------
+
+
+class RefusedError(FactoryError):
+    """A check refused to go on with this board; the board was not locked by this attempt."""
+
+    exit_code = ExitCode.REFUSED
+
+
+class BoardRefusedError(RefusedError):
+    """The board answered a request with an SMP error (`reply` names it)."""
+
+    def __init__(self, step: str, reply: wire.ErrorReply) -> None:
+        super().__init__(f"the board refused {step}: {reply.describe()}", field=step)
+        self.reply = reply
+
+
+class IatError(RefusedError):
+    """The IAT cannot be burned: expired, expiring within the margin, or claimed for another board.
+    `facts` is the refused configuration (a `Boarding`), when known, so the record names its ``jti``."""
+
+    field = "iat"
+
+    def __init__(self, message: str, facts: object = None) -> None:
+        super().__init__(message)
+        self.facts = facts
+
+
+class LockedOverOtherDataError(RefusedError):
+    """The board is already locked, and not over the data this station would write."""
+
+    field = "lock"
+
+
+class SerialAlreadyProvisionedError(RefusedError):
+    """The records say another board with this serial number was provisioned: a duplicate serial."""
+
+    field = "serial"
+
+
+class VerificationError(RefusedError):
+    """The read-back does not match what the station wrote; the board was not locked."""
+
+    field = "verify"
+
+
+class BoardProtocolError(RefusedError):
+    """The board answered something this station does not understand."""
+
+    field = "protocol"
+
+
+# --- the hub and the records ---------------------------------------------------------------------------
+
+
+class HubError(FactoryError):
+    exit_code = ExitCode.HUB
+    field = "hub"
+
+
+class HubUnreachableError(HubError):
+    """No answer: connection refused, TLS verification failed, timeout."""
+
+
+class HubRefusedError(HubError):
+    """The hub answered with an error status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RecordsError(FactoryError):
+    exit_code = ExitCode.RECORDS
+    field = "records"
+
+
+class ChainBrokenError(RecordsError):
+    """A row's hash or its link to the previous row does not verify: the records were altered."""
+
+    def __init__(self, message: str, row_id: int) -> None:
+        super().__init__(message)
+        self.row_id = row_id

@@ -1,0 +1,294 @@
+"""The station's records: one row per provisioning attempt, append-only and hash-chained, plus the claims
+that keep one IAT out of two boards.
+
+Tables (SQLAlchemy Core; SQLite by default, PostgreSQL when several stations share a line):
+
+- ``attempts``: the chain. Row ``seq`` N carries ``prev_hash`` = the ``row_hash`` of row N-1 (64 zeros for
+  row 1) and ``row_hash`` = SHA-256 of the canonical JSON (sorted keys, no blanks) of every other column,
+  ``prev_hash`` included. ``seq`` and ``prev_hash`` are both UNIQUE, so two stations appending at once
+  cannot both extend the same row: the loser's insert fails and it retries on the new head. Triggers refuse
+  UPDATE and DELETE; whoever bypasses them (or edits the file) is caught by `Records.verify`, which reports
+  the first row whose hash or link does not hold.
+- ``iat_claims``: ``jti`` PRIMARY KEY -> serial number, taken before the IAT is written to a board and never
+  released (an answer lost on the line may hide a committed write): the database, not the station, makes
+  sure an IAT goes to one serial number only.
+- ``boards``: serial number PRIMARY KEY -> the lock digest, written when a board is locked and verified; an
+  unlocked board presenting a serial number found here is a duplicate serial, refused.
+
+Records keep the IAT's ``jti`` and expiry, never the token.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from .errors import ChainBrokenError, IatError, RecordsError, SerialAlreadyProvisionedError
+
+GENESIS: Final = "0" * 64
+_SCHEMA_LOCK: Final = 0x6D657273  # "mers": the advisory lock key of the schema setup
+APPEND_ATTEMPTS: Final = 200
+
+metadata = sa.MetaData()
+
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("serial_number", sa.String(128), nullable=False, index=True),
+    sa.Column("agent_id", sa.String(128)),
+    sa.Column("key_hashes", sa.Text, nullable=False),
+    sa.Column("boarding_sha256", sa.String(64)),
+    sa.Column("ca_sha256", sa.String(64)),
+    sa.Column("network_sha256", sa.String(64)),
+    sa.Column("lock_digest", sa.String(64)),
+    sa.Column("iat_jti", sa.String(256)),
+    sa.Column("iat_expires", sa.BigInteger),
+    sa.Column("station", sa.String(255), nullable=False),
+    sa.Column("port", sa.String(1024), nullable=False),
+    sa.Column("started_at", sa.String(32), nullable=False),
+    sa.Column("ended_at", sa.String(32), nullable=False),
+    sa.Column("outcome", sa.String(32), nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("row_hash", sa.String(64), nullable=False),
+)
+
+iat_claims = sa.Table(
+    "iat_claims",
+    metadata,
+    sa.Column("jti", sa.String(256), primary_key=True),
+    sa.Column("serial_number", sa.String(128), nullable=False),
+    sa.Column("claimed_at", sa.String(32), nullable=False),
+)
+
+boards = sa.Table(
+    "boards",
+    metadata,
+    sa.Column("serial_number", sa.String(128), primary_key=True),
+    sa.Column("lock_digest", sa.String(64), nullable=False),
+    sa.Column("iat_jti", sa.String(256)),
+    sa.Column("provisioned_at", sa.String(32), nullable=False),
+)
+
+_APPEND_ONLY_SQLITE: Final = [
+    f"CREATE TRIGGER IF NOT EXISTS attempts_no_{verb.lower()} BEFORE {verb} ON attempts "
+    "BEGIN SELECT RAISE(ABORT, 'the records are append-only'); END"
+    for verb in ("UPDATE", "DELETE")
+]
+_APPEND_ONLY_POSTGRESQL: Final = [
+    "CREATE OR REPLACE FUNCTION attempts_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN RAISE EXCEPTION 'the records are append-only'; END $$",
+    "DROP TRIGGER IF EXISTS attempts_append_only ON attempts",
+    "CREATE TRIGGER attempts_append_only BEFORE UPDATE OR DELETE ON attempts "
+    "FOR EACH STATEMENT EXECUTE FUNCTION attempts_append_only()",
+]
+
+
+class Outcome(enum.StrEnum):
+    PROVISIONED = "provisioned"
+    ALREADY_PROVISIONED = "already_provisioned"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt as the station saw it; the chain columns are added by `Records.append`."""
+
+    serial_number: str
+    agent_id: str | None
+    key_hashes: str  # comma-separated hex SHA-256 of the keys, in slot order
+    boarding_sha256: str | None
+    ca_sha256: str | None
+    network_sha256: str | None
+    lock_digest: str | None
+    iat_jti: str | None
+    iat_expires: int | None
+    station: str
+    port: str
+    started_at: str
+    ended_at: str
+    outcome: Outcome
+    error: str
+
+
+def timestamp(seconds: float | None = None) -> str:
+    """UTC, ISO 8601 with microseconds: text, so it hashes the same on every database."""
+    moment = datetime.datetime.fromtimestamp(time.time() if seconds is None else seconds, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def row_hash(row: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of every column of `row` but ``row_hash``."""
+    content = {key: value for key, value in row.items() if key != "row_hash"}
+    data = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    rows: int
+    head: str
+
+
+def database_url(text: str) -> str:
+    """A database URL; a plain path means a SQLite file."""
+    return text if "://" in text else f"sqlite:///{Path(text).absolute()}"
+
+
+class Records:
+    """The records database. Safe to share between threads; every method is one transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> Records:
+        url = database_url(url)
+        try:
+            options: dict[str, Any] = {}
+            if url.startswith("sqlite"):
+                options["connect_args"] = {"timeout": 30}
+            engine = sa.create_engine(url, **options)
+            with engine.begin() as connection:
+                _create_schema(connection)
+        except (SQLAlchemyError, ImportError, ValueError) as error:
+            raise RecordsError(f"cannot open the records database: {_reason(error)}") from None
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- the chain
+
+    def append(self, attempt: Attempt) -> int:
+        """Append `attempt` at the head of the chain; returns its ``seq``."""
+        values = {**asdict(attempt), "outcome": attempt.outcome.value}
+        for round_ in range(APPEND_ATTEMPTS):
+            try:
+                with self.engine.begin() as connection:
+                    head = connection.execute(
+                        sa.select(attempts.c.seq, attempts.c.row_hash)
+                        .order_by(attempts.c.seq.desc())
+                        .limit(1)
+                    ).first()
+                    seq, prev = (1, GENESIS) if head is None else (head.seq + 1, head.row_hash)
+                    row = {**values, "seq": seq, "prev_hash": prev}
+                    connection.execute(sa.insert(attempts).values(**row, row_hash=row_hash(row)))
+                return seq
+            except (IntegrityError, OperationalError) as error:
+                if isinstance(error, OperationalError) and "locked" not in str(error):
+                    raise RecordsError(f"cannot append a record: {_reason(error)}") from None
+                time.sleep(
+                    0.001 * (round_ % 20)
+                )  # another station extended the chain first: try the new head
+            except SQLAlchemyError as error:
+                raise RecordsError(f"cannot append a record: {_reason(error)}") from None
+        raise RecordsError("cannot append a record: the chain head kept moving")
+
+    def rows(self, serial_number: str | None = None) -> Iterator[dict[str, Any]]:
+        query = sa.select(attempts).order_by(attempts.c.seq)
+        if serial_number is not None:
+            query = query.where(attempts.c.serial_number == serial_number)
+        try:
+            with self.engine.connect() as connection:
+                for row in connection.execute(query):
+                    yield dict(row._mapping)
+        except SQLAlchemyError as error:
+            raise RecordsError(f"cannot read the records: {_reason(error)}") from None
+
+    def verify(self) -> ChainReport:
+        """Walk the chain from row 1; `ChainBrokenError` names the first row that does not hold."""
+        previous, expected_seq = GENESIS, 1
+        for row in self.rows():
+            seq = row["seq"]
+            if seq != expected_seq:
+                raise ChainBrokenError(f"row {expected_seq} is missing (next is {seq})", expected_seq)
+            if row["prev_hash"] != previous:
+                raise ChainBrokenError(f"row {seq} does not link to row {seq - 1}", seq)
+            if row_hash(row) != row["row_hash"]:
+                raise ChainBrokenError(f"row {seq} was altered: its hash does not match", seq)
+            previous, expected_seq = row["row_hash"], seq + 1
+        return ChainReport(expected_seq - 1, previous)
+
+    # --- claims
+
+    def claim_iat(self, jti: str, serial_number: str) -> None:
+        """Claim IAT `jti` for `serial_number` (again: fine); another serial's claim is an `IatError`."""
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    sa.insert(iat_claims).values(jti=jti, serial_number=serial_number, claimed_at=timestamp())
+                )
+            return
+        except IntegrityError:
+            pass
+        except SQLAlchemyError as error:
+            raise RecordsError(f"cannot claim the IAT: {_reason(error)}") from None
+        owner = self.iat_owner(jti)
+        if owner != serial_number:
+            raise IatError(f"the IAT (jti {jti}) is already claimed for {owner}; it is never burned twice")
+
+    def iat_owner(self, jti: str) -> str | None:
+        return self._text(sa.select(iat_claims.c.serial_number).where(iat_claims.c.jti == jti))
+
+    def provisioned_digest(self, serial_number: str) -> str | None:
+        return self._text(sa.select(boards.c.lock_digest).where(boards.c.serial_number == serial_number))
+
+    def mark_provisioned(self, serial_number: str, lock_digest: str, jti: str | None) -> None:
+        """Remember a locked, verified board; the same digest again is fine, another one a duplicate."""
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    sa.insert(boards).values(
+                        serial_number=serial_number,
+                        lock_digest=lock_digest,
+                        iat_jti=jti,
+                        provisioned_at=timestamp(),
+                    )
+                )
+            return
+        except IntegrityError:
+            pass
+        except SQLAlchemyError as error:
+            raise RecordsError(f"cannot record the board: {_reason(error)}") from None
+        if self.provisioned_digest(serial_number) != lock_digest:
+            raise SerialAlreadyProvisionedError(f"another board with serial {serial_number} was provisioned")
+
+    def _text(self, query: sa.Select[Any]) -> str | None:
+        try:
+            with self.engine.connect() as connection:
+                value = connection.execute(query).scalar()
+                return None if value is None else str(value)
+        except SQLAlchemyError as error:
+            raise RecordsError(f"cannot read the records: {_reason(error)}") from None
+
+
+def _create_schema(connection: Connection) -> None:
+    """Tables and append-only triggers, once. On PostgreSQL stations starting together would race on the
+    catalog ("tuple concurrently updated"), so the setup runs under a transaction-scoped advisory lock."""
+    dialect = connection.engine.dialect.name
+    if dialect == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+    metadata.create_all(connection)
+    statements = {"sqlite": _APPEND_ONLY_SQLITE, "postgresql": _APPEND_ONLY_POSTGRESQL}.get(dialect, [])
+    for statement in statements:
+        connection.exec_driver_sql(statement)
+
+
+def _reason(error: Exception) -> str:
+    """The driver's first line, without the SQL and parameters SQLAlchemy appends (or a URL's password)."""
+    original = getattr(error, "orig", None)
+    text = str(original if original is not None else error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__

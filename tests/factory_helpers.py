@@ -1,0 +1,163 @@
+"""Test helpers for the factory station: key and CA files, batch files, simulated boards served by
+`mers-board sim serve` on real pseudo-terminals, and the station as a library or as the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from board import protocol as wire
+from board.simboard import SimBoard
+from factory.boarding_source import BatchSource, BoardingSource, canonical_json
+from factory.records import Records
+from factory.station import Event, Station, StationConfig
+from signing.keys import KeyAlgorithm, PublicKey
+from tests.board_helpers import ca_bundle
+from tests.conftest import CliResult, run_cli
+from tests.console_helpers import ConsoleProcess, new_board
+from tests.signing_helpers import signer_for
+
+DAY = 86400
+
+
+@dataclass(frozen=True)
+class StationFiles:
+    """The files a station is given: trust keys (public PEM) and the CA the device will trust."""
+
+    keys: tuple[Path, ...]
+    public_keys: tuple[PublicKey, ...]
+    device_ca: Path
+
+    @property
+    def ca_bytes(self) -> bytes:
+        return self.device_ca.read_bytes()
+
+
+def station_files(directory: Path, key_count: int = 1) -> StationFiles:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths, keys = [], []
+    for index in range(key_count):
+        public = signer_for(KeyAlgorithm.ECDSA_P256, index).public_key
+        path = directory / f"trust{index}.pub.pem"
+        path.write_bytes(public.pem())
+        paths.append(path)
+        keys.append(public)
+    ca = directory / "device-ca.pem"
+    ca.write_bytes(ca_bundle())
+    return StationFiles(tuple(paths), tuple(keys), ca)
+
+
+def boarding_document(serial: str, *, expires: float | None = None, jti: str | None = None) -> dict[str, Any]:
+    """A boarding configuration as the hub exports it, with an IAT for agent ``agent-<serial>``."""
+    client_id = f"agent-{serial}"
+    claims = {
+        "sub": client_id,
+        "exp": int(expires if expires is not None else time.time() + 7 * DAY),
+        "jti": jti or uuid.uuid4().hex,
+    }
+    token = jwt.encode(claims, "a hub secret that is long enough to sign", algorithm="HS256")
+    return {
+        "content": {
+            "baseUrl": "https://hub.example:8443",
+            "iat": token,
+            "clientCredentialProfile": ["SHARED_SECRET"],
+            "clientId": client_id,
+            "tenant": "factory",
+        },
+        "expiration": "2033-05-18T03:33:20.000Z",
+    }
+
+
+def write_batch(path: Path, documents: dict[str, dict[str, Any]]) -> Path:
+    lines = [
+        json.dumps({"serial": serial, "agentId": None, "boarding": doc}) for serial, doc in documents.items()
+    ]
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def batch_for(path: Path, *serials: str, expires: float | None = None) -> Path:
+    return write_batch(path, {serial: boarding_document(serial, expires=expires) for serial in serials})
+
+
+def make_board(directory: Path, serial: str) -> Path:
+    return new_board(directory, serial)
+
+
+@contextlib.contextmanager
+def served_boards(directory: Path, serials: list[str], *options: str) -> Iterator[list[ConsoleProcess]]:
+    """One `mers-board sim serve` process per serial number, each on its own pty."""
+    with contextlib.ExitStack() as stack:
+        consoles = [
+            stack.enter_context(ConsoleProcess(make_board(directory / serial, serial), *options))
+            for serial in serials
+        ]
+        yield consoles
+
+
+def board_state(board_dir: Path) -> tuple[bool, tuple[bytes | None, ...], bytes | None]:
+    """(locked, key hashes, config bytes) as the board's storage holds them."""
+    board = SimBoard.open(board_dir)
+    data = board.boarding_data()
+    return (
+        board.is_locked(),
+        tuple(slot.key_hash for slot in board.key_slots()),
+        (None if data is None else data.config),
+    )
+
+
+def assert_consistent(board_dir: Path, files: StationFiles, config: bytes) -> bool:
+    """Never locked with mismatched data: either unlocked, or locked over exactly the station's data.
+    Returns whether it is locked."""
+    locked, key_hashes, stored = board_state(board_dir)
+    if locked:
+        assert key_hashes[0] == files.public_keys[0].key_hash
+        assert stored == config
+    return locked
+
+
+def station(
+    files: StationFiles,
+    source: BoardingSource,
+    records: Records,
+    events: list[Event] | None = None,
+    **options: Any,
+) -> Station:
+    config = StationConfig(keys=files.public_keys, device_ca=files.ca_bytes, **options)
+    sink = events.append if events is not None else (lambda event: None)
+    return Station(config, source, records, sink)
+
+
+def batch_source(path: Path) -> BatchSource:
+    return BatchSource.load(path)
+
+
+def factory(*args: str | Path, **kwargs: Any) -> CliResult:
+    return run_cli("mers-factory", *args, **kwargs)
+
+
+def provision_args(files: StationFiles, records: Path | str, *ports: str) -> list[str | Path]:
+    args: list[str | Path] = ["provision", "--records", str(records)]
+    for port in ports:
+        args += ["--port", port]
+    for key in files.keys:
+        args += ["--key", key]
+    return args
+
+
+def json_events(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def expected_digest(serial: str, files: StationFiles, document: dict[str, Any]) -> bytes:
+    hashes = wire.BoardingHashes.of(canonical_json(document), files.ca_bytes, None)
+    key_hashes: list[bytes | None] = [key.key_hash for key in files.public_keys]
+    return wire.lock_digest(serial, key_hashes + [None] * (wire.KEY_SLOTS - len(key_hashes)), hashes)

@@ -1,0 +1,166 @@
+"""The records: the hash chain, its verification, append-only rules, concurrent stations appending, and
+the IAT claims that keep one IAT out of two boards, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from factory.errors import ChainBrokenError, IatError, SerialAlreadyProvisionedError
+from factory.records import GENESIS, Attempt, Outcome, Records, row_hash, timestamp
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def records(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Records]:
+    url = (
+        str(tmp_path / "records.db") if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    )
+    store = Records.open(url)
+    yield store
+    store.close()
+
+
+def attempt(serial: str = "GW-1", outcome: Outcome = Outcome.PROVISIONED, **fields: object) -> Attempt:
+    base = Attempt(
+        serial_number=serial,
+        agent_id="agent",
+        key_hashes="ab" * 32,
+        boarding_sha256="cd" * 32,
+        ca_sha256="ef" * 32,
+        network_sha256=None,
+        lock_digest="01" * 32,
+        iat_jti="jti-1",
+        iat_expires=2_000_000_000,
+        station="station-1",
+        port="/dev/serial/by-path/pci-0:1",
+        started_at=timestamp(1_800_000_000),
+        ended_at=timestamp(1_800_000_001),
+        outcome=outcome,
+        error="",
+    )
+    return replace(base, **fields)  # type: ignore[arg-type]
+
+
+def tamper(store: Records, statement: str) -> None:
+    """What someone with write access to the database could do, triggers and all."""
+    with store.engine.begin() as connection:
+        if store.engine.dialect.name == "sqlite":
+            connection.exec_driver_sql("DROP TRIGGER attempts_no_update")
+            connection.exec_driver_sql("DROP TRIGGER attempts_no_delete")
+        else:
+            connection.exec_driver_sql("DROP TRIGGER attempts_append_only ON attempts")
+        connection.exec_driver_sql(statement)
+
+
+def test_each_row_links_to_the_previous_and_the_chain_verifies(records: Records) -> None:
+    for index in range(5):
+        assert records.append(attempt(f"GW-{index}")) == index + 1
+    rows = list(records.rows())
+    assert rows[0]["prev_hash"] == GENESIS
+    assert all(row["prev_hash"] == before["row_hash"] for before, row in itertools.pairwise(rows))
+    assert all(row_hash(row) == row["row_hash"] for row in rows)
+    report = records.verify()
+    assert (report.rows, report.head) == (5, rows[-1]["row_hash"])
+
+
+def test_an_altered_row_is_the_first_broken_row_reported(records: Records) -> None:
+    for index in range(4):
+        records.append(attempt(f"GW-{index}"))
+    tamper(records, "UPDATE attempts SET outcome = 'provisioned', error = '' WHERE seq = 3")
+    assert records.verify().rows == 4  # the same values again: nothing changed
+    tamper_value = "UPDATE attempts SET station = 'elsewhere' WHERE seq = 3"
+    with records.engine.begin() as connection:
+        connection.exec_driver_sql(tamper_value)
+    with pytest.raises(ChainBrokenError) as broken:
+        records.verify()
+    assert broken.value.row_id == 3
+
+
+def test_a_deleted_row_breaks_the_chain_at_its_place(records: Records) -> None:
+    for index in range(4):
+        records.append(attempt(f"GW-{index}"))
+    tamper(records, "DELETE FROM attempts WHERE seq = 2")
+    with pytest.raises(ChainBrokenError) as broken:
+        records.verify()
+    assert broken.value.row_id == 2
+
+
+def test_updates_and_deletes_are_refused_by_the_database(records: Records) -> None:
+    records.append(attempt())
+    for statement in ("UPDATE attempts SET error = 'x'", "DELETE FROM attempts"):
+        with pytest.raises(sa.exc.DatabaseError, match="append-only"), records.engine.begin() as connection:
+            connection.exec_driver_sql(statement)
+    assert records.verify().rows == 1
+
+
+def test_stations_appending_at_once_keep_one_intact_chain(records: Records) -> None:
+    """Eight stations, each with its own connection pool, append 10 rows each at the same moment."""
+    url = records.engine.url.render_as_string(hide_password=False)
+    barrier = threading.Barrier(8)
+    failures: list[BaseException] = []
+
+    def station(index: int) -> None:
+        try:
+            store = Records.open(url)
+            try:
+                barrier.wait(60)
+                for row in range(10):
+                    store.append(attempt(f"GW-{index}-{row}", station=f"station-{index}"))
+            finally:
+                store.close()
+        except BaseException as error:
+            barrier.abort()
+            failures.append(error)
+
+    threads = [threading.Thread(target=station, args=(index,)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == []
+    assert records.verify().rows == 80
+
+
+def test_an_iat_is_claimed_for_one_serial_only(records: Records) -> None:
+    records.claim_iat("jti-1", "GW-1")
+    records.claim_iat("jti-1", "GW-1")  # the same board again (a re-run): fine
+    with pytest.raises(IatError, match="GW-1"):
+        records.claim_iat("jti-1", "GW-2")
+    assert records.iat_owner("jti-1") == "GW-1"
+
+
+def test_concurrent_claims_of_one_iat_let_exactly_one_serial_win(records: Records) -> None:
+    url = records.engine.url.render_as_string(hide_password=False)
+    barrier = threading.Barrier(6)
+    winners: list[str] = []
+
+    def claim(serial: str) -> None:
+        store = Records.open(url)
+        try:
+            barrier.wait(60)
+            store.claim_iat("contested", serial)
+            winners.append(serial)
+        except IatError:
+            pass
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=claim, args=(f"GW-{index}",)) for index in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(winners) == 1 and records.iat_owner("contested") == winners[0]
+
+
+def test_a_second_board_with_a_provisioned_serial_is_a_duplicate(records: Records) -> None:
+    records.mark_provisioned("GW-1", "aa" * 32, "jti-1")
+    records.mark_provisioned("GW-1", "aa" * 32, "jti-1")
+    with pytest.raises(SerialAlreadyProvisionedError):
+        records.mark_provisioned("GW-1", "bb" * 32, "jti-2")
