@@ -1,0 +1,94 @@
+"""The one exception family of the device client.
+
+Every failure a caller must react to is a `MersError` subclass with an exit code, so the CLI prints one
+line and exits with a code that says what to do next (fix the input, onboard, retry later, call the
+operator), and the installer daemon can catch one base. A refused operation has changed no stored file.
+"""
+
+from __future__ import annotations
+
+#: exit codes of the `mers` CLI (documented in `mers --help` and DESIGN section 6)
+EXIT_USAGE = 2  # bad input: an option, an import file, boarding data that does not validate
+EXIT_NOT_ONBOARDED = 3  # nothing to work with yet: no boarding data, or no credentials
+EXIT_STORAGE = 4  # the board or its state files cannot be used
+EXIT_UNREACHABLE = 5  # the hub could not be reached or kept failing (5xx, timeouts): retry later
+EXIT_REFUSED = 6  # the hub refused (4xx): the operator must act (new boarding configuration...)
+
+
+class MersError(Exception):
+    """Base of every error the device client raises on purpose."""
+
+    exit_code: int = EXIT_REFUSED
+
+
+# --- input and local state ---------------------------------------------------------------------------
+
+
+class InputError(MersError):
+    """A file or value given by the operator is not acceptable; nothing was stored."""
+
+    exit_code = EXIT_USAGE
+
+
+class BoardingDataError(InputError):
+    """Boarding data (from the board or an import file) does not validate."""
+
+
+class NoBoardingDataError(MersError):
+    """The board holds no boarding data and none was imported."""
+
+    exit_code = EXIT_NOT_ONBOARDED
+
+
+class NotOnboardedError(MersError):
+    """The device holds no credentials yet: `mers onboard` first."""
+
+    exit_code = EXIT_NOT_ONBOARDED
+
+
+class StorageError(MersError):
+    """The board or a state file could not be opened, read or written."""
+
+    exit_code = EXIT_STORAGE
+
+
+class CorruptStateError(StorageError):
+    """A state file exists but is not what we write; reported, never silently reset (it may hold the only
+    copy of a RAT)."""
+
+
+# --- the hub -------------------------------------------------------------------------------------------
+
+
+class HubUnreachableError(MersError):
+    """Network errors, timeouts or 5xx answers outlasted the bounded retries: try again later."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+class HubProtocolError(HubUnreachableError):
+    """The hub answered something that is not the protocol of DESIGN section 6 (wrong status, bad JSON)."""
+
+
+class HubRefusedError(MersError):
+    """The hub refused a request (4xx); `status` and `code` are the hub's."""
+
+    exit_code = EXIT_REFUSED
+
+    def __init__(self, message: str, *, status: int = 0, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class IatExpiredError(HubRefusedError):
+    """The boarding configuration's IAT expired (7 days): the operator must issue a new one."""
+
+
+class IatUsedError(HubRefusedError):
+    """The IAT was already used (or superseded by offboarding): it works once."""
+
+
+class ReonboardingRequiredError(HubRefusedError):
+    """The credentials and the RAT were refused (expired after a long offline period, or revoked by
+    offboarding): only a new boarding configuration brings the device back."""

@@ -1,0 +1,137 @@
+"""Registration and renewal on the wire (DESIGN section 6), and what each refusal means for the operator.
+
+Pure request/answer handling over a `HubSession`; the decisions (when to register or renew, what to
+persist first) are `mers.client`'s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+
+from .boarding import Boarding, CredentialProfile
+from .credentials import CredentialSet
+from .errors import (
+    HubProtocolError,
+    HubRefusedError,
+    IatExpiredError,
+    IatUsedError,
+    ReonboardingRequiredError,
+)
+from .http import HubAnswer, HubSession
+
+REGISTER_PATH = "/api/agentmanagement/v3/register"
+REONBOARD_HINT = (
+    "re-onboarding is needed: ask the operator for a new boarding configuration, then run "
+    "`mers boarding import FILE` and `mers onboard`"
+)
+
+
+def public_jwk(key: rsa.RSAPrivateKey) -> dict[str, Any]:
+    """The agent's public key as the hub takes it, `kid` the SHA-256 of its DER (stable per key)."""
+    public = key.public_key()
+    jwk: dict[str, Any] = RSAAlgorithm.to_jwk(public, as_dict=True)
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return {"kty": jwk["kty"], "kid": hashlib.sha256(der).hexdigest()[:32], "n": jwk["n"], "e": jwk["e"]}
+
+
+def register(session: HubSession, boarding: Boarding, key: rsa.RSAPrivateKey | None) -> CredentialSet:
+    """Trade the IAT for the first credential set."""
+    body: dict[str, Any] = {}
+    if boarding.profile is CredentialProfile.RSA_3072:
+        assert key is not None, "an RSA_3072 agent registers its key"
+        body = {"jwks": {"keys": [public_jwk(key)]}}
+    answer = session.request("POST", REGISTER_PATH, bearer=boarding.iat, json=body)
+    if answer.status != 201:
+        raise registration_refusal(answer)
+    return parse_credential_set(answer.json(), boarding.client_id, boarding.profile)
+
+
+def renew(
+    session: HubSession,
+    client_id: str,
+    profile: CredentialProfile,
+    held: CredentialSet,
+    key: rsa.RSAPrivateKey | None,
+) -> CredentialSet:
+    """Trade `held`'s RAT for a full new set (the same RSA key again: it stays on the device)."""
+    body: dict[str, Any] = {"client_id": client_id}
+    if profile is CredentialProfile.RSA_3072:
+        assert key is not None
+        body["jwks"] = {"keys": [public_jwk(key)]}
+    answer = session.request("PUT", held.registration_client_uri, bearer=held.rat, json=body)
+    if answer.status == 401:
+        _, description = answer.error()
+        raise ReonboardingRequiredError(
+            f"the hub refused the RAT ({description or 'unauthorized'}); {REONBOARD_HINT}",
+            status=401,
+            code="token_validation_failed",
+        )
+    if answer.status != 200:
+        raise refusal(answer, "renewal")
+    return parse_credential_set(answer.json(), client_id, profile)
+
+
+def parse_credential_set(
+    document: dict[str, Any], client_id: str, profile: CredentialProfile
+) -> CredentialSet:
+    """Check a register/renew answer before anything is stored: a set without its RAT, for another client,
+    or without the secret its profile needs would strand the device."""
+    if document.get("client_id") != client_id:
+        raise HubProtocolError("the hub's registration answer is for another client_id")
+    rat, uri, expires = (
+        document.get(key)
+        for key in ("registration_access_token", "registration_client_uri", "client_secret_expires_at")
+    )
+    secret = document.get("client_secret")
+    if not isinstance(rat, str) or not rat or not isinstance(uri, str) or not uri.startswith("https://"):
+        raise HubProtocolError("the hub's registration answer lacks the RAT or an https registration URI")
+    if isinstance(expires, bool) or not isinstance(expires, int | float) or expires <= 0:
+        raise HubProtocolError("the hub's registration answer lacks client_secret_expires_at")
+    if profile is CredentialProfile.SHARED_SECRET and not (isinstance(secret, str) and secret):
+        raise HubProtocolError("the hub's registration answer lacks the client_secret")
+    return CredentialSet(
+        rat=rat,
+        registration_client_uri=uri,
+        expires_at=float(expires),
+        client_secret=secret if profile is CredentialProfile.SHARED_SECRET else None,
+    )
+
+
+def registration_refusal(answer: HubAnswer) -> HubRefusedError:
+    code, description = answer.error()
+    if answer.status == 401:
+        text = description.lower()
+        if "expired" in text:
+            return IatExpiredError(
+                "the boarding configuration's IAT has expired (it is valid 7 days): ask the operator for a "
+                "new boarding configuration and import it with `mers boarding import FILE`",
+                status=401,
+                code=code,
+            )
+        return IatUsedError(
+            f"the hub refused the IAT: {description or 'unauthorized'} (an IAT works once; after "
+            "offboarding only the new boarding configuration is valid: `mers boarding import FILE`)",
+            status=401,
+            code=code,
+        )
+    if answer.status == 429:
+        return HubRefusedError(
+            "another registration of this agent is still in progress; try again in a minute",
+            status=429,
+            code=code,
+        )
+    return refusal(answer, "registration")
+
+
+def refusal(answer: HubAnswer, during: str) -> HubRefusedError:
+    code, description = answer.error()
+    return HubRefusedError(
+        f"the hub refused the {during}: {answer.status} {code or ''} {description}".strip(),
+        status=answer.status,
+        code=code,
+    )

@@ -1,0 +1,99 @@
+"""What `mers status` shows: boarding state, profile, credential and token expiry, the last error.
+
+Read from the state files only (no network: status must work while the hub is unreachable), and never a
+secret: no IAT, RAT, client secret, access token, key or proxy password.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from board.interface import Board
+
+from .boarding import current_boarding
+from .client import LAST_ERROR_FILE
+from .credentials import load_credentials
+from .errors import MersError
+from .tokens import load_token
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    state: str  # no-boarding-data | not-onboarded | onboarded | onboarded-new-boarding-pending
+    boarding_source: str | None
+    boarding_problem: str | None
+    client_id: str | None
+    profile: str | None
+    tenant: str | None
+    hub: str | None
+    proxy: str | None
+    iat_expires_at: str | None
+    credentials_expire_at: str | None
+    previous_set_kept: bool
+    token_expires_at: str | None
+    last_error: str | None
+    last_error_at: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        return [
+            f"{name.replace('_', ' ')}: {value}" for name, value in asdict(self).items() if value is not None
+        ]
+
+
+def device_status(board: Board) -> DeviceStatus:
+    boarding, problem = None, None
+    try:
+        boarding = current_boarding(board)
+    except MersError as exc:
+        problem = str(exc)
+    stored = load_credentials(board.state)
+    token = load_token(board.state)
+    if stored is None:
+        state = "not-onboarded" if boarding is not None or problem else "no-boarding-data"
+    elif boarding is not None and boarding.iat_id != stored.iat_id:
+        state = "onboarded-new-boarding-pending"
+    else:
+        state = "onboarded"
+    error = _last_error(board)
+    network = boarding.network if boarding is not None else None
+    return DeviceStatus(
+        state=state,
+        boarding_source=boarding.source.value if boarding is not None else None,
+        boarding_problem=problem,
+        client_id=stored.client_id if stored else boarding.client_id if boarding else None,
+        profile=(stored.profile if stored else boarding.profile if boarding else None),
+        tenant=stored.tenant if stored else boarding.tenant if boarding else None,
+        hub=stored.base_url if stored else boarding.base_url if boarding else None,
+        proxy=network.display if network is not None else None,
+        iat_expires_at=_iso(boarding.iat_expires_at) if boarding is not None else None,
+        credentials_expire_at=_iso(stored.current.expires_at) if stored else None,
+        previous_set_kept=stored is not None and stored.previous is not None,
+        token_expires_at=_iso(token.expires_at)
+        if token and stored and token.set_id == stored.current.id
+        else None,
+        last_error=error[1] if error else None,
+        last_error_at=error[0] if error else None,
+    )
+
+
+def _last_error(board: Board) -> tuple[str, str] | None:
+    raw = board.state.read(LAST_ERROR_FILE)
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+        return _iso(float(record["at"])) or "", f"{record['kind']}: {record['message']}"
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,293 @@
+"""The device client against the real hub over TLS on 127.0.0.1: onboarding, tokens, renewal,
+offboarding and re-onboarding, boarding import, tasks and data sources; the CLI as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import jwt
+import pytest
+
+from board.simboard import SimBoard
+from hub.home import HubSettings
+from mers.boarding import IMPORT_FILE
+from mers.client import OnboardOutcome
+from mers.credentials import load_credentials
+from mers.errors import (
+    EXIT_NOT_ONBOARDED,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    HubRefusedError,
+    IatExpiredError,
+    IatUsedError,
+    NotOnboardedError,
+    ReonboardingRequiredError,
+)
+from mers.tasks import TaskClient, TaskState
+from signing.keys import KeyAlgorithm
+from tests.conftest import CliResult, run_cli
+from tests.device_helpers import DAY, PROFILES, Gateway, bundle_file, lock_board, make_gateway, rat_id
+from tests.firmware_helpers import add_agent, new_task, trust, upload
+from tests.hub_helpers import AGENTS, RunningHub, agent_record, running_hub
+from tests.signing_helpers import make_image, signer_for
+
+
+def mers(board: Path, *args: str | Path, env: dict[str, str] | None = None) -> CliResult:
+    return run_cli("mers", *args, env={"MERS_BOARD": str(board), **(env or {})})
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_onboarding_tokens_and_renewal_work_against_the_real_hub(
+    hub: RunningHub, tmp_path: Path, profile: str
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw", profile)
+    with gateway.client() as client:
+        result = client.onboard()
+        assert result.outcome is OnboardOutcome.REGISTERED and result.client_id == gateway.agent_id
+        assert agent_record(hub, gateway.agent_id)["boarding_status"] == "ONBOARDED"
+        token = client.access_token()
+        claims = jwt.decode(token, options={"verify_signature": False})
+        assert claims["sub"] == gateway.agent_id
+        assert client.access_token() == token, "a valid token is cached, not fetched again"
+        # the token works on the hub's API
+        assert client.data_source_configuration()["dataSources"] == []
+
+        hub.clock.advance(1800)  # the token (30 min) is due: a new one, with the same credentials
+        first_rat = client.credentials().current.rat
+        refreshed = client.access_token()
+        assert refreshed != token and client.credentials().current.rat == first_rat
+
+        hub.clock.advance(6 * DAY)  # under 25 h left of 7 days: renewed through the RAT
+        renewed = client.access_token()
+        stored = client.credentials()
+        assert stored.current.rat != first_rat and stored.previous is None
+        assert stored.current.expires_at == pytest.approx(hub.clock() + 7 * DAY, abs=5)
+        record = agent_record(hub, gateway.agent_id)
+        assert record["rat_jti"] == rat_id(stored.current.rat)
+        assert record["previous_rat_jti"] is None or profile == "RSA_3072"  # same key: hub keeps it
+        assert client.access_token() == renewed
+
+
+def test_renewal_follows_a_shortened_credential_lifetime(tmp_path: Path) -> None:
+    with running_hub(tmp_path / "hub", HubSettings(credential_lifetime=26 * 3600)) as short_hub:
+        gateway = make_gateway(short_hub, tmp_path / "gw")
+        with gateway.client() as client:
+            client.onboard()
+            before = client.credentials().current
+            assert client.renew() is False, "26 h left: not due"
+            short_hub.clock.advance(3600 + 60)
+            client.access_token()
+            after = client.credentials().current
+            assert after.rat != before.rat and after.expires_at > before.expires_at
+
+
+def test_credentials_expired_while_offline_are_renewed_through_the_rat(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+        hub.clock.advance(30 * DAY)  # a month offline: credentials expired, the RAT lives a year
+        client.access_token()
+        assert client.credentials().current.expires_at > hub.clock() + 6 * DAY
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_cli_onboards_once_then_says_so_and_status_shows_no_secret(
+    hub: RunningHub, tmp_path: Path, profile: str
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw", profile)
+    not_yet = mers(gateway.path, "datasources")
+    assert not_yet.returncode == EXIT_NOT_ONBOARDED and "mers onboard" in not_yet.error_line
+
+    first = mers(gateway.path, "onboard")
+    assert first.returncode == 0, first.stderr
+    assert f"onboarded as {gateway.agent_id} ({profile}" in first.stdout
+    again = mers(gateway.path, "onboard")
+    assert again.returncode == 0 and "already onboarded" in again.stdout and "nothing to do" in again.stdout
+
+    data = mers(gateway.path, "datasources", "--json")
+    assert data.returncode == 0, data.stderr
+    assert json.loads(data.stdout)["dataSources"] == []
+
+    result = mers(gateway.path, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["state"] == "onboarded" and status["profile"] == profile
+    assert status["client_id"] == gateway.agent_id and status["credentials_expire_at"]
+    assert status["token_expires_at"], "datasources fetched and cached a token"
+    state = gateway.board.state
+    stored = load_credentials(state)
+    assert stored is not None
+    token = json.loads(state.read("access-token.json") or b"{}")["token"]
+    board_config = json.loads(gateway.board.boarding_data().config)  # type: ignore[union-attr]
+    secrets = [stored.current.rat, token, board_config["content"]["iat"]]
+    secrets += [stored.current.client_secret] if stored.current.client_secret else []
+    text = mers(gateway.path, "status").stdout
+    for secret in secrets:
+        assert secret not in result.stdout and secret not in text
+    for name in (
+        "credentials.json",
+        "access-token.json",
+        *(["agent-key.pem"] if profile == "RSA_3072" else []),
+    ):
+        assert stat.S_IMODE(os.stat(state.directory / name).st_mode) == 0o600, name
+
+
+def test_board_is_found_through_the_option_and_a_missing_one_is_one_line(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    result = run_cli(
+        "mers", "onboard", "--board", gateway.path, env={"MERS_BOARD": str(tmp_path / "nothing")}
+    )
+    assert result.returncode == 0, result.stderr
+    missing = run_cli("mers", "status", "--board", tmp_path / "nothing.toml")
+    assert missing.returncode == 4 and "cannot open the board" in missing.error_line
+
+
+def test_offboarded_gateway_is_told_to_reonboard_and_recovers_with_an_imported_iat(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw", "RSA_3072")
+    assert mers(gateway.path, "onboard").returncode == 0
+    lock_board(gateway.board)  # as it left the factory: boarding data can no longer be written to it
+    response = hub.admin("POST", f"{AGENTS}/agents/{gateway.agent_id}/boarding/offboard")
+    assert response.status_code == 200, response.text
+
+    refused = mers(gateway.path, "datasources")
+    assert refused.returncode == EXIT_REFUSED
+    assert (
+        "re-onboarding is needed" in refused.error_line and "mers boarding import FILE" in refused.error_line
+    )
+    status = json.loads(mers(gateway.path, "status", "--json").stdout)
+    assert "ReonboardingRequiredError" in status["last_error"]
+
+    bundle = bundle_file(tmp_path / "usb.json", hub, gateway.agent_id)
+    imported = mers(gateway.path, "boarding", "import", bundle)
+    assert imported.returncode == 0, imported.stderr
+    assert "in the state directory (board locked)" in imported.stdout and "onboarded as" in imported.stdout
+    assert gateway.board.state.read(IMPORT_FILE) is not None
+    assert mers(gateway.path, "datasources").returncode == 0
+    assert mers(gateway.path, "onboard").stdout.startswith("already onboarded")
+
+
+def test_boarding_import_on_an_unlocked_board_writes_the_board_and_keeps_credentials_until_success(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+        before = client.credentials()
+    # the plain configuration form with --ca; the IAT registered with already: a no-op
+    same = tmp_path / "same.json"
+    same.write_bytes(gateway.board.boarding_data().config)  # type: ignore[union-attr]
+    result = mers(gateway.path, "boarding", "import", same, "--ca", hub.ca)
+    assert result.returncode == 0 and "already onboarded" in result.stdout
+    hub.admin("POST", f"{AGENTS}/agents/{gateway.agent_id}/boarding/offboard")
+    fresh = bundle_file(tmp_path / "fresh.json", hub, gateway.agent_id)
+    stored_only = mers(gateway.path, "boarding", "import", fresh, "--no-onboard")
+    assert stored_only.returncode == 0 and "on the board" in stored_only.stdout
+    assert load_credentials(gateway.board.state) == before, "not replaced before a registration"
+    assert (
+        json.loads(mers(gateway.path, "status", "--json").stdout)["state"] == "onboarded-new-boarding-pending"
+    )
+    assert mers(gateway.path, "onboard").returncode == 0
+    after = load_credentials(gateway.board.state)
+    assert after is not None and after.current.rat != before.current.rat and after.iat_id != before.iat_id
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"not json", "is not JSON"),
+        (b'{"boardingConfiguration": {"content": {}}, "ca": "x"}', "boarding data"),
+        (b'{"content": {}}', "--ca"),
+        (b"[1]", "not a JSON object"),
+    ],
+)
+def test_a_bad_import_file_is_refused_and_changes_nothing(
+    hub: RunningHub, tmp_path: Path, content: bytes, expected: str
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    before = gateway.board.boarding_data()
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    result = mers(gateway.path, "boarding", "import", bad)
+    assert result.returncode == EXIT_USAGE and expected in result.error_line
+    assert SimBoard.open(gateway.path).boarding_data() == before
+    assert gateway.board.state.read(IMPORT_FILE) is None
+
+
+def test_a_used_iat_is_reported_and_stores_nothing(hub: RunningHub, tmp_path: Path) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+    clone = SimBoard.create(tmp_path / "clone", gateway.board.identity)
+    clone.write_boarding_data(gateway.board.boarding_data())  # type: ignore[arg-type]
+    result = mers(clone.directory, "onboard")
+    assert result.returncode == EXIT_REFUSED and "IAT works once" in result.error_line
+    assert load_credentials(clone.state) is None
+    with Gateway(clone, gateway.agent_id, hub).client() as clone_client, pytest.raises(IatUsedError):
+        clone_client.onboard()
+
+
+def test_an_expired_iat_asks_the_operator_for_a_new_boarding_configuration(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    hub.clock.advance(8 * DAY)
+    with gateway.client() as client, pytest.raises(IatExpiredError, match="new boarding configuration"):
+        client.onboard()
+    with gateway.client() as client, pytest.raises(NotOnboardedError):
+        client.access_token()
+
+
+def test_tasks_are_listed_fetched_and_reported_for_this_agent_only(hub: RunningHub, tmp_path: Path) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    signer = signer_for(KeyAlgorithm.ED25519)
+    trust(hub, signer)
+    image = make_image(tmp_path, [signer], payload=os.urandom(4000))
+    release = upload(hub, image).json()
+    mine = new_task(hub, gateway.agent_id, release["id"])
+    theirs = new_task(hub, add_agent(hub), release["id"])
+    with gateway.client() as client:
+        client.onboard()
+        tasks = TaskClient(client)
+        assert [task.id for task in tasks.open_tasks()] == [mine["id"]]
+        task = tasks.task(mine["id"])
+        assert task.state is TaskState.CREATED and task.artifacts[0].uri.startswith(hub.url)
+        assert task.artifacts[0].size == image.stat().st_size
+        reported = tasks.report(mine["id"], state=TaskState.DOWNLOADING, progress=0.5, message="halfway")
+        assert (reported.state, reported.progress, reported.message) == (
+            TaskState.DOWNLOADING,
+            0.5,
+            "halfway",
+        )
+        with pytest.raises(HubRefusedError, match="no installation task") as refused:
+            tasks.task(theirs["id"])
+        assert refused.value.status == 404
+        with pytest.raises(HubRefusedError) as illegal:
+            tasks.report(mine["id"], state=TaskState.ACTIVATED)
+        assert illegal.value.status == 409
+    listing = mers(gateway.path, "tasks", "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    listed = json.loads(listing.stdout)
+    assert [(t["id"], t["state"], t["progress"]) for t in listed] == [(mine["id"], "DOWNLOADING", 0.5)]
+    assert "sig=" not in listing.stdout, "signed URLs are credentials"
+    shown = mers(gateway.path, "tasks", "report", mine["id"], "--state", "DOWNLOADED", "--progress", "1")
+    assert shown.returncode == 0 and "DOWNLOADED" in shown.stdout
+
+
+def test_reonboarding_error_keeps_the_stored_credentials(hub: RunningHub, tmp_path: Path) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+        hub.admin("POST", f"{AGENTS}/agents/{gateway.agent_id}/boarding/offboard")
+        before = (gateway.board.state.directory / "credentials.json").read_bytes()
+        with pytest.raises(ReonboardingRequiredError):
+            client.access_token()
+        assert (gateway.board.state.directory / "credentials.json").read_bytes() == before

@@ -1,0 +1,74 @@
+"""Pure pieces of the device client: the hub clock, network configuration, answers and assertions."""
+
+from __future__ import annotations
+
+import jwt
+import pytest
+
+from mers.boarding import CredentialProfile, parse_network
+from mers.clock import HubClock
+from mers.errors import BoardingDataError, HubProtocolError
+from mers.onboarding import parse_credential_set
+from mers.tokens import client_assertion
+
+
+def test_the_clock_learns_the_offset_and_ignores_a_bad_header() -> None:
+    clock = HubClock(lambda: 1000.0)
+    assert not clock.synchronised and clock.now() == 1000.0
+    for bad in ("soon", "nan", "-5", "inf"):
+        clock.observe({"server-time": bad})
+        assert not clock.synchronised
+    clock.observe({"server-time": "8200"}, round_trip=2.0)
+    assert clock.offset == pytest.approx(8200 + 0.5 - 999.0)
+
+
+def test_proxy_credentials_are_folded_into_the_url_and_hidden_from_display() -> None:
+    config = parse_network(b'{"proxy": "http://proxy:3128", "username": "gw 1", "password": "p@ss:word"}')
+    assert config.proxy_url == "http://gw%201:p%40ss%3Aword@proxy:3128"
+    assert config.display == "http://proxy:3128"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[]",
+        b'{"proxy": 1}',
+        b'{"proxy": "socks5://p:1"}',
+        b'{"proxy": "http://p:1", "user": "x"}',
+        b'{"proxy": "http://p:1", "username": "x"}',
+        b"nope",
+    ],
+)
+def test_a_bad_network_configuration_is_refused(raw: bytes) -> None:
+    with pytest.raises(BoardingDataError):
+        parse_network(raw)
+
+
+def test_a_registration_answer_without_what_the_profile_needs_is_refused() -> None:
+    good = {
+        "client_id": "a",
+        "client_secret": "s",
+        "client_secret_expires_at": 5,
+        "registration_access_token": "r",
+        "registration_client_uri": "https://hub/x",
+    }
+    assert parse_credential_set(good, "a", CredentialProfile.SHARED_SECRET).rat == "r"
+    for broken in (
+        {**good, "client_id": "b"},
+        {**good, "client_secret": None},
+        {**good, "registration_access_token": ""},
+        {**good, "registration_client_uri": "http://hub/x"},
+        {**good, "client_secret_expires_at": True},
+    ):
+        with pytest.raises(HubProtocolError):
+            parse_credential_set(broken, "a", CredentialProfile.SHARED_SECRET)
+
+
+def test_an_assertion_carries_the_claims_of_design_section_6() -> None:
+    token = client_assertion("agent", "mers", "s" * 48, 1_700_000_000.7)
+    claims = jwt.decode(
+        token, b"s" * 48, algorithms=["HS256"], audience="southgate", options={"verify_exp": False}
+    )
+    assert claims["iss"] == claims["sub"] == "agent" and claims["ten"] == "mers"
+    assert claims["iat"] == claims["nbf"] == 1_700_000_000 and claims["exp"] == 1_700_000_300
+    assert claims["schemas"] == ["urn:siemens:mindsphere:v1"] and claims["jti"]

@@ -1,0 +1,234 @@
+"""The device client when things go wrong: the process killed at every step of a renewal, a device
+clock hours off, a hub that fails, hangs or drops connections, a wrong CA, and an authenticating proxy."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mers.client import RenewalStep
+from mers.errors import EXIT_UNREACHABLE, HubUnreachableError
+from tests.conftest import run_cli
+from tests.device_helpers import (
+    DAY,
+    FAST_HTTP,
+    PROFILES,
+    Gateway,
+    bad_server,
+    connect_proxy,
+    make_gateway,
+    rat_id,
+    redirect_credentials_to,
+)
+from tests.hub_helpers import RunningHub, agent_record
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def driver(gateway: Gateway, *options: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.device_helpers", str(gateway.path), *options],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def assert_recovers(hub: RunningHub, gateway: Gateway) -> None:
+    """A fresh process ends authenticated, and a RAT the hub honours is among the stored ones."""
+    process = driver(gateway)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err.decode()
+    token = out.decode().strip()
+    assert token.count(".") == 2
+    record = agent_record(hub, gateway.agent_id)
+    honoured = {record["rat_jti"], record["previous_rat_jti"]} - {None}
+    assert gateway.stored_rat_ids() & honoured, "no stored RAT is one the hub still honours"
+    response = hub.request("GET", "/api/firmwaredeployment/v3/installationTasks", token=token)
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_a_renewal_killed_at_any_step_recovers_on_the_next_start(
+    hub: RunningHub, tmp_path: Path, profile: str
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw", profile)
+    with gateway.client() as client:
+        client.onboard()
+    rounds = 3 if profile == "SHARED_SECRET" else 2
+    for _ in range(rounds):
+        for step in RenewalStep:
+            hub.clock.advance(6.5 * DAY)  # due for renewal again
+            killed = driver(gateway, "--kill-at", step.value)
+            killed.communicate(timeout=120)
+            assert killed.returncode == -signal.SIGKILL, f"the driver did not reach {step}"
+            assert_recovers(hub, gateway)
+            renewed = json.loads((gateway.board.state.directory / "credentials.json").read_bytes())
+            assert renewed["current"]["expiresAt"] > hub.clock() + 6 * DAY
+
+
+def test_a_renewal_killed_after_random_delays_recovers_every_time(hub: RunningHub, tmp_path: Path) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+    rng = random.Random(1234)
+    for _ in range(12):
+        hub.clock.advance(6.5 * DAY)
+        process = driver(gateway)
+        time.sleep(rng.uniform(0.2, 1.2))  # around the driver's start-up and its requests
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=120)
+        assert_recovers(hub, gateway)
+
+
+def test_a_lost_renewal_answer_is_recovered_with_the_previous_rat(hub: RunningHub, tmp_path: Path) -> None:
+    """The hub renewed, but the answer never reached the device: its RAT is now the hub's previous one."""
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+        held = client.credentials().current
+    hub.clock.advance(6.5 * DAY)
+    lost = hub.request(
+        "PUT",
+        held.registration_client_uri.removeprefix(hub.url),
+        token=held.rat,
+        json={"client_id": gateway.agent_id},
+    )
+    assert lost.status_code == 200
+    assert agent_record(hub, gateway.agent_id)["previous_rat_jti"] == rat_id(held.rat)
+    assert_recovers(hub, gateway)
+    assert rat_id(held.rat) not in gateway.stored_rat_ids()
+
+
+@pytest.mark.parametrize("skew", [2 * 3600.0, -2 * 3600.0])
+@pytest.mark.parametrize("profile", PROFILES)
+def test_a_device_clock_two_hours_off_still_onboards_and_gets_tokens(
+    hub: RunningHub, tmp_path: Path, skew: float, profile: str
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw", profile)
+    with gateway.client(skew=skew) as client:
+        client.onboard()
+        token = client.access_token()
+        assert client.clock.offset == pytest.approx(-skew, abs=2)
+        response = hub.request("GET", "/api/firmwaredeployment/v3/installationTasks", token=token)
+        assert response.status_code == 200
+        hub.clock.advance(6.5 * DAY)
+        before = client.credentials().current.rat
+        client.access_token()
+        assert client.credentials().current.rat != before, "due by the hub's time: renewed"
+
+
+def test_renewal_decisions_follow_the_hub_clock_not_the_device_clock(hub: RunningHub, tmp_path: Path) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+        before = client.credentials().current.rat
+    with gateway.client(skew=10 * DAY) as ahead:  # locally the credentials look long expired
+        ahead.access_token()
+        assert ahead.credentials().current.rat == before, "no renewal: the hub says 7 days remain"
+    hub.clock.advance(6.5 * DAY)
+    with gateway.client(skew=-10 * DAY) as behind:  # locally they look fresh
+        behind.access_token()
+        assert behind.credentials().current.rat != before, "renewed: the hub says under 25 h remain"
+
+
+@pytest.mark.parametrize("mode", ["500", "hang", "drop"])
+def test_a_misbehaving_hub_gets_bounded_retries_then_a_clear_error(
+    hub: RunningHub, tmp_path: Path, mode: str
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+    hub.clock.advance(6.5 * DAY)  # the next call renews: the most delicate moment to fail
+    with bad_server(mode) as server:
+        redirect_credentials_to(gateway, server.url, server.ca_pem)
+        stored = (gateway.board.state.directory / "credentials.json").read_bytes()
+        started = time.monotonic()
+        with gateway.client() as client, pytest.raises(HubUnreachableError) as failure:
+            client.access_token()
+        elapsed = time.monotonic() - started
+        assert server.connections == FAST_HTTP.retries + 1
+        assert (gateway.board.state.directory / "credentials.json").read_bytes() == stored
+    expected = {
+        "500": "kept failing: 500: the database is down",
+        "hang": "after 3 attempts",
+        "drop": "after 3",
+    }
+    assert expected[mode] in str(failure.value)
+    assert elapsed < (FAST_HTTP.read_timeout + 1) * (FAST_HTTP.retries + 1) + 5
+
+
+def test_the_cli_reports_an_unreachable_hub_on_one_line(hub: RunningHub, tmp_path: Path) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+    with bad_server("drop") as server:
+        redirect_credentials_to(gateway, server.url, server.ca_pem)
+        result = run_cli("mers", "datasources", "--board", gateway.path, "--retries", "1", "--timeout", "2")
+        assert server.connections == 2
+    assert result.returncode == EXIT_UNREACHABLE
+    assert "cannot reach the hub" in result.error_line and "after 2 attempts" in result.error_line
+
+
+def test_a_hub_whose_certificate_is_not_from_the_boarding_ca_is_refused(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+    with bad_server("500") as server:
+        redirect_credentials_to(gateway, server.url, hub.ca.read_bytes())  # the server's CA is another one
+        with gateway.client() as client, pytest.raises(HubUnreachableError, match="TLS to"):
+            client.access_token()
+
+
+def test_the_environment_cannot_redirect_or_untrust_the_hub(hub: RunningHub, tmp_path: Path) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    hostile = {
+        "REQUESTS_CA_BUNDLE": str(tmp_path / "none.pem"),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "https_proxy": "http://127.0.0.1:9",
+    }
+    result = run_cli("mers", "onboard", "--board", gateway.path, env=hostile)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_all_hub_traffic_goes_through_the_boarding_proxy_with_its_credentials(
+    hub: RunningHub, tmp_path: Path, profile: str
+) -> None:
+    with connect_proxy() as proxy:
+        network = {
+            "proxy": f"http://127.0.0.1:{proxy.port}",
+            "username": proxy.username,
+            "password": proxy.password,
+        }
+        gateway = make_gateway(hub, tmp_path / "gw", profile, network=json.dumps(network).encode())
+        result = run_cli("mers", "onboard", "--board", gateway.path)
+        assert result.returncode == 0, result.stderr
+        data = run_cli("mers", "datasources", "--board", gateway.path)
+        assert data.returncode == 0, data.stderr
+        host = hub.url.removeprefix("https://")
+        assert proxy.tunnels and set(proxy.tunnels) == {host}
+        assert proxy.refused == 0
+        status = run_cli("mers", "status", "--board", gateway.path)
+        assert (
+            f"proxy: http://127.0.0.1:{proxy.port}" in status.stdout and proxy.password not in status.stdout
+        )
+
+
+def test_a_proxy_that_refuses_the_credentials_is_a_clear_error(hub: RunningHub, tmp_path: Path) -> None:
+    with connect_proxy() as proxy:
+        network = {"proxy": f"http://127.0.0.1:{proxy.port}", "username": "gw", "password": "wrong"}
+        gateway = make_gateway(hub, tmp_path / "gw", network=json.dumps(network).encode())
+        result = run_cli("mers", "onboard", "--board", gateway.path, "--retries", "0")
+        assert proxy.refused >= 1 and not proxy.tunnels
+    assert result.returncode == EXIT_UNREACHABLE and "407" in result.error_line
+    assert "wrong" not in result.stderr
