@@ -3,13 +3,17 @@
 Every command finds its board through `--board PATH` or `MERS_BOARD` (a simulated board directory or a
 gateway TOML file; default /etc/mers/board.toml). Errors are one line on stderr and an exit code:
 2 bad input, 3 not onboarded / no boarding data, 4 board or state storage, 5 hub unreachable (retry
-later), 6 hub refused (the operator must act). No secret is ever printed.
+later), 6 hub refused (the operator must act), 7 image rejected (signature, hash, hardware, downgrade,
+size), 8 the new firmware was not confirmed (health check failed, or rolled back). No secret is ever
+printed, and no image URL (a signed URL is a credential).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -22,8 +26,14 @@ from board.errors import BoardError
 
 from .boarding import BoardingSource, parse_boarding, read_import_file, store_imported
 from .client import ClientSettings, DeviceClient, OnboardOutcome
+from .confirm import Confirmer
+from .credentials import load_credentials
+from .daemon import Daemon, DaemonSettings
+from .download import DownloadSettings
 from .errors import EXIT_STORAGE, MersError
 from .http import HttpSettings
+from .install import Installer, InstallOutcome, InstallSettings
+from .install_status import firmware_status
 from .status import device_status
 from .tasks import TaskClient, TaskState
 
@@ -90,7 +100,8 @@ def main() -> None:
     """The device's cloud client: onboarding, credentials, tasks.
 
     Exit codes: 2 bad input, 3 not onboarded or no boarding data, 4 board storage, 5 hub unreachable
-    (retry later), 6 hub refused (operator action needed).
+    (retry later), 6 hub refused (operator action needed), 7 image rejected, 8 new firmware not
+    confirmed (health check failed or rolled back).
     """
 
 
@@ -120,15 +131,18 @@ def renew(force: bool, board_path: Path, timeout: float, retries: int) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--check-slots", is_flag=True, help="Also hash each slot against its record (reads them).")
 @board_options
-def status(as_json: bool, board_path: Path, timeout: float, retries: int) -> None:
-    """Boarding state, profile, credential and token expiry, last error (no secrets, no network)."""
+def status(as_json: bool, check_slots: bool, board_path: Path, timeout: float, retries: int) -> None:
+    """Boarding state, credential and token expiry, last error; slots, versions, security counter floor,
+    boot env, install journal and current task (no secrets, no network)."""
     with device(board_path, timeout, retries) as client:
         current = device_status(client.board)
+        firmware = firmware_status(client.board, check_slots=check_slots)
     if as_json:
-        emit(current.to_json())
+        emit({**current.to_json(), "firmware": firmware.to_json()})
     else:
-        for line in current.lines():
+        for line in current.lines() + firmware.lines():
             click.echo(line)
 
 
@@ -232,3 +246,148 @@ def report_task(
             task_id, state=None if state is None else TaskState(state), progress=progress, message=message
         )
     click.echo(f"{task.id} {task.state} {task.progress:.0%}")
+
+
+# --- the installer -------------------------------------------------------------------------------------
+
+
+@main.command(epilog="Example: mers install --task 3f2c9a  (or --file /media/usb/rootfs.signed)")
+@click.option("--task", "task_id", help="Install this installation task of the hub (reports its state).")
+@click.option("--url", help="Install from this signed URL (the hub's CA is the boarding CA).")
+@click.option(
+    "--file", "file_path", type=click.Path(path_type=Path, dir_okay=False), help="Install a local image."
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
+@board_options
+def install(
+    task_id: str | None,
+    url: str | None,
+    file_path: Path | None,
+    no_progress: bool,
+    board_path: Path,
+    timeout: float,
+    retries: int,
+) -> None:
+    """Download, verify and activate one image in the inactive slot, then reboot into it for a trial.
+
+    Run it again with the same source after an interruption: it resumes where the journal stands.
+    After the reboot, `mers confirm` commits the new firmware or reports why it failed.
+    """
+    if sum(x is not None for x in (task_id, url, file_path)) != 1:
+        raise click.UsageError("give exactly one of --task, --url and --file")
+    download = replace(
+        DownloadSettings(), connect_timeout=min(timeout, 10.0), read_timeout=timeout, retries=retries
+    )
+    settings = InstallSettings(download=download)
+    with device(board_path, timeout, retries) as client, _ProgressBar(enabled=not no_progress) as bar:
+        installer = Installer(
+            client.board,
+            client if task_id is not None or url is not None else None,
+            settings=settings,
+            progress=bar.update,
+        )
+        if task_id is not None:
+            result = installer.install_task(task_id)
+        elif url is not None:
+            result = installer.install_url(url)
+        else:
+            assert file_path is not None
+            result = installer.install_file(file_path)
+    journal = result.journal
+    if result.outcome is InstallOutcome.REBOOTING:
+        click.echo(f"{journal.version} is in slot {journal.slot}; rebooting for a trial boot")
+    elif result.outcome is InstallOutcome.AWAITING_CONFIRM:
+        click.echo(f"{journal.version} runs from slot {journal.slot} on trial: run `mers confirm`")
+    else:
+        click.echo(f"stopped at byte {journal.offset}; run the same command again to resume")
+
+
+@main.command(epilog="Example: MERS_HEALTH_HOOK=/usr/libexec/gateway-health mers confirm")
+@click.option(
+    "--health-hook",
+    envvar="MERS_HEALTH_HOOK",
+    help="Command that must exit 0 for the new firmware to be committed (env MERS_HEALTH_HOOK).",
+)
+@click.option("--health-timeout", type=click.FloatRange(1, 3600), default=120.0, show_default=True)
+@board_options
+def confirm(
+    health_hook: str | None, health_timeout: float, board_path: Path, timeout: float, retries: int
+) -> None:
+    """After boot: commit the slot on trial if healthy (hook command and hub reachable), or report the
+    bootloader's rollback as FAILED. Exit 8 when the new firmware is not confirmed."""
+    with device(board_path, timeout, retries) as client:
+        onboarded = load_credentials(client.board.state) is not None
+        confirmer = Confirmer(
+            client.board,
+            client if onboarded else None,
+            health_command=health_hook,
+            health_timeout=health_timeout,
+        )
+        result = confirmer.confirm()
+    click.echo(result.message)
+
+
+@main.command(epilog="Example: mers run --poll-interval 600 -v   (systemd: systemd/mers.service)")
+@click.option("--poll-interval", type=click.FloatRange(1, 86400), default=300.0, show_default=True)
+@click.option("--health-hook", envvar="MERS_HEALTH_HOOK", help="Passed to the confirm step.")
+@click.option("--once", is_flag=True, help="One pass (confirm, resume, one poll), then exit.")
+@click.option("--verbose", "-v", is_flag=True, help="Log each step (to stderr).")
+@board_options
+def run(
+    poll_interval: float,
+    health_hook: str | None,
+    once: bool,
+    verbose: bool,
+    board_path: Path,
+    timeout: float,
+    retries: int,
+) -> None:
+    """The daemon: onboard if needed, keep credentials fresh, confirm after boot, poll installation tasks
+    with backoff and install them. SIGTERM stops it cleanly (the journal keeps the download's offset)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="mers: %(message)s")
+    settings = DaemonSettings(poll_interval=poll_interval, health_command=health_hook)
+    with device(board_path, timeout, retries) as client:
+        daemon = Daemon(client, settings)
+        daemon.install_signal_handlers()
+        daemon.run(once=once)
+
+
+class _ProgressBar:
+    """click's progress bar over the payload bytes, with the amount, the rate and the ETA."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self._enabled = enabled
+        self._bar: Any = None
+        self._done = 0
+        self._started = 0.0
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+    def update(self, done: int, total: int) -> None:
+        if not self._enabled:
+            return
+        if self._bar is None:
+            self._bar = click.progressbar(
+                length=total,
+                label="downloading",
+                show_eta=True,
+                show_percent=True,
+                item_show_func=self._label,
+                file=sys.stderr,
+            ).__enter__()
+            self._done, self._started = done, time.monotonic()
+            self._first = done
+        self._bar.update(done - self._done, done)
+        self._done = done
+
+    def _label(self, done: int | None) -> str:
+        if done is None:
+            return ""
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        rate = (done - self._first) / elapsed
+        return f"{done / 2**20:.1f} MiB, {rate / 2**20:.1f} MiB/s"

@@ -92,3 +92,52 @@ class IatUsedError(HubRefusedError):
 class ReonboardingRequiredError(HubRefusedError):
     """The credentials and the RAT were refused (expired after a long offline period, or revoked by
     offboarding): only a new boarding configuration brings the device back."""
+
+
+# --- the installer ---------------------------------------------------------------------------------------
+
+EXIT_REJECTED = (
+    7  # the image was refused (signature, hash, hardware, downgrade, size): a new release is needed
+)
+EXIT_NOT_CONFIRMED = 8  # the new firmware failed its health check or was rolled back by the bootloader
+
+
+class InstallError(MersError):
+    """Base of the installer's own failures; the journal says where the install stands."""
+
+    exit_code = EXIT_REFUSED
+
+
+class InstallBusyError(InstallError):
+    """Another install is in progress (the journal names it): finish or confirm that one first."""
+
+
+class ImageRejectedError(InstallError):
+    """The image failed a check: `field` names it (the `signing` error's field, or `size`, `etag`).
+    Raised before any slot byte is written whenever the header and trailer alone decide it."""
+
+    exit_code = EXIT_REJECTED
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class ImageChangedError(InstallError):
+    """The image behind the URL is not the one the journal started with (ETag or size differ): splicing
+    bytes of two images into one slot is never an option, so the install starts over."""
+
+
+class DownloadError(HubUnreachableError):
+    """The image could not be fetched within the bounded retries; the journal keeps the offset reached."""
+
+
+class NotConfirmedError(InstallError):
+    """`mers confirm` did not commit: the health check failed, or the bootloader rolled back."""
+
+    exit_code = EXIT_NOT_CONFIRMED
+
+
+class TaskClosedError(InstallError):
+    """The installation task is closed (ACTIVATED, FAILED or CANCELED by the operator): nothing more is
+    done for it."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .client import DeviceClient
-from .errors import HubProtocolError, HubRefusedError, InputError
+from .errors import HubProtocolError, HubRefusedError, InputError, TaskClosedError
 from .onboarding import refusal
 
 TASKS_PATH = "/api/firmwaredeployment/v3/installationTasks"
@@ -27,6 +27,19 @@ class TaskState(enum.StrEnum):
     ACTIVATED = "ACTIVATED"
     FAILED = "FAILED"
     CANCELED = "CANCELED"
+
+
+#: the way a successful installation goes, one step at a time (DESIGN section 7); the hub refuses skips
+PROGRESSION = (
+    TaskState.CREATED,
+    TaskState.DOWNLOADING,
+    TaskState.DOWNLOADED,
+    TaskState.INSTALLING,
+    TaskState.INSTALLED,
+    TaskState.ACTIVATING,
+    TaskState.ACTIVATED,
+)
+CLOSED_STATES = frozenset({TaskState.ACTIVATED, TaskState.FAILED, TaskState.CANCELED})
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,28 @@ class TaskClient:
         if answer.status != 200:
             raise _task_refusal(answer, task_id, "task report")
         return parse_task(answer.json())
+
+    def advance(
+        self, task_id: str, target: TaskState, *, progress: float | None = None, message: str | None = None
+    ) -> InstallationTask:
+        """Bring the task to `target` through every state between, as the hub's state machine wants it
+        one step at a time. Idempotent, so a restarted installer can call it again after a crash: a task
+        already at or past `target` only gets the progress and message. A closed task raises
+        `TaskClosedError` (the operator cancelled it, or it ended before the crash)."""
+        task = self.task(task_id)
+        if task.state in CLOSED_STATES:
+            if task.state is target:
+                return task
+            raise TaskClosedError(f"installation task {task_id} is {task.state}")
+        if target is TaskState.FAILED:
+            return self.report(task_id, state=target, message=message)
+        here = PROGRESSION.index(task.state)
+        for state in PROGRESSION[here + 1 : PROGRESSION.index(target)]:
+            task = self.report(task_id, state=state)
+        if task.state is target and progress is None and message is None:
+            return task
+        state = target if PROGRESSION.index(target) >= here else task.state
+        return self.report(task_id, state=state, progress=progress, message=message)
 
 
 def _task_path(task_id: str) -> str:

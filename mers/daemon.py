@@ -1,0 +1,125 @@
+"""`mers run`: the daemon (DESIGN section 8). Onboard if needed, keep the credentials fresh, finish what the
+journal left (confirm after a boot, resume a download), poll open installation tasks with backoff and
+install them, one at a time.
+
+SIGTERM sets a flag that the installer checks between chunks: it fsyncs the slot, journals the offset and
+returns, so a stop never costs more than the chunk in hand and never leaves a journal ahead of the slot.
+Errors are logged on one line each (never a URL or a secret) and retried with exponential backoff; an
+error the operator must fix (a refused IAT) stops the daemon with its exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+from dataclasses import dataclass, field
+from types import FrameType
+
+from .client import DeviceClient
+from .confirm import Confirmer, ConfirmOutcome
+from .errors import (
+    HubUnreachableError,
+    IatExpiredError,
+    IatUsedError,
+    MersError,
+    NoBoardingDataError,
+    NotOnboardedError,
+    ReonboardingRequiredError,
+    StorageError,
+)
+from .install import Installer, InstallOutcome, InstallSettings
+from .journal import load_journal
+from .tasks import TaskClient
+
+log = logging.getLogger("mers.run")
+
+#: what no retry cures: the daemon exits with the error's code and the operator acts
+OPERATOR_ERRORS = (
+    NoBoardingDataError,
+    NotOnboardedError,
+    ReonboardingRequiredError,
+    IatExpiredError,
+    IatUsedError,
+    StorageError,
+)
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    poll_interval: float = 300.0  # between polls while all is well
+    backoff_max: float = 3600.0  # the longest wait after errors in a row
+    install: InstallSettings = field(default_factory=InstallSettings)
+    health_command: str | None = None
+
+
+class Daemon:
+    def __init__(self, client: DeviceClient, settings: DaemonSettings | None = None) -> None:
+        self.client = client
+        self.settings = settings or DaemonSettings()
+        self._stop = threading.Event()
+        self._failures = 0
+
+    def stop(self, _signum: int = 0, _frame: FrameType | None = None) -> None:
+        """Finish the chunk in hand, journal the offset, and return from `run` (a signal handler)."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self, *, once: bool = False) -> None:
+        """Until SIGTERM (or one pass with `once`); returns after a reboot was requested."""
+        while not self._stop.is_set():
+            try:
+                rebooting = self.cycle()
+                self._failures = 0
+            except OPERATOR_ERRORS:
+                raise
+            except HubUnreachableError as exc:
+                self._failures += 1
+                log.warning("hub unreachable, retrying later: %s", exc)
+                rebooting = False
+            except MersError as exc:  # reported to the hub where it concerns a task; the next poll goes on
+                self._failures += 1
+                log.warning("%s: %s", type(exc).__name__, exc)
+                rebooting = False
+            if rebooting or once:
+                return
+            self._stop.wait(self._delay())
+
+    def cycle(self) -> bool:
+        """One pass; True when the board is rebooting into a new slot."""
+        self.client.onboard()
+        self.client.renew()
+        board = self.client.board
+        confirmer = Confirmer(board, self.client, health_command=self.settings.health_command)
+        confirmed = confirmer.confirm()
+        if confirmed.outcome is not ConfirmOutcome.NOTHING:
+            log.info("confirm: %s", confirmed.message)
+        if confirmed.outcome is ConfirmOutcome.PENDING:
+            return False
+        installer = Installer(
+            board, self.client, settings=self.settings.install, should_stop=self._stop.is_set
+        )
+        if load_journal(board.state).busy:
+            result = installer.resume()
+        else:
+            tasks = TaskClient(self.client).open_tasks()
+            if not tasks:
+                log.info("no open installation task")
+                return False
+            log.info("installing task %s (%s)", tasks[0].id, tasks[0].version)
+            result = installer.install_task(tasks[0].id)
+        if result is None:
+            return False
+        log.info("install: %s (%s)", result.outcome, result.journal.phase)
+        return result.outcome is InstallOutcome.REBOOTING
+
+    def _delay(self) -> float:
+        """The poll interval, doubled for each failure in a row up to `backoff_max`, with jitter so a
+        fleet that lost its hub together does not come back together."""
+        base: float = min(self.settings.poll_interval * (2**self._failures), self.settings.backoff_max)
+        jitter: float = random.uniform(0.8, 1.2)  # noqa: S311 - spreading a fleet, not a secret
+        return base * jitter

@@ -1,0 +1,302 @@
+"""Fetching an image through its signed URL: HTTP `Range` requests pinned to one ETag, resumed where the
+last byte arrived, with bounded retries and the URL refreshed when it expires.
+
+- TLS is verified against the boarding CA on every request, `trust_env` is off and redirects are not
+  followed (as in `mers.http`): a signed URL is a credential and goes nowhere else.
+- Every range request carries `If-Range: <etag>`: if the blob changed, the server answers 200 with the
+  whole new blob and we stop (`ImageChangedError`) instead of splicing two images into one slot.
+- A connection that breaks mid-body is resumed from the last byte handed to the caller, so what is read
+  again is at most the chunk that was being read plus what was in flight. The backoff and the budget are
+  urllib3's `Retry` (the budget counts failures in a row: progress refills it).
+- A 403 means the signed URL expired (or was tampered with): `refresh()` gets a new one (the task again)
+  and the download continues at the same offset, once, before the budget counts it as a failure.
+- No URL is ever put in a message or a log line: only its origin (`redacted`).
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import MaxRetryError
+from urllib3.util.retry import Retry
+
+from .errors import DownloadError, HubRefusedError, ImageChangedError, InputError
+
+#: what a refreshed URL comes from: a function that returns a new signed URL for the same image
+UrlRefresher = Callable[[], str]
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    """Chunk, timeouts and retry budget. `request_bytes` bounds one range request, so a long download
+    re-presents its signed URL now and then instead of riding one connection for hours."""
+
+    chunk_size: int = 1 << 20
+    request_bytes: int = 1 << 30
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    retries: int = 8  # failures in a row without a byte of progress
+    backoff_factor: float = 0.5
+    backoff_max: float = 30.0
+    backoff_jitter: float = 0.5
+
+    def retry(self) -> Retry:
+        return Retry(
+            total=self.retries,
+            connect=self.retries,
+            read=self.retries,
+            status=self.retries,
+            other=self.retries,
+            redirect=0,
+            allowed_methods=None,
+            status_forcelist=frozenset({429, 500, 502, 503, 504}),
+            backoff_factor=self.backoff_factor,
+            backoff_max=self.backoff_max,
+            backoff_jitter=self.backoff_jitter,
+            raise_on_status=False,
+            raise_on_redirect=False,
+        )
+
+
+@dataclass
+class DownloadStats:
+    """What a download did, for progress lines, tests and the benchmark."""
+
+    received: int = 0  # payload bytes handed to the caller
+    metadata: int = 0  # header and trailer bytes (read before the payload)
+    requests: int = 0
+    resumes: list[int] = field(default_factory=list)  # offsets a broken or expired request resumed at
+    refreshes: int = 0  # signed URLs fetched again after a 403
+
+
+@dataclass(frozen=True)
+class RemoteImage:
+    size: int
+    etag: str  # as the server sent it, quotes included
+
+
+def redacted(url: str) -> str:
+    """The URL's origin only: its path and query (the signature) are the credential."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/…"
+
+
+class BlobFetcher:
+    """Range requests to one image behind a signed URL (refreshed through `refresh` when it expires)."""
+
+    def __init__(
+        self,
+        url: str,
+        ca_file: Path,
+        *,
+        settings: DownloadSettings | None = None,
+        refresh: UrlRefresher | None = None,
+        proxy_url: str | None = None,
+    ) -> None:
+        if urllib.parse.urlsplit(url).scheme != "https":
+            raise InputError(f"an image URL must be https, not {redacted(url)}")
+        self.url = url
+        self.settings = settings or DownloadSettings()
+        self.stats = DownloadStats()
+        self._ca_file = str(ca_file)
+        self._refresh = refresh
+        self._etag = ""
+        self._http = requests.Session()
+        self._http.trust_env = False
+        if proxy_url:
+            self._http.proxies = {"https": proxy_url}
+        # the adapter retries only 429 and 5xx answers; broken connections are this class's `_Budget`
+        # (one budget, so the two layers do not multiply each other's attempts)
+        statuses = self.settings.retry().new(total=None, connect=0, read=0, other=0)
+        self._http.mount("https://", HTTPAdapter(max_retries=statuses))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> BlobFetcher:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def probe(self) -> RemoteImage:
+        """The image's size and ETag, from a one-byte range request (a HEAD would not prove the URL works
+        for GET), with the same retries and URL refresh as the payload."""
+        budget = _Budget(self)
+        while True:
+            try:
+                with self._get(0, 1, pin=False) as response:
+                    size = _total_size(response, self.url)
+                    etag = response.headers.get("etag", "")
+                    response.content  # noqa: B018 - read the one byte, so the connection is reused
+                break
+            except _RETRIABLE as exc:
+                budget.failed(exc, 0)
+        if not etag.startswith('"'):
+            raise DownloadError(f"{redacted(self.url)} sent no strong ETag: a resume could mix images")
+        self._etag = etag
+        return RemoteImage(size, etag)
+
+    def read_range(self, start: int, stop: int) -> bytes:
+        """Bytes [start, stop): small reads only (the header and the trailer)."""
+        data = b"".join(self.stream(start, stop))
+        self.stats.received -= len(data)
+        self.stats.metadata += len(data)
+        return data
+
+    def stream(self, start: int, stop: int) -> Iterator[bytes]:
+        """Bytes [start, stop) in chunks, across broken connections and expired URLs."""
+        position = start
+        budget = _Budget(self)
+        while position < stop:
+            window = min(stop, position + self.settings.request_bytes)
+            try:
+                for chunk in self._chunks(position, window):
+                    position += len(chunk)
+                    self.stats.received += len(chunk)
+                    budget.progressed()
+                    yield chunk
+            except _RETRIABLE as exc:
+                budget.failed(exc, position)
+
+    def refresh_url(self, reason: str) -> None:
+        """A new signed URL for the same image, after a 403 (expired)."""
+        if self._refresh is None:
+            raise HubRefusedError(f"the image URL was refused (403): {reason}", status=403, code="forbidden")
+        self.url = self._refresh()
+        self.stats.refreshes += 1
+
+    def _chunks(self, start: int, stop: int) -> Iterator[bytes]:
+        with self._get(start, stop) as response:
+            got = 0
+            for chunk in response.iter_content(self.settings.chunk_size):
+                if got + len(chunk) > stop - start:
+                    raise DownloadError(f"{redacted(self.url)} sent more than the {stop - start} bytes asked")
+                got += len(chunk)
+                yield chunk
+            if got != stop - start:
+                raise requests.exceptions.ChunkedEncodingError(f"the body ended after {got} bytes")
+
+    def _get(self, start: int, stop: int, *, pin: bool = True) -> requests.Response:
+        headers = {"Range": f"bytes={start}-{stop - 1}", "Accept-Encoding": "identity"}
+        if pin and self._etag:
+            headers["If-Range"] = self._etag
+        self.stats.requests += 1
+        response = self._http.get(
+            self.url,
+            headers=headers,
+            timeout=(self.settings.connect_timeout, self.settings.read_timeout),
+            verify=self._ca_file,
+            allow_redirects=False,
+            stream=True,
+        )
+        if response.status_code == 206:
+            if pin and self._etag and response.headers.get("etag") != self._etag:
+                response.close()
+                raise ImageChangedError("the image behind the URL changed (another ETag) during the download")
+            _check_content_range(response, start, stop, self.url)
+            return response
+        response.close()
+        if response.status_code == 403:
+            raise _Expired(_description(response))
+        if response.status_code == 200:
+            raise ImageChangedError(
+                "the server sent the whole image instead of the range asked: it changed (another ETag) "
+                "or it does not do ranges"
+            )
+        if response.status_code >= 500 or response.status_code == 429:
+            raise DownloadError(f"{redacted(self.url)} kept answering {response.status_code}")
+        raise HubRefusedError(
+            f"{redacted(self.url)} answered {response.status_code} to a range request: "
+            f"{_description(response)}",
+            status=response.status_code,
+        )
+
+
+class _Budget:
+    """The retries of one operation: urllib3's `Retry` counts failures in a row and sleeps its backoff;
+    progress starts the count again. A 403 gets one URL refresh per stretch without progress."""
+
+    def __init__(self, fetcher: BlobFetcher) -> None:
+        self._fetcher = fetcher
+        self._retry = fetcher.settings.retry()
+        self._refreshed = False
+
+    def progressed(self) -> None:
+        self._retry = self._fetcher.settings.retry()
+        self._refreshed = False
+
+    def failed(self, exc: BaseException, position: int) -> None:
+        """Return to try again (after refreshing or backing off), or raise the error that ends it."""
+        fetcher = self._fetcher
+        if isinstance(exc, _Expired):
+            if self._refreshed:
+                raise HubRefusedError(
+                    f"a refreshed image URL was refused too (403): {exc.reason}", status=403, code="forbidden"
+                ) from None
+            fetcher.refresh_url(exc.reason)
+            self._refreshed = True
+        else:
+            try:
+                self._retry = self._retry.increment(
+                    method="GET", url=redacted(fetcher.url), error=_plain(exc)
+                )
+            except MaxRetryError:
+                raise DownloadError(
+                    f"the download from {redacted(fetcher.url)} kept failing at byte {position} "
+                    f"({fetcher.settings.retries + 1} attempts): {_reason(exc)}"
+                ) from None
+            self._retry.sleep()
+        fetcher.stats.resumes.append(position)
+
+
+class _Expired(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+#: what a retry can cure: an expired URL, a broken or timed-out connection
+_RETRIABLE = (_Expired, requests.RequestException, Urllib3Error, OSError)
+
+
+def _description(response: requests.Response) -> str:
+    try:
+        document = response.json()
+    except ValueError:
+        return "no reason given"
+    text = document.get("error_description") if isinstance(document, dict) else None
+    return str(text)[:200] if text else "no reason given"
+
+
+def _total_size(response: requests.Response, url: str) -> int:
+    content_range = response.headers.get("content-range", "")
+    _, _, total = content_range.rpartition("/")
+    if not total.isdigit():
+        raise DownloadError(f"{redacted(url)} sent no usable Content-Range ({content_range[:60]!r})")
+    return int(total)
+
+
+def _check_content_range(response: requests.Response, start: int, stop: int, url: str) -> None:
+    expected = f"bytes {start}-{stop - 1}/"
+    if not response.headers.get("content-range", "").startswith(expected):
+        response.close()
+        raise DownloadError(f"{redacted(url)} answered another range than bytes {start}-{stop - 1}")
+
+
+def _plain(exc: BaseException) -> Exception:
+    """The error for urllib3's history, with no URL in its text."""
+    return Exception(_reason(exc))
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if "?" in text or "https://" in text:  # requests puts the URL (and its signature) into messages
+        return type(exc).__name__
+    return text[:200] if text else type(exc).__name__

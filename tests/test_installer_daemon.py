@@ -1,0 +1,78 @@
+"""`mers run`, the daemon, as a real process: it installs an open task and reboots, confirms after the
+boot, and stops cleanly on SIGTERM; a stop in the middle of a download leaves a journal that resumes
+where it stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from board.interface import SlotName
+from mers.install import Installer, InstallOutcome, InstallStep
+from mers.journal import Phase, load_journal
+from tests.conftest import BIN_DIR
+from tests.hub_helpers import RunningHub
+from tests.installer_helpers import PAYLOAD_SIZE, TEST_INSTALL, make_rig
+
+
+def test_daemon_installs_an_open_task_then_confirms_it_after_the_boot(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    rig = make_rig(hub, tmp_path)
+    task_id = rig.task_for(rig.image("2.0.0", counter=3))
+
+    first = rig.mers("run", "--once", "-v")
+    assert first.returncode == 0, first.stderr
+    assert "installing task" in first.stderr and "https://" not in first.stderr
+    assert rig.board.reboot_requested()
+    rig.boot()
+    second = rig.mers("run", "--once", "-v")
+    assert second.returncode == 0, second.stderr
+    assert rig.task(task_id)["state"] == "ACTIVATED"
+    assert rig.board.active_slot() is SlotName.B and rig.board.security_counter_floor() == 3
+
+
+def test_daemon_stops_cleanly_on_sigterm(hub: RunningHub, tmp_path: Path) -> None:
+    rig = make_rig(hub, tmp_path)
+    process = subprocess.Popen(
+        [str(BIN_DIR / "mers"), "run", "-v", "--poll-interval", "3600", "--board", str(rig.gateway.path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 60
+    line = ""
+    while "no open installation task" not in line:
+        assert time.monotonic() < deadline and process.poll() is None, "the daemon did not poll"
+        line = process.stderr.readline()
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    assert time.monotonic() - started < 10, "SIGTERM ends the wait at once"
+
+
+def test_stop_request_mid_download_journals_the_offset_and_resume_finishes(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    rig = make_rig(hub, tmp_path)
+    task_id = rig.task_for(rig.image("2.0.0", counter=2))
+    steps: list[InstallStep] = []
+
+    with rig.client() as client:
+        stopped = Installer(
+            rig.board, client, settings=TEST_INSTALL, hook=steps.append, should_stop=lambda: bool(steps[2:])
+        ).install_task(task_id)
+        assert stopped.outcome is InstallOutcome.STOPPED
+        journal = load_journal(rig.board.state)
+        assert journal.phase is Phase.DOWNLOADING and 0 < journal.offset < PAYLOAD_SIZE
+        assert journal.offset == stopped.journal.offset
+        assert rig.task(task_id)["state"] == "DOWNLOADING"
+
+        resumed = Installer(rig.board, client, settings=TEST_INSTALL).resume()
+    assert resumed is not None and resumed.outcome is InstallOutcome.REBOOTING
+    assert resumed.stats.received == PAYLOAD_SIZE - journal.offset, "resumed at the journalled offset"
+    assert rig.boot().decision.slot is SlotName.B

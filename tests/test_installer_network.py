@@ -1,0 +1,135 @@
+"""The download over a bad network: connections cut at random byte offsets by a TCP proxy between the
+installer and the real hub (TLS end to end), and a signed URL that expires in the middle of a download."""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import random
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from board.interface import SlotName
+from hub.home import HubSettings
+from mers.errors import DownloadError
+from mers.install import Installer, InstallOutcome, InstallStep
+from mers.journal import Phase, load_journal
+from signing.layout import parse_header
+from tests.hub_helpers import RunningHub, running_hub
+from tests.installer_helpers import PAYLOAD_SIZE, TEST_DOWNLOAD, TEST_INSTALL, cutting_proxy, make_rig
+
+#: TLS records (16 KiB) and socket buffers: what may be in flight beyond the chunk being read
+IN_FLIGHT = 64 << 10
+#: per connection: the TLS handshake, the request's answer headers
+PER_CONNECTION = 8 << 10
+
+
+def test_download_cut_at_random_offsets_completes_by_resuming(hub: RunningHub, tmp_path: Path) -> None:
+    rig = make_rig(hub, tmp_path)
+    image = rig.image("2.0.0", counter=2)
+    task = rig.task(rig.task_for(image))
+    uri = task["artifacts"][0]["uri"]
+    hub_port = urllib.parse.urlsplit(hub.url).port
+    assert hub_port is not None
+    generator = random.Random(7)
+    cuts = [generator.randrange(20 << 10, PAYLOAD_SIZE) for _ in range(8)]
+    with cutting_proxy(hub_port, cuts) as proxy:
+        proxied = uri.replace(f":{hub_port}/", f":{proxy.port}/")
+        with rig.client() as client:
+            result = Installer(rig.board, client, settings=TEST_INSTALL).install_url(proxied)
+
+    assert result.outcome is InstallOutcome.REBOOTING
+    assert len(proxy.performed) == len(cuts), "every cut happened"
+    stats = result.stats
+    assert stats.received == PAYLOAD_SIZE, "each payload byte was handed over exactly once"
+    assert len(stats.resumes) >= len(cuts) - 1
+    overhead = proxy.sent_to_clients - image.stat().st_size
+    per_cut = (overhead - proxy.connections * PER_CONNECTION) / len(cuts)
+    assert per_cut < TEST_DOWNLOAD.chunk_size + IN_FLIGHT, (overhead, proxy.connections)
+    assert rig.boot().decision.slot is SlotName.B, "the resumed slot holds the verified image"
+
+
+@pytest.fixture
+def short_url_hub(tmp_path: Path) -> Iterator[RunningHub]:
+    """A hub whose signed URLs live 60 s, so moving its clock expires one mid-download."""
+    with running_hub(tmp_path / "hub", HubSettings(signed_url_lifetime=60)) as running:
+        yield running
+
+
+def test_url_expiring_mid_download_is_refreshed_and_resumed_at_the_same_offset(
+    short_url_hub: RunningHub, tmp_path: Path
+) -> None:
+    hub = short_url_hub
+    rig = make_rig(hub, tmp_path / "rig")
+    image = rig.image("2.0.0", counter=2)
+    task_id = rig.task_for(image)
+    payload_offset = parse_header(image.read_bytes()[:32]).hdr_size
+    window = 256 << 10  # one range request per window: the next request presents the URL again
+    settings = replace(TEST_INSTALL, download=replace(TEST_DOWNLOAD, request_bytes=window))
+    seen: list[InstallStep] = []
+
+    def expire_once(step: InstallStep) -> None:
+        seen.append(step)
+        if step is InstallStep.CHECKPOINT and seen.count(step) == 1:
+            hub.clock.advance(120)
+
+    with rig.client() as client:
+        result = Installer(rig.board, client, settings=settings, hook=expire_once).install_task(task_id)
+
+    assert result.outcome is InstallOutcome.REBOOTING
+    assert result.stats.refreshes == 1
+    assert result.stats.resumes == [payload_offset + window], "resumed where the expired URL stopped"
+    assert result.stats.received == PAYLOAD_SIZE, "no byte downloaded twice"
+    assert rig.task(task_id)["state"] == "ACTIVATING"
+
+
+def test_downloading_progress_reaches_the_hub_at_most_once_a_second(hub: RunningHub, tmp_path: Path) -> None:
+    rig = make_rig(hub, tmp_path)
+    task_id = rig.task_for(rig.image("2.0.0", counter=2))
+    settings = replace(TEST_INSTALL, report_seconds=1.0)
+
+    def slow_link(done: int, total: int) -> None:
+        time.sleep(0.12)  # about 3 s for the 24 chunks: a slow uplink
+
+    with rig.client() as client:
+        Installer(rig.board, client, settings=settings, progress=slow_link).install_task(task_id)
+
+    reports = [
+        datetime.datetime.fromisoformat(entry["at"].replace("Z", "+00:00"))
+        for entry in rig.task(task_id)["history"]
+        if entry["to"] == "DOWNLOADING"
+    ]
+    assert len(reports) >= 3, "the start, then progress while it lasts"
+    gaps = [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(reports)]
+    assert min(gaps) >= 0.99, gaps
+
+
+def test_a_dead_link_ends_after_bounded_retries_and_a_new_url_resumes_from_the_journal(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    rig = make_rig(hub, tmp_path)
+    task_id = rig.task_for(rig.image("2.0.0", counter=2))
+    uri = rig.task(task_id)["artifacts"][0]["uri"]
+    hub_port = urllib.parse.urlsplit(hub.url).port
+    assert hub_port is not None
+    dead = 600 << 10
+    with cutting_proxy(hub_port, [dead + n for n in range(20)]) as proxy, rig.client() as client:
+        proxied = uri.replace(f":{hub_port}/", f":{proxy.port}/")
+        installer = Installer(rig.board, client, settings=TEST_INSTALL)
+        with pytest.raises(DownloadError, match="kept failing"):
+            installer.install_url(proxied)
+    attempts = proxy.connections
+    assert 1 + TEST_DOWNLOAD.retries <= attempts <= 3 + TEST_DOWNLOAD.retries, "bounded"
+    journal = load_journal(rig.board.state)
+    assert journal.phase is Phase.DOWNLOADING and 0 < journal.offset < dead
+
+    with rig.client() as client:
+        fresh = rig.task(task_id)["artifacts"][0]["uri"]
+        result = Installer(rig.board, client, settings=TEST_INSTALL).install_url(fresh)
+    assert result.outcome is InstallOutcome.REBOOTING
+    assert result.stats.received == PAYLOAD_SIZE - journal.offset, "resumed at the journalled offset"
