@@ -37,6 +37,8 @@ PAYLOAD_BYTES: Final = 2 * 1024 * 1024
 COMMAND_TIMEOUT_S: Final = 120.0
 STARTUP_TIMEOUT_S: Final = 30.0
 OUTPUT_TAIL_LINES: Final = 15
+NOT_CONFIRMED_EXIT: Final = 8  # `mers confirm`: the new firmware is not (or no longer) on trial as good
+MAX_TRIAL_BOOTS: Final = 10
 
 
 class DemoFailed(Exception):
@@ -155,7 +157,7 @@ class Demo:
         result = StepResult(name, time.monotonic() - started, ok, detail)
         self.steps.append(result)
         mark = "ok  " if ok else "FAIL"
-        line = f"{mark} {len(self.steps):2d}. {name:<44} {result.seconds:6.2f} s"
+        line = f"{mark} {len(self.steps):2d}. {name:<50} {result.seconds:6.2f} s"
         self.echo(f"{line}  {detail}" if detail else line)
 
 
@@ -277,12 +279,82 @@ def deploy(demo: Demo, version: str) -> str:
         return str(task["id"])
 
 
+def boot(demo: Demo, expected_reason: str) -> dict[str, Any]:
+    """Power the board on once, as U-Boot would; the bootloader's decision."""
+    decision: dict[str, Any] = demo.run_json("mers-board", "boot", "gw1", "--json")
+    if decision.get("outcome") != "booted" or decision.get("reason") != expected_reason:
+        raise DemoFailed(f"expected a {expected_reason} boot, the bootloader said: {decision.get('message')}")
+    return decision
+
+
+def task_state(demo: Demo, task_id: str) -> str:
+    return str(demo.run_json("mers-hub", "task", "show", task_id, "--json")["state"])
+
+
+def running_version(demo: Demo) -> str:
+    """The version of the slot the board runs, from `mers status`."""
+    firmware = demo.run_json("mers", "status", "--json").get("firmware", {})
+    running = [slot for slot in firmware.get("slots", []) if slot.get("name") == firmware.get("running_slot")]
+    return str(running[0].get("version")) if running else "nothing"
+
+
+def install(demo: Demo, version: str, task_id: str) -> None:
+    with demo.step(f"device: install {version} (stream, verify, switch)") as found:
+        demo.run("mers", "install", "--task", task_id, "--no-progress")
+        found.append(f"task {task_state(demo, task_id)}, inactive slot written, boot env armed")
+    with demo.step(f"board: reboot into {version} (trial boot)") as found:
+        decision = boot(demo, "trial")
+        found.append(f"slot {decision['slot']}, bootcount {decision['bootcount']}/{decision['bootlimit']}")
+
+
+def update_that_works(demo: Demo) -> None:
+    task_id = deploy(demo, "1.1.0")
+    install(demo, "1.1.0", task_id)
+    with demo.step("device: confirm 1.1.0 (health check passes)") as found:
+        demo.run("mers", "confirm", "--health-hook", "true")
+        state = task_state(demo, task_id)
+        if state != "ACTIVATED":
+            raise DemoFailed(f"the task is {state}, not ACTIVATED")
+        found.append(f"ACTIVATED, running {running_version(demo)}")
+        demo.facts["summary_1.1.0"] = "1.1.0 installed, confirmed, ACTIVATED"
+
+
+def update_that_fails(demo: Demo) -> None:
+    task_id = deploy(demo, "1.2.0")
+    install(demo, "1.2.0", task_id)
+    with demo.step("device: confirm 1.2.0 (health check fails)") as found:
+        demo.run("mers", "confirm", "--health-hook", "false", expect=NOT_CONFIRMED_EXIT)
+        found.append("not committed: left to the bootloader")
+    with demo.step("board: reboots until the bootloader rolls back") as found:
+        boots = 1
+        while True:
+            boots += 1
+            decision: dict[str, Any] = demo.run_json("mers-board", "boot", "gw1", "--json")
+            if decision.get("reason") == "rollback":
+                break
+            if boots > MAX_TRIAL_BOOTS:
+                raise DemoFailed(f"no rollback after {boots} boots: {decision.get('message')}")
+            demo.run("mers", "confirm", "--health-hook", "false", expect=NOT_CONFIRMED_EXIT)
+        found.append(f"after {boots} boots, back on slot {decision['slot']}")
+    with demo.step("device: confirm reports the rollback") as found:
+        demo.run("mers", "confirm", "--health-hook", "true", expect=NOT_CONFIRMED_EXIT)
+        state = task_state(demo, task_id)
+        if state != "FAILED":
+            raise DemoFailed(f"the task is {state}, not FAILED")
+        version = running_version(demo)
+        if version.split("+")[0] != "1.1.0":
+            raise DemoFailed(f"the board runs {version}, not 1.1.0")
+        found.append(f"FAILED, still running {version}")
+        demo.facts["summary_1.2.0"] = f"1.2.0 failed its health check, rolled back, FAILED; {version} runs"
+
+
 def story(demo: Demo) -> None:
     set_up_hub(demo)
     sign_releases(demo)
     provision_board(demo)
     onboard_device(demo)
-    deploy(demo, "1.1.0")
+    update_that_works(demo)
+    update_that_fails(demo)
 
 
 def run_demo(work: Path, echo: Callable[[str], None]) -> bool:
@@ -300,7 +372,9 @@ def run_demo(work: Path, echo: Callable[[str], None]) -> bool:
         return False
     finally:
         demo.stop_all()
+    summary = "; ".join(value for key, value in demo.facts.items() if key.startswith("summary_"))
     echo(f"mers-demo: all {len(demo.steps)} steps did what they should ({time.monotonic() - started:.1f} s)")
+    echo(f"mers-demo: {summary}")
     return True
 
 
