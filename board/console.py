@@ -20,7 +20,6 @@ import threading
 import tty
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 import serial
@@ -38,11 +37,9 @@ from .errors import (
     StorageError,
     WriteOnceError,
 )
-from .gateway import GatewayBoard
 from .interface import Board, BoardingData, KeySlot, KeySlotState
 from .keystore import validate_boarding_data
 from .line import ImpairedPort, LineConditions, Port
-from .simboard import SimBoard
 from .smp_server import RequestRefusedError, Route, ServerStats, SmpServer
 
 logger = logging.getLogger(__name__)
@@ -410,13 +407,6 @@ def _serial_reason(error: Exception) -> str:
     if "Could not exclusively lock port" in text:
         return "it is in use (another program holds it exclusively)"
     return text
-
-
-def open_board(path: Path) -> Board:
-    """A simulated board (a directory) or a gateway described by its TOML file."""
-    if path.is_dir():
-        return SimBoard.open(path)
-    return GatewayBoard.from_toml(path)
 
 
 def impaired(port: Port, conditions: LineConditions) -> Port:

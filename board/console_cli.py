@@ -26,13 +26,13 @@ from .console import (
     PtyPort,
     SerialPort,
     impaired,
-    open_board,
     serve,
     write_timeout_for,
 )
 from .errors import BoardError, BootEnvError, ConfigError, StorageError
 from .interface import Board
 from .line import LineConditions, Port
+from .opening import open_board
 from .simboard import SimBoard
 
 EXIT_USAGE: Final = 2

@@ -30,9 +30,9 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from board.console import open_board
 from board.errors import BoardError
 from board.interface import Board
+from board.opening import open_board
 
 from . import onboarding
 from .boarding import BoardingSource, CredentialProfile, NetworkConfig, current_boarding, parse_network
