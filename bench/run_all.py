@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import hub_load
+import install
 import provision
 import sign_verify
 from sign_verify import BenchError, Row
@@ -47,6 +48,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "hub_load",
         "100 agents (10 RSA_3072), 64 MiB blob, best of 2",
         lambda: hub_load.run(agents=100, rsa_agents=10, blob_mib=64, repeat=2),
+    ),
+    Benchmark(
+        "install",
+        "64 MiB image from the hub, best of 2",
+        lambda: install.run(image_mib=64, repeat=2),
     ),
 )
 
