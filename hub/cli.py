@@ -30,6 +30,7 @@ import click
 
 from . import cli_output as show
 from .admin_client import AdminClient, HubConnection, JsonObject, Progress
+from .errors import HubSetupError
 from .home import HubHome, HubSettings
 
 # `init` and `serve` import their library inside the command: the server side (FastAPI, uvicorn,
@@ -123,7 +124,8 @@ def init(
     if not tenant.strip():
         raise click.BadParameter("the tenant may not be empty", param_hint="--tenant")
     settings = HubSettings(database_url=database_url, tenant=tenant, public_url=public_url or "")
-    from .setup import create_hub  # noqa: PLC0415  (see the imports)
+    with show.reported_errors(), _server_side():
+        from .setup import create_hub  # noqa: PLC0415  (see the imports)
 
     with show.reported_errors():
         created = create_hub(directory, hostnames, settings)
@@ -148,10 +150,25 @@ def serve_command(directory: Path, host: str, port: int, log_level: str) -> None
 
     Example: mers-hub serve ./hub --host 0.0.0.0 --port 8443
     """
-    from .server import serve  # noqa: PLC0415  (see the imports)
+    with show.reported_errors(), _server_side():
+        from .server import serve  # noqa: PLC0415  (see the imports)
 
     with show.reported_errors(), _stop_signals_end_cleanly():
         serve(HubHome(directory), host, port, log_level=log_level)
+
+
+@contextmanager
+def _server_side() -> Iterator[None]:
+    """Import the server's library, or say in one line which extra brings it."""
+    try:
+        yield
+    except ModuleNotFoundError as missing:
+        if missing.name is None or missing.name.split(".")[0] not in _SERVER_LIBRARIES:
+            raise
+        raise HubSetupError(f"the hub's server needs {missing.name}: pip install 'mers[hub]'") from None
+
+
+_SERVER_LIBRARIES = ("fastapi", "uvicorn", "starlette", "pydantic", "sqlalchemy", "psycopg")
 
 
 class _Stopped(Exception):
