@@ -691,3 +691,28 @@ def test_an_operator_with_only_the_hub_directory_runs_the_whole_firmware_round(
     assert run("agent", "list", "--size", "1")["totalElements"] == 0
     for result in outputs:
         without_secrets(result, served.admin_token)
+
+
+@pytest.mark.parametrize(("command", "missing"), [("init", "sqlalchemy"), ("serve", "uvicorn")])
+def test_the_server_side_without_the_hub_extra_is_one_line_naming_it(
+    tmp_path: Path, command: str, missing: str
+) -> None:
+    """`pip install mers` alone gives the admin commands; `init` and `serve` say which extra they need."""
+    hidden = ("fastapi", "uvicorn", "starlette", "sqlalchemy", "psycopg")
+    probe = (
+        "import sys\n"
+        f"for name in {hidden!r}: sys.modules[name] = None  # as if the extra were not installed\n"
+        "from hub.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, command, str(tmp_path / "hub")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 3
+    expected = f"mers-hub: error: the hub's server needs {missing}: pip install 'mers[hub]'"
+    assert done.stderr.strip() == expected
+    assert not (tmp_path / "hub").exists()
