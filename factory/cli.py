@@ -40,7 +40,8 @@ try:
 except ModuleNotFoundError as missing:  # the records' database layer comes with the `factory` extra
     if missing.name != "sqlalchemy":
         raise
-    sys.exit("mers-factory: error: the records need SQLAlchemy: pip install 'mers[factory]'")
+    print("mers-factory: error: the records need SQLAlchemy: pip install 'mers[factory]'", file=sys.stderr)
+    sys.exit(int(ExitCode.USAGE))
 
 DEFAULT_RECORDS: Final = "factory-records.db"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -314,3 +315,23 @@ def test_two_stations_share_postgresql_records(tmp_path: Path, postgres_url: str
     assert codes == [ExitCode.OK, ExitCode.REFUSED]
     assert sum(board_state(tmp_path / serial)[0] for serial in ("GW-1", "GW-2")) == 1
     assert factory("records", "verify", "--records", postgres_url).returncode == 0
+
+
+def test_without_the_factory_extra_the_station_names_it() -> None:
+    probe = (
+        "import sys\n"
+        "sys.modules['sqlalchemy'] = None  # as if the extra were not installed\n"
+        "from factory.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "records", "verify"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip() == "mers-factory: error: the records need SQLAlchemy: pip install 'mers[factory]'"
+    )
