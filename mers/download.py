@@ -27,6 +27,7 @@ from urllib3.exceptions import MaxRetryError
 from urllib3.util.retry import Retry
 
 from .errors import DownloadError, HubRefusedError, ImageChangedError, InputError
+from .http import retry_policy
 
 #: what a refreshed URL comes from: a function that returns a new signed URL for the same image
 UrlRefresher = Callable[[], str]
@@ -47,21 +48,7 @@ class DownloadSettings:
     backoff_jitter: float = 0.5
 
     def retry(self) -> Retry:
-        return Retry(
-            total=self.retries,
-            connect=self.retries,
-            read=self.retries,
-            status=self.retries,
-            other=self.retries,
-            redirect=0,
-            allowed_methods=None,
-            status_forcelist=frozenset({429, 500, 502, 503, 504}),
-            backoff_factor=self.backoff_factor,
-            backoff_max=self.backoff_max,
-            backoff_jitter=self.backoff_jitter,
-            raise_on_status=False,
-            raise_on_redirect=False,
-        )
+        return retry_policy(self.retries, self.backoff_factor, self.backoff_max, self.backoff_jitter)
 
 
 @dataclass

@@ -45,22 +45,29 @@ class HttpSettings:
     backoff_jitter: float = 1.0  # plus up to this much, so a fleet rebooting together spreads out
 
     def retry(self) -> Retry:
-        return Retry(
-            total=self.retries,
-            connect=self.retries,
-            read=self.retries,
-            status=self.retries,
-            other=self.retries,
-            redirect=0,
-            allowed_methods=None,  # every method: see the module docstring
-            status_forcelist=RETRY_STATUSES,
-            backoff_factor=self.backoff_factor,
-            backoff_max=self.backoff_max,
-            backoff_jitter=self.backoff_jitter,
-            raise_on_status=False,  # the last answer is returned and reported with its status
-            raise_on_redirect=False,
-            respect_retry_after_header=True,
-        )
+        return retry_policy(self.retries, self.backoff_factor, self.backoff_max, self.backoff_jitter)
+
+
+def retry_policy(retries: int, backoff_factor: float, backoff_max: float, backoff_jitter: float) -> Retry:
+    """urllib3's retries as every hub call wants them: connection errors, read errors and the transient
+    statuses alike, exponential backoff with jitter, no redirects, and the last answer returned rather
+    than raised so the caller can report its status."""
+    return Retry(
+        total=retries,
+        connect=retries,
+        read=retries,
+        status=retries,
+        other=retries,
+        redirect=0,
+        allowed_methods=None,  # every method: see the module docstring
+        status_forcelist=RETRY_STATUSES,
+        backoff_factor=backoff_factor,
+        backoff_max=backoff_max,
+        backoff_jitter=backoff_jitter,
+        raise_on_status=False,
+        raise_on_redirect=False,
+        respect_retry_after_header=True,
+    )
 
 
 @dataclass(frozen=True)
