@@ -42,7 +42,7 @@ import jwt
 import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
-from sign_verify import BenchError, CommandFailedError, Row, ToolMissingError
+from sign_verify import BenchError, CommandFailedError, Row, ToolMissingError, positive_int
 
 AGENTS = "/api/agentmanagement/v3"
 FIRMWARE = "/api/firmwaredeployment/v3"
@@ -439,22 +439,15 @@ def format_table(rows: Sequence[Row]) -> str:
     )
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--agents", type=_positive, default=200, help="simulated agents (default 200)")
+    parser.add_argument("--agents", type=positive_int, default=200, help="simulated agents (default 200)")
     parser.add_argument("--rsa-agents", type=int, default=20, help="of which RSA_3072 (default 20)")
     parser.add_argument(
-        "--blob-mib", type=_positive, default=256, help="size of the downloaded blob in MiB (default 256)"
+        "--blob-mib", type=positive_int, default=256, help="size of the downloaded blob in MiB (default 256)"
     )
     parser.add_argument(
-        "--repeat", type=_positive, default=3, help="downloads per server, best kept (default 3)"
+        "--repeat", type=positive_int, default=3, help="downloads per server, best kept (default 3)"
     )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hub_load import FIRMWARE, Hub, _check, _program, format_table, running_hub
-from sign_verify import BenchError, Row, run_measured, write_random_file
+from sign_verify import BenchError, Row, positive_int, run_measured, write_random_file
 
 from board.interface import BoardingData, Identity
 from board.simboard import SimBoard
@@ -133,17 +133,12 @@ def run(image_mib: int = 256, repeat: int = 3) -> list[Row]:
     ]
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--image-mib", type=_positive, default=256, help="payload size in MiB (default 256)")
-    parser.add_argument("--repeat", type=_positive, default=3, help="rounds, best time kept (default 3)")
+    parser.add_argument(
+        "--image-mib", type=positive_int, default=256, help="payload size in MiB (default 256)"
+    )
+    parser.add_argument("--repeat", type=positive_int, default=3, help="rounds, best time kept (default 3)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
     try:

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from hub_load import format_table
-from sign_verify import BenchError, Row, ToolMissingError
+from sign_verify import BenchError, Row, ToolMissingError, positive_int
 
 from board.interface import Identity
 from board.simboard import SimBoard
@@ -190,18 +190,11 @@ def run(baud: int = 115200, boards: int = 8, repeat: int = 3) -> list[Row]:
     ]
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--baud", type=_positive, default=115200, help="line speed (default 115200)")
-    parser.add_argument("--boards", type=_positive, default=8, help="boards in parallel (default 8)")
-    parser.add_argument("--repeat", type=_positive, default=3, help="rounds, best kept (default 3)")
+    parser.add_argument("--baud", type=positive_int, default=115200, help="line speed (default 115200)")
+    parser.add_argument("--boards", type=positive_int, default=8, help="boards in parallel (default 8)")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="rounds, best kept (default 3)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
     try:

@@ -494,7 +494,8 @@ def format_table(measurements: Sequence[Measurement], size_mib: int, repeat: int
     return "\n".join([title, line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type for counts and sizes: an integer of at least 1 (every bench script uses it)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -506,8 +507,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Time mers-sign sign/verify against openssl dgst -sha256 (and imgtool) on a random file.",
         epilog="example: .venv/bin/python bench/sign_verify.py --size-mib 64 --repeat 5",
     )
-    parser.add_argument("--size-mib", type=_positive_int, default=512, help="payload size (default 512)")
-    parser.add_argument("--repeat", type=_positive_int, default=3, help="timed runs, best kept (default 3)")
+    parser.add_argument("--size-mib", type=positive_int, default=512, help="payload size (default 512)")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="timed runs, best kept (default 3)")
     parser.add_argument("--keep-dir", type=Path, help="work in DIR and keep the payload, keys and images")
     parser.add_argument("--skip-imgtool", action="store_true", help="do not run imgtool")
     parser.add_argument(
