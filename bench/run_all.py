@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/run_all.py [--only NAME ...] [--json]
 
-Each benchmark is the same code its own script runs (its `run()` function), only with smaller inputs; the
+Each benchmark is its own script, run as a subprocess with smaller inputs and `--json` (a process of its
+own, so one benchmark's memory never shows in another's peak RSS figures: see `sign_verify.py`); the
 table has one row per figure: which benchmark, the figure, ours, the peer or limit measured in the same
 run, the ratio, the target and whether it is met, then how many targets were met. Like every benchmark
 here it is a report: exit code 1 only when a benchmark could not run, whatever the numbers say.
@@ -14,46 +15,35 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-import hub_load
-import install
-import provision
-import sign_verify
-from sign_verify import BenchError, Row
+from sign_verify import Row
+
+BENCH_DIR = Path(__file__).resolve().parent
+TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True)
 class Benchmark:
-    name: str
+    name: str  # the script bench/NAME.py
     size: str  # what "small" means for it, printed so the figures can be compared with bench/README.md
-    run: Callable[[], list[Row]]
+    arguments: tuple[str, ...]
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
-    Benchmark(
-        "sign_verify",
-        "64 MiB image, best of 2",
-        lambda: sign_verify.run(64, repeat=2),
-    ),
-    Benchmark(
-        "provision",
-        "115200 baud, 1 board then 8, best of 2",
-        lambda: provision.run(baud=115200, boards=8, repeat=2),
-    ),
+    Benchmark("sign_verify", "256 MiB image, best of 3", ("--size-mib", "256", "--repeat", "3")),
+    Benchmark("provision", "115200 baud, 1 board then 8, best of 2", ("--boards", "8", "--repeat", "2")),
     Benchmark(
         "hub_load",
-        "100 agents (10 RSA_3072), 64 MiB blob, best of 2",
-        lambda: hub_load.run(agents=100, rsa_agents=10, blob_mib=64, repeat=2),
+        "200 agents (20 RSA_3072), 128 MiB blob, best of 2",
+        ("--agents", "200", "--rsa-agents", "20", "--blob-mib", "128", "--repeat", "2"),
     ),
-    Benchmark(
-        "install",
-        "64 MiB image from the hub, best of 2",
-        lambda: install.run(image_mib=64, repeat=2),
-    ),
+    Benchmark("install", "256 MiB image from the hub, best of 3", ("--image-mib", "256", "--repeat", "3")),
 )
 
 
@@ -65,16 +55,30 @@ class Outcome:
     error: str = ""
 
 
+def run_benchmark(benchmark: Benchmark) -> Outcome:
+    """Run bench/NAME.py --json in a process of its own; its rows, or why there are none."""
+    argv = [sys.executable, str(BENCH_DIR / f"{benchmark.name}.py"), *benchmark.arguments, "--json"]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        return Outcome(benchmark.name, time.monotonic() - started, [], f"no result in {TIMEOUT_S:.0f} s")
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        return Outcome(benchmark.name, seconds, [], reason)
+    try:
+        rows = [Row(**row) for row in json.loads(done.stdout)]
+    except (ValueError, TypeError) as error:
+        return Outcome(benchmark.name, seconds, [], f"unreadable output: {error}")
+    return Outcome(benchmark.name, seconds, rows)
+
+
 def run_benchmarks(selected: Sequence[Benchmark]) -> list[Outcome]:
     outcomes = []
     for benchmark in selected:
         print(f"run_all: {benchmark.name} ({benchmark.size}) ...", file=sys.stderr, flush=True)
-        started = time.monotonic()
-        try:
-            rows, error = benchmark.run(), ""
-        except BenchError as failure:
-            rows, error = [], str(failure)
-        outcomes.append(Outcome(benchmark.name, time.monotonic() - started, rows, error))
+        outcomes.append(run_benchmark(benchmark))
     return outcomes
 
 
