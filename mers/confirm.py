@@ -19,7 +19,14 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from board.interface import ENV_BOOT_SLOT, ENV_BOOTCOUNT, ENV_BOOTLIMIT, ENV_UPGRADE_AVAILABLE, Board
+from board.interface import (
+    DEFAULT_BOOTLIMIT,
+    ENV_BOOT_SLOT,
+    ENV_BOOTCOUNT,
+    ENV_BOOTLIMIT,
+    ENV_UPGRADE_AVAILABLE,
+    Board,
+)
 
 from .client import DeviceClient
 from .errors import MersError, NotConfirmedError, TaskClosedError
@@ -130,11 +137,18 @@ class Confirmer:
         raise NotConfirmedError(f"{message}; rebooting (the bootloader rolls back after bootlimit)")
 
     def _rolled_back(self, journal: Journal, env: dict[str, str]) -> ConfirmResult:
-        reason = (
-            f"the bootloader rolled back to slot {journal.previous_slot} after "
-            f"{env.get(ENV_BOOTCOUNT, '?')} boots of slot {journal.slot} (bootlimit "
-            f"{env.get(ENV_BOOTLIMIT, '?')})"
-        )
+        """The journal says switched, the board runs the old slot and will not try the new one."""
+        if _number(env.get(ENV_BOOTCOUNT)) > _number(env.get(ENV_BOOTLIMIT), DEFAULT_BOOTLIMIT):
+            reason = (
+                f"the bootloader rolled back to slot {journal.previous_slot} after "
+                f"{env.get(ENV_BOOTCOUNT, '?')} boots of slot {journal.slot} (bootlimit "
+                f"{env.get(ENV_BOOTLIMIT, '?')})"
+            )
+        else:  # the power went between journalling the switch and writing the environment
+            reason = (
+                f"the switch to slot {journal.slot} was interrupted before the boot environment was "
+                f"written; slot {journal.previous_slot} still runs: install {journal.version} again"
+            )
         if journal.message:
             reason += f"; last: {journal.message}"
         self._report(journal, TaskState.FAILED, reason)
@@ -178,3 +192,11 @@ class Confirmer:
     def _step(self, step: ConfirmStep) -> None:
         if self._hook is not None:
             self._hook(step)
+
+
+def _number(value: str | None, default: int = 0) -> int:
+    """A boot environment counter; a missing or garbled one counts as `default`."""
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default

@@ -90,16 +90,18 @@ class Daemon:
             self._stop.wait(self._delay())
 
     def cycle(self) -> bool:
-        """One pass; True when the board is rebooting into a new slot."""
-        self.client.onboard()
-        self.client.renew()
+        """One pass; True when the board is rebooting into a new slot.
+
+        Confirm comes first: a trial must be committed or refused (and so, in the end, rolled back) even
+        when the hub is out of reach, which may be exactly what the new firmware broke. A switched but
+        not yet rebooted install (PENDING) is resumed below: the installer requests the reboot."""
         board = self.client.board
         confirmer = Confirmer(board, self.client, health_command=self.settings.health_command)
         confirmed = confirmer.confirm()
         if confirmed.outcome is not ConfirmOutcome.NOTHING:
             log.info("confirm: %s", confirmed.message)
-        if confirmed.outcome is ConfirmOutcome.PENDING:
-            return False
+        self.client.onboard()
+        self.client.renew()
         installer = Installer(
             board, self.client, settings=self.settings.install, should_stop=self._stop.is_set
         )

@@ -49,6 +49,7 @@ from .errors import (
     ImageRejectedError,
     InputError,
     InstallBusyError,
+    MersError,
     NoBoardingDataError,
     StorageError,
     TaskClosedError,
@@ -222,9 +223,13 @@ class Installer:
                 self._abandon(str(exc))
                 raise
         if journal.phase is Phase.VERIFIED and self.board.active_slot() == journal.previous_slot:
-            env = self.board.boot_env.read()
-            if env.get(ENV_BOOT_SLOT) != journal.slot:
+            # VERIFIED is journalled only before the switch (SWITCHED is saved before the env write),
+            # so the environment still boots the old slot: activating again is safe
+            try:
                 return self._activate(journal)
+            except TaskClosedError as exc:
+                self._abandon(str(exc))
+                raise
         if self._reboot_pending(journal):
             return self._reboot(journal.advanced(Phase.REBOOTING))
         return InstallResult(InstallOutcome.AWAITING_CONFIRM, journal)
@@ -329,27 +334,42 @@ class Installer:
     def _activate(self, journal: Journal) -> InstallResult:
         """Record the verified image beside its slot, then flip the environment in one write."""
         assert journal.slot is not None
+        record_slot = journal.slot
         self._report(
             journal, TaskState.INSTALLING, message=f"activating {journal.version} in slot {journal.slot}"
         )
         record = SlotRecord(journal.header_and_tlvs, _payload_size(journal), journal.version)
         self.board.write_slot_record(journal.slot, record)
         self._step(InstallStep.RECORDED)
-        self.board.boot_env.write(
-            {ENV_BOOT_SLOT: journal.slot.value, ENV_UPGRADE_AVAILABLE: "1", ENV_BOOTCOUNT: "0"}
-        )
-        self._step(InstallStep.SWITCHED)
+        # SWITCHED is journalled BEFORE the env write: a power cut between the two then reads as "switched,
+        # and the board is back on the old slot", which `confirm` reports as FAILED. The other order would
+        # leave VERIFIED behind a written env, and after a rollback of a bad image a restart would arm it
+        # again, for ever.
         journal = journal.advanced(Phase.SWITCHED)
         save_journal(self.board.state, journal)
-        self._report(journal, TaskState.INSTALLED, message=f"{journal.version} in slot {journal.slot}")
+        self.board.boot_env.write(
+            {ENV_BOOT_SLOT: record_slot.value, ENV_UPGRADE_AVAILABLE: "1", ENV_BOOTCOUNT: "0"}
+        )
+        self._step(InstallStep.SWITCHED)
+        self._report_after_switch(journal, TaskState.INSTALLED, f"{journal.version} in slot {journal.slot}")
         return self._reboot(journal.advanced(Phase.REBOOTING))
 
     def _reboot(self, journal: Journal) -> InstallResult:
         save_journal(self.board.state, journal)
         self._step(InstallStep.REBOOTING)
-        self._report(journal, TaskState.ACTIVATING, message=f"rebooting into {journal.version} (trial boot)")
+        self._report_after_switch(
+            journal, TaskState.ACTIVATING, f"rebooting into {journal.version} (trial boot)"
+        )
         self.board.reboot()
         return InstallResult(InstallOutcome.REBOOTING, journal)
+
+    def _report_after_switch(self, journal: Journal, state: TaskState, message: str) -> None:
+        """Once the environment is flipped the board must reboot, whatever the hub says: a report that
+        cannot be made now is made by `confirm`, which advances the task through the states it missed."""
+        try:
+            self._report(journal, state, message=message)
+        except MersError as exc:
+            log.warning("not reported as %s (the reboot goes on): %s", state, exc)
 
     def _reboot_pending(self, journal: Journal) -> bool:
         """The environment tries the new slot but the board still runs the old one: the reboot was
@@ -440,9 +460,10 @@ class Installer:
 
     def _abandon(self, reason: str) -> None:
         """The operator closed the task (cancelled it) before the switch: end the journal, so the daemon
-        moves on; the half-written inactive slot is never booted (its record says so)."""
+        moves on; the inactive slot is never booted (the environment was not flipped: that comes after
+        SWITCHED is journalled)."""
         journal = load_journal(self.board.state)
-        if journal.phase in (Phase.IDLE, Phase.DOWNLOADING):
+        if journal.phase in (Phase.IDLE, Phase.DOWNLOADING, Phase.VERIFIED):
             save_journal(self.board.state, journal.finished(f"abandoned: {reason}"))
 
     def _step(self, step: InstallStep) -> None:

@@ -38,7 +38,7 @@ class Phase(enum.StrEnum):
     IDLE = "IDLE"
     DOWNLOADING = "DOWNLOADING"  # writing the inactive slot; `offset` payload bytes are durable
     VERIFIED = "VERIFIED"  # the whole image hashed and its signature checked; not yet bootable
-    SWITCHED = "SWITCHED"  # slot record written and the boot environment flipped (one env write)
+    SWITCHED = "SWITCHED"  # slot record written; the boot environment flip (one env write) follows it
     REBOOTING = "REBOOTING"  # the reboot was requested
     CONFIRMING = "CONFIRMING"  # running the new slot on trial; health checks under way
 

@@ -1,0 +1,157 @@
+"""The installer's recovery at the edges a review found: a crash or a hub error right after the switch, a
+task cancelled once the image is verified, a power cut around the environment write followed by a
+rollback, and a trial that lost its hub. In each case the board ends booting a good slot, the journal
+ends, and nothing is armed twice."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from board.interface import SlotName
+from mers.confirm import Confirmer
+from mers.daemon import Daemon, DaemonSettings
+from mers.errors import NotConfirmedError, TaskClosedError
+from mers.install import Installer, InstallOutcome, InstallStep
+from mers.journal import Phase, load_journal, save_journal
+from tests.hub_helpers import FIRMWARE, RunningHub, running_hub
+from tests.installer_helpers import TEST_INSTALL, Rig, make_rig
+
+
+class PowerCut(BaseException):
+    """Nothing after the step runs (a BaseException, so no `except Exception` can swallow it)."""
+
+
+def cut_at(step: InstallStep) -> Callable[[InstallStep], None]:
+    def hook(seen: InstallStep) -> None:
+        if seen is step:
+            raise PowerCut(step)
+
+    return hook
+
+
+def cancel(hub: RunningHub, task_id: str) -> None:
+    answer = hub.request(
+        "PATCH", f"{FIRMWARE}/installationTasks/{task_id}", token=hub.admin_token, json={"state": "CANCELED"}
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def boot_until_rollback(rig: Rig) -> None:
+    """Power the board on until the bootloader gives up on the trial (the new image never gets as far as
+    `mers confirm`: a kernel panic, a watchdog reset)."""
+    for _ in range(10):
+        if rig.boot().decision.slot is SlotName.A:
+            return
+    raise AssertionError("the bootloader never rolled back")
+
+
+def test_the_daemon_reboots_an_install_that_stopped_between_the_switch_and_the_reboot(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    rig = make_rig(hub, tmp_path)
+    task_id = rig.task_for(rig.image("2.0.0", counter=3))
+    with rig.client() as client:
+        with pytest.raises(PowerCut):
+            Installer(
+                rig.board, client, settings=TEST_INSTALL, hook=cut_at(InstallStep.SWITCHED)
+            ).install_task(task_id)
+        assert rig.board.boot_env.read()["boot_slot"] == "b"
+        assert not rig.board.reboot_requested()
+        assert Daemon(client, DaemonSettings(install=TEST_INSTALL)).cycle() is True
+        assert rig.board.reboot_requested()
+    rig.boot()
+    with rig.client() as client:
+        Confirmer(rig.board, client).confirm()
+    assert rig.task(task_id)["state"] == "ACTIVATED"
+
+
+@pytest.mark.parametrize("when", ["killed at VERIFIED, then cancelled", "cancelled as the last bytes arrive"])
+def test_a_task_cancelled_after_verification_ends_the_journal_and_frees_the_installer(
+    hub: RunningHub, tmp_path: Path, when: str
+) -> None:
+    rig = make_rig(hub, tmp_path)
+    task_id = rig.task_for(rig.image("2.0.0", counter=3))
+    with rig.client() as client:
+        if when.startswith("killed"):
+            with pytest.raises(PowerCut):
+                Installer(
+                    rig.board, client, settings=TEST_INSTALL, hook=cut_at(InstallStep.VERIFIED)
+                ).install_task(task_id)
+            cancel(hub, task_id)
+            with pytest.raises(TaskClosedError):
+                Daemon(client, DaemonSettings(install=TEST_INSTALL)).cycle()
+        else:
+
+            def cancel_now(step: InstallStep) -> None:
+                if step is InstallStep.DOWNLOADED:
+                    cancel(hub, task_id)
+
+            with pytest.raises(TaskClosedError):
+                Installer(rig.board, client, settings=TEST_INSTALL, hook=cancel_now).install_task(task_id)
+        journal = load_journal(rig.board.state)
+        assert journal.phase is Phase.IDLE and "abandoned" in journal.message
+        env = rig.board.boot_env.read()
+        assert env["boot_slot"] == "a" and env["upgrade_available"] == "0"
+        other = rig.task_for(rig.image("2.1.0", counter=3))
+        result = Installer(rig.board, client, settings=TEST_INSTALL).install_task(other)
+        assert result.outcome is InstallOutcome.REBOOTING
+
+
+def test_a_rolled_back_image_is_reported_failed_and_never_armed_again(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    rig = make_rig(hub, tmp_path)
+    task_id = rig.task_for(rig.image("2.0.0", counter=3))
+    with rig.client() as client, pytest.raises(PowerCut):
+        Installer(rig.board, client, settings=TEST_INSTALL, hook=cut_at(InstallStep.SWITCHED)).install_task(
+            task_id
+        )
+    boot_until_rollback(rig)
+    with rig.client() as client:
+        with pytest.raises(NotConfirmedError, match="rolled back"):
+            Confirmer(rig.board, client).confirm()
+        assert Installer(rig.board, client, settings=TEST_INSTALL).resume() is None
+    env = rig.board.boot_env.read()
+    assert env["boot_slot"] == "a" and env["upgrade_available"] == "0"
+    assert rig.task(task_id)["state"] == "FAILED"
+
+
+def test_a_power_cut_between_journalling_the_switch_and_the_env_write_is_reported_not_rearmed(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    rig = make_rig(hub, tmp_path)
+    task_id = rig.task_for(rig.image("2.0.0", counter=3))
+    with rig.client() as client:
+        with pytest.raises(PowerCut):
+            Installer(
+                rig.board, client, settings=TEST_INSTALL, hook=cut_at(InstallStep.RECORDED)
+            ).install_task(task_id)
+        # the state the installer leaves when the power goes after it journalled SWITCHED, before the env
+        save_journal(rig.board.state, load_journal(rig.board.state).advanced(Phase.SWITCHED))
+        assert Installer(rig.board, client, settings=TEST_INSTALL).resume() is not None
+        assert rig.board.boot_env.read()["boot_slot"] == "a", "armed without a verified switch"
+        with pytest.raises(NotConfirmedError, match="interrupted before the boot environment was written"):
+            Confirmer(rig.board, client).confirm()
+    assert load_journal(rig.board.state).phase is Phase.IDLE
+    assert rig.task(task_id)["state"] == "FAILED"
+    assert rig.boot().decision.slot is SlotName.A
+
+
+def test_a_trial_that_lost_its_hub_is_refused_by_the_daemon_so_the_bootloader_can_roll_back(
+    tmp_path: Path,
+) -> None:
+    with running_hub(tmp_path / "hub") as hub:
+        rig = make_rig(hub, tmp_path / "rig")
+        task_id = rig.task_for(rig.image("2.0.0", counter=3))
+        with rig.client() as client:
+            assert Installer(rig.board, client, settings=TEST_INSTALL).install_task(task_id).outcome is (
+                InstallOutcome.REBOOTING
+            )
+    rig.boot()  # the hub is gone (the new firmware broke the network, say)
+    with rig.client() as client, pytest.raises(NotConfirmedError, match="hub is not reachable"):
+        Daemon(client, DaemonSettings(install=TEST_INSTALL)).cycle()
+    assert rig.board.reboot_requested()
+    assert rig.board.boot_env.read()["upgrade_available"] == "1"
