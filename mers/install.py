@@ -224,9 +224,14 @@ class Installer:
                 raise
         if journal.phase is Phase.VERIFIED and self.board.active_slot() == journal.previous_slot:
             # VERIFIED is journalled only before the switch (SWITCHED is saved before the env write),
-            # so the environment still boots the old slot: activating again is safe
+            # so the environment still boots the old slot: activating again is safe, once the slot is
+            # checked again (it lay unguarded while the device was down)
             try:
+                self._verify_slot(journal)
                 return self._activate(journal)
+            except (ImageRejectedError, ImageChangedError) as exc:
+                self._fail(journal, str(exc))
+                raise
             except TaskClosedError as exc:
                 self._abandon(str(exc))
                 raise
@@ -268,6 +273,23 @@ class Installer:
         self._report(journal, TaskState.DOWNLOADED, progress=1.0, message=f"{journal.version} verified")
         result = self._activate(journal)
         return InstallResult(result.outcome, result.journal, source.stats)
+
+    def _verify_slot(self, journal: Journal) -> None:
+        """Hash the whole payload the slot holds and check the signature again, as after a download."""
+        assert journal.slot is not None
+        trust = board_trust(self.board, self.board.slot(journal.slot).size)
+        head = stored_image_head(journal.header_and_tlvs, journal.image_size, trust)
+        hasher = hashlib.sha256(head.head)
+        with self.board.slot(journal.slot).open_for_reading() as slot:
+            _rehash_prefix(slot.fileno(), head.payload_size, hasher)
+        hasher.update(head.protected_tail)
+        try:
+            finish_verification(head.manifest, hasher.digest(), trust)
+        except SigningError as exc:
+            raise ImageRejectedError(
+                f"slot {journal.slot} no longer holds the verified image: {exc}",
+                field=exc.field or type(exc).__name__,
+            ) from exc
 
     def _download(self, journal: Journal, head: ImageHead, source: _Source) -> tuple[bytes | None, Journal]:
         """Stream the payload into the slot from the journalled offset; the digest covers the header,

@@ -13,7 +13,7 @@ import pytest
 from board.interface import SlotName
 from mers.confirm import Confirmer
 from mers.daemon import Daemon, DaemonSettings
-from mers.errors import NotConfirmedError, TaskClosedError
+from mers.errors import ImageRejectedError, NotConfirmedError, TaskClosedError
 from mers.install import Installer, InstallOutcome, InstallStep
 from mers.journal import Phase, load_journal, save_journal
 from tests.hub_helpers import FIRMWARE, RunningHub, running_hub
@@ -155,3 +155,24 @@ def test_a_trial_that_lost_its_hub_is_refused_by_the_daemon_so_the_bootloader_ca
         Daemon(client, DaemonSettings(install=TEST_INSTALL)).cycle()
     assert rig.board.reboot_requested()
     assert rig.board.boot_env.read()["upgrade_available"] == "1"
+
+
+def test_a_slot_altered_while_the_device_was_down_is_not_activated(hub: RunningHub, tmp_path: Path) -> None:
+    rig = make_rig(hub, tmp_path)
+    task_id = rig.task_for(rig.image("2.0.0", counter=3))
+    with rig.client() as client:
+        with pytest.raises(PowerCut):
+            Installer(
+                rig.board, client, settings=TEST_INSTALL, hook=cut_at(InstallStep.VERIFIED)
+            ).install_task(task_id)
+        with (rig.gateway.path / "slot-b.img").open("r+b") as slot:  # someone with the flash in hand
+            slot.seek(1000)
+            byte = slot.read(1)
+            slot.seek(1000)
+            slot.write(bytes([byte[0] ^ 0x01]))
+        with pytest.raises(ImageRejectedError, match="no longer holds the verified image"):
+            Installer(rig.board, client, settings=TEST_INSTALL).resume()
+    env = rig.board.boot_env.read()
+    assert env["boot_slot"] == "a" and env["upgrade_available"] == "0"
+    assert load_journal(rig.board.state).phase is Phase.IDLE
+    assert rig.task(task_id)["state"] == "FAILED"
