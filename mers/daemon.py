@@ -17,6 +17,8 @@ import threading
 from dataclasses import dataclass, field
 from types import FrameType
 
+from board.errors import BoardError
+
 from .client import DeviceClient
 from .confirm import Confirmer, ConfirmOutcome
 from .errors import (
@@ -81,7 +83,7 @@ class Daemon:
                 self._failures += 1
                 log.warning("hub unreachable, retrying later: %s", exc)
                 rebooting = False
-            except MersError as exc:  # reported to the hub where it concerns a task; the next poll goes on
+            except (MersError, BoardError) as exc:  # reported where it concerns a task; the next poll goes on
                 self._failures += 1
                 log.warning("%s: %s", type(exc).__name__, exc)
                 rebooting = False
