@@ -18,6 +18,7 @@ bootable:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import logging
@@ -174,14 +175,8 @@ class Installer:
                     "let it finish (mers run / mers install with the same source) or confirm it"
                 )
             return self._continue(journal)
-        try:
+        with self._ended_on_refusal(wanted):
             return self._start(wanted)
-        except (ImageRejectedError, ImageChangedError) as exc:
-            self._fail(wanted, str(exc))
-            raise
-        except TaskClosedError as exc:
-            self._abandon(str(exc))
-            raise
 
     def _start(self, wanted: Journal) -> InstallResult:
         active = self.board.active_slot()
@@ -214,27 +209,15 @@ class Installer:
     def _continue(self, journal: Journal) -> InstallResult:
         """Pick up where the journal stands (after a crash, a SIGTERM or a reboot)."""
         if journal.phase is Phase.DOWNLOADING:
-            try:
+            with self._ended_on_refusal(journal):
                 return self._resume_download(journal)
-            except (ImageRejectedError, ImageChangedError) as exc:
-                self._fail(journal, str(exc))
-                raise
-            except TaskClosedError as exc:
-                self._abandon(str(exc))
-                raise
         if journal.phase is Phase.VERIFIED and self.board.active_slot() == journal.previous_slot:
             # VERIFIED is journalled only before the switch (SWITCHED is saved before the env write),
             # so the environment still boots the old slot: activating again is safe, once the slot is
             # checked again (it lay unguarded while the device was down)
-            try:
+            with self._ended_on_refusal(journal):
                 self._verify_slot(journal)
                 return self._activate(journal)
-            except (ImageRejectedError, ImageChangedError) as exc:
-                self._fail(journal, str(exc))
-                raise
-            except TaskClosedError as exc:
-                self._abandon(str(exc))
-                raise
         if self._reboot_pending(journal):
             return self._reboot(journal.advanced(Phase.REBOOTING))
         return InstallResult(InstallOutcome.AWAITING_CONFIRM, journal)
@@ -470,6 +453,20 @@ class Installer:
             self._report(journal, TaskState.DOWNLOADING, progress=progress)
         except HubUnreachableError as exc:
             log.warning("progress not reported: %s", exc)
+
+    @contextlib.contextmanager
+    def _ended_on_refusal(self, journal: Journal) -> Iterator[None]:
+        """Before the switch, a refused image fails the install (reported, journal ended) and a task the
+        operator closed is abandoned: either way the next install can start. Everything else propagates
+        with the journal kept, to be resumed."""
+        try:
+            yield
+        except (ImageRejectedError, ImageChangedError) as exc:
+            self._fail(journal, str(exc))
+            raise
+        except TaskClosedError as exc:
+            self._abandon(str(exc))
+            raise
 
     def _fail(self, journal: Journal, reason: str) -> None:
         """Report the failure and end the journal, so the next task can start. The journal ends even when

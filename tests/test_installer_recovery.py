@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from board.interface import SlotName
+from mers.client import DeviceClient
 from mers.confirm import Confirmer
 from mers.daemon import Daemon, DaemonSettings
 from mers.errors import ImageRejectedError, NotConfirmedError, TaskClosedError
@@ -30,6 +31,12 @@ def cut_at(step: InstallStep) -> Callable[[InstallStep], None]:
             raise PowerCut(step)
 
     return hook
+
+
+def install_until_power_cut(rig: Rig, client: DeviceClient, task_id: str, step: InstallStep) -> None:
+    """Install the task until the power goes at `step`."""
+    with pytest.raises(PowerCut):
+        Installer(rig.board, client, settings=TEST_INSTALL, hook=cut_at(step)).install_task(task_id)
 
 
 def cancel(hub: RunningHub, task_id: str) -> None:
@@ -54,10 +61,7 @@ def test_the_daemon_reboots_an_install_that_stopped_between_the_switch_and_the_r
     rig = make_rig(hub, tmp_path)
     task_id = rig.task_for(rig.image("2.0.0", counter=3))
     with rig.client() as client:
-        with pytest.raises(PowerCut):
-            Installer(
-                rig.board, client, settings=TEST_INSTALL, hook=cut_at(InstallStep.SWITCHED)
-            ).install_task(task_id)
+        install_until_power_cut(rig, client, task_id, InstallStep.SWITCHED)
         assert rig.board.boot_env.read()["boot_slot"] == "b"
         assert not rig.board.reboot_requested()
         assert Daemon(client, DaemonSettings(install=TEST_INSTALL)).cycle() is True
@@ -76,10 +80,7 @@ def test_a_task_cancelled_after_verification_ends_the_journal_and_frees_the_inst
     task_id = rig.task_for(rig.image("2.0.0", counter=3))
     with rig.client() as client:
         if when.startswith("killed"):
-            with pytest.raises(PowerCut):
-                Installer(
-                    rig.board, client, settings=TEST_INSTALL, hook=cut_at(InstallStep.VERIFIED)
-                ).install_task(task_id)
+            install_until_power_cut(rig, client, task_id, InstallStep.VERIFIED)
             cancel(hub, task_id)
             with pytest.raises(TaskClosedError):
                 Daemon(client, DaemonSettings(install=TEST_INSTALL)).cycle()
@@ -105,10 +106,8 @@ def test_a_rolled_back_image_is_reported_failed_and_never_armed_again(
 ) -> None:
     rig = make_rig(hub, tmp_path)
     task_id = rig.task_for(rig.image("2.0.0", counter=3))
-    with rig.client() as client, pytest.raises(PowerCut):
-        Installer(rig.board, client, settings=TEST_INSTALL, hook=cut_at(InstallStep.SWITCHED)).install_task(
-            task_id
-        )
+    with rig.client() as client:
+        install_until_power_cut(rig, client, task_id, InstallStep.SWITCHED)
     boot_until_rollback(rig)
     with rig.client() as client:
         with pytest.raises(NotConfirmedError, match="rolled back"):
@@ -125,10 +124,7 @@ def test_a_power_cut_between_journalling_the_switch_and_the_env_write_is_reporte
     rig = make_rig(hub, tmp_path)
     task_id = rig.task_for(rig.image("2.0.0", counter=3))
     with rig.client() as client:
-        with pytest.raises(PowerCut):
-            Installer(
-                rig.board, client, settings=TEST_INSTALL, hook=cut_at(InstallStep.RECORDED)
-            ).install_task(task_id)
+        install_until_power_cut(rig, client, task_id, InstallStep.RECORDED)
         # the state the installer leaves when the power goes after it journalled SWITCHED, before the env
         save_journal(rig.board.state, load_journal(rig.board.state).advanced(Phase.SWITCHED))
         assert Installer(rig.board, client, settings=TEST_INSTALL).resume() is not None
@@ -161,10 +157,7 @@ def test_a_slot_altered_while_the_device_was_down_is_not_activated(hub: RunningH
     rig = make_rig(hub, tmp_path)
     task_id = rig.task_for(rig.image("2.0.0", counter=3))
     with rig.client() as client:
-        with pytest.raises(PowerCut):
-            Installer(
-                rig.board, client, settings=TEST_INSTALL, hook=cut_at(InstallStep.VERIFIED)
-            ).install_task(task_id)
+        install_until_power_cut(rig, client, task_id, InstallStep.VERIFIED)
         with (rig.gateway.path / "slot-b.img").open("r+b") as slot:  # someone with the flash in hand
             slot.seek(1000)
             byte = slot.read(1)
