@@ -30,7 +30,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hub_load import FIRMWARE, Hub, _check, _program, format_table, running_hub
-from sign_verify import BenchError, Row, positive_int, run_measured, write_random_file
+from sign_verify import (
+    BenchError,
+    Row,
+    compile_project_bytecode,
+    positive_int,
+    run_measured,
+    write_random_file,
+)
 
 from board.interface import BoardingData, Identity
 from board.simboard import SimBoard
@@ -95,6 +102,7 @@ def prepare_board(hub: Hub, work: Path, release: Release, index: int) -> tuple[P
 
 def run(image_mib: int = 256, repeat: int = 3) -> list[Row]:
     mers, curl = _program("mers"), _program("curl")
+    compile_project_bytecode()
     installs, curls = [], []
     with tempfile.TemporaryDirectory(prefix="mers-install-bench-") as temporary:
         work = Path(temporary)

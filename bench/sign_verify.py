@@ -15,8 +15,10 @@ fails. Every figure comes from a real subprocess: wall seconds by `time.perf_cou
 from __future__ import annotations
 
 import argparse
+import compileall
 import dataclasses
 import enum
+import importlib.util
 import json
 import os
 import shutil
@@ -224,6 +226,24 @@ def run_measured(argv: Sequence[str], cwd: Path, timeout_s: float) -> _Sample:
 
 # --- preparing inputs -------------------------------------------------------------------------------
 
+#: the project's packages whose console scripts the benchmarks time
+PROJECT_PACKAGES = ("signing", "board", "mers", "hub", "factory")
+
+
+def compile_project_bytecode() -> None:
+    """Write the bytecode of the project's packages before anything is timed, as pip does when it
+    installs a wheel. An editable checkout gets its bytecode at the first run, unless
+    PYTHONDONTWRITEBYTECODE is set (as in many CI images and containers): then every timed run would
+    compile every module from source again, a cost no installed copy pays (0.05 to 0.1 s per command
+    here, half of mers-sign's whole start-up)."""
+    for name in PROJECT_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise BenchError(f"the package {name} is not installed next to this interpreter")
+        for directory in spec.submodule_search_locations:
+            if not compileall.compile_dir(directory, quiet=1):
+                raise BenchError(f"the bytecode of {name} could not be compiled (in {directory})")
+
 
 def write_random_file(path: Path, size_bytes: int) -> None:
     """Fill `path` with `size_bytes` random bytes (incompressible, like a real image), a chunk at a time
@@ -361,6 +381,7 @@ def measure(
     if skip_reason is not None:
         _log(f"imgtool skipped: {skip_reason}")
     tools = _find_tools(with_imgtool=skip_reason is None)
+    compile_project_bytecode()
     with _work_dir(keep_dir) as work:
         _log(f"writing {size_mib} MiB of random data to {work / _PAYLOAD}")
         write_random_file(work / _PAYLOAD, size_bytes)
