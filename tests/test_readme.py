@@ -66,7 +66,9 @@ def _group_of(target: str) -> click.Command:
     module_name, _, attribute = target.partition(":")
     module = importlib.import_module(module_name)
     entry = getattr(module, attribute)
-    command = entry if isinstance(entry, click.Command) else getattr(module, "cli", None)
+    # an entry point that wraps its command (mers-sign's `run`) has the command beside it
+    beside = getattr(module, "cli", None) or getattr(module, "main", None)
+    command = entry if isinstance(entry, click.Command) else beside
     assert isinstance(command, click.Command), f"{target} is neither a click command nor beside one"
     return command
 
