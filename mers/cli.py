@@ -24,6 +24,7 @@ import click
 
 from board.errors import BoardError
 
+from .abandon import abandon_install
 from .boarding import BoardingSource, parse_boarding, read_import_file, store_imported
 from .client import ClientSettings, DeviceClient, OnboardOutcome
 from .confirm import Confirmer
@@ -32,8 +33,9 @@ from .daemon import Daemon, DaemonSettings
 from .download import DownloadSettings
 from .errors import EXIT_STORAGE, MersError
 from .http import HttpSettings
-from .install import Installer, InstallOutcome, InstallSettings
+from .install import Installer, InstallOutcome, InstallSettings, describe_install
 from .install_status import firmware_status
+from .journal import Phase
 from .status import device_status
 from .tasks import TaskClient, TaskState
 
@@ -325,6 +327,36 @@ def confirm(
         )
         result = confirmer.confirm()
     click.echo(result.message)
+
+
+@main.command(epilog='Example: mers abandon --reason "USB stick removed"')
+@click.option(
+    "--reason",
+    default="no reason given",
+    show_default=True,
+    help="Why; journalled, and sent with a task's FAILED report.",
+)
+@board_options
+def abandon(reason: str, board_path: Path, timeout: float, retries: int) -> None:
+    """End an install that cannot or should not finish, before it is armed: its file is gone, its URL
+    expired, it is not wanted. A task is reported FAILED; the running firmware and the boot environment
+    are untouched, and the next install can start.
+
+    Refused once the new slot is armed (SWITCHED, REBOOTING, CONFIRMING): the bootloader and `mers
+    confirm` decide then. Stop `mers run` first if it is retrying the install (exit 6 while it holds the
+    journal)."""
+    with device(board_path, timeout, retries) as client:
+        onboarded = load_credentials(client.board.state) is not None
+        ended = abandon_install(client.board, client if onboarded else None, reason)
+    if ended is None:
+        click.echo("no install in progress: nothing to abandon")
+        return
+    journal = ended.journal
+    where = f" at byte {journal.offset}" if journal.phase is Phase.DOWNLOADING else ""
+    click.echo(
+        f"abandoned the install of {journal.version} ({describe_install(journal)}, {journal.phase}{where})"
+        + (f"; {ended.hub_note}" if ended.hub_note else "")
+    )
 
 
 @main.command(epilog="Example: mers run --poll-interval 600 -v   (systemd: systemd/mers.service)")

@@ -112,6 +112,11 @@ class InstallBusyError(InstallError):
     """Another install is in progress (the journal names it): finish or confirm that one first."""
 
 
+class AbandonRefusedError(InstallError):
+    """The install cannot be abandoned: the new slot is already armed, so the bootloader and `mers
+    confirm` decide how it ends."""
+
+
 class ImageRejectedError(InstallError):
     """The image failed a check: `field` names it (the `signing` error's field, or `size`, `etag`).
     Raised before any slot byte is written whenever the header and trailer alone decide it."""

@@ -171,8 +171,9 @@ class Installer:
                 wanted.location,
             ):
                 raise InstallBusyError(
-                    f"another install is in progress ({journal.phase}, {_describe(journal)}): "
-                    "let it finish (mers run / mers install with the same source) or confirm it"
+                    f"another install is in progress ({journal.phase}, {describe_install(journal)}): "
+                    "let it finish (mers run / mers install with the same source), confirm it, or end "
+                    "it with `mers abandon`"
                 )
             return self._continue(journal)
         with self._ended_on_refusal(wanted):
@@ -510,7 +511,8 @@ def _rehash_prefix(fd: int, length: int, hasher: hashlib._Hash) -> int:
     return offset
 
 
-def _describe(journal: Journal) -> str:
+def describe_install(journal: Journal) -> str:
+    """Where the journal's image comes from, fit for a log or a message (a URL redacted)."""
     if journal.source is SourceKind.TASK:
         return f"task {journal.task_id}"
     if journal.source is SourceKind.URL:
