@@ -232,12 +232,12 @@ class _Budget:
         else:
             try:
                 self._retry = self._retry.increment(
-                    method="GET", url=redacted(fetcher.url), error=_plain(exc)
+                    method="GET", url=redacted(fetcher.url), error=_plain(exc, fetcher.url)
                 )
             except MaxRetryError:
                 raise DownloadError(
                     f"the download from {redacted(fetcher.url)} kept failing at byte {position} "
-                    f"({fetcher.settings.retries + 1} attempts): {_reason(exc)}"
+                    f"({fetcher.settings.retries + 1} attempts): {_reason(exc, fetcher.url)}"
                 ) from None
             self._retry.sleep()
         fetcher.stats.resumes.append(position)
@@ -277,13 +277,18 @@ def _check_content_range(response: requests.Response, start: int, stop: int, url
         raise DownloadError(f"{redacted(url)} answered another range than bytes {start}-{stop - 1}")
 
 
-def _plain(exc: BaseException) -> Exception:
+def _plain(exc: BaseException, url: str) -> Exception:
     """The error for urllib3's history, with no URL in its text."""
-    return Exception(_reason(exc))
+    return Exception(_reason(exc, url))
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, url: str) -> str:
+    """The error's text, or only its type when the text may hold any part of `url`: requests puts the
+    request's URL into its messages ("Max retries exceeded with url: /path?query"), and a signed URL's
+    credential may be in its query (the hub's, S3's) or in its path (CDN tokens)."""
     text = " ".join(str(exc).split())
-    if "?" in text or "https://" in text:  # requests puts the URL (and its signature) into messages
+    parts = urllib.parse.urlsplit(url)
+    pieces = ("https://", parts.query, parts.path, urllib.parse.unquote(parts.path))
+    if "?" in text or any(len(piece) > 1 and piece in text for piece in pieces):
         return type(exc).__name__
     return text[:200] if text else type(exc).__name__

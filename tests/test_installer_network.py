@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import logging
 import random
+import socket
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ import pytest
 
 from board.interface import SlotName
 from hub.home import HubSettings
+from mers.download import BlobFetcher
 from mers.errors import DownloadError
 from mers.install import Installer, InstallOutcome, InstallStep
 from mers.journal import Phase, load_journal
@@ -133,3 +136,20 @@ def test_a_dead_link_ends_after_bounded_retries_and_a_new_url_resumes_from_the_j
         result = Installer(rig.board, client, settings=TEST_INSTALL).install_url(fresh)
     assert result.outcome is InstallOutcome.REBOOTING
     assert result.stats.received == PAYLOAD_SIZE - journal.offset, "resumed at the journalled offset"
+
+
+def test_a_credential_in_the_url_path_stays_out_of_errors_and_logs(
+    hub: RunningHub, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there: every attempt is refused
+    secret = "tok-7f3a9c1e5b2d4068"
+    url = f"https://127.0.0.1:{port}/cdn/{secret}/rootfs.signed"
+    caplog.set_level(logging.DEBUG)
+    fetcher = BlobFetcher(url, hub.ca, settings=replace(TEST_DOWNLOAD, retries=1))
+    with fetcher, pytest.raises(DownloadError) as failure:
+        fetcher.probe()
+    assert "kept failing" in str(failure.value) and "ConnectionError" in str(failure.value)
+    assert secret not in str(failure.value) and secret not in caplog.text
