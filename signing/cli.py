@@ -44,7 +44,7 @@ EXIT_KEY = 3  # a key could not be used
 EXIT_FILE = 4  # an input or output file could not be used
 EXIT_OTHER = 5
 
-STREAM_SWITCH_INTERVAL_S = 0.0001  # see `main`
+STREAM_SWITCH_INTERVAL_S = 0.0001  # see `run`
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -213,11 +213,6 @@ def main() -> None:
       mers-sign sign --key release.pem --version 1.2.0 --security-counter 3 rootfs.img rootfs.signed
       mers-sign verify --key release.pub.pem rootfs.signed
     """
-    # sign and verify stream the image in a background thread that takes the GIL twice per chunk while
-    # this thread imports cryptography and loads keys; at the default 5 ms switch interval each of those
-    # takes waits out the importer's turn, which cost 0.08 s of 0.56 s hashing 512 MiB here; at 0.1 ms
-    # the stream runs at full speed (measured) and the importer barely notices
-    sys.setswitchinterval(STREAM_SWITCH_INTERVAL_S)
 
 
 @main.command()
@@ -501,25 +496,36 @@ def attach(signature: Path, pubkey: Path, image: Path, output_path: Path) -> Non
 
 
 def run() -> NoReturn:
-    """The `mers-sign` console script: `main`, then an exit that skips the interpreter's teardown.
+    """The `mers-sign` console script: `main` tuned for a process of its own, then an exit that skips
+    the interpreter's teardown. Both are process-wide, so they are here, not in `main` (which tests and
+    library users may call in-process).
+
+    sign and verify stream the image in a background thread that takes the GIL twice per chunk while the
+    main thread imports cryptography and loads keys; at the default 5 ms switch interval each of those
+    takes waits out the importer's turn, which cost 0.08 s of 0.56 s hashing 512 MiB here; at 0.1 ms the
+    stream runs at full speed (measured) and the importer barely notices.
 
     When a command returns, everything it owes is done: outputs are fsynced and renamed, key files and
     HSM sessions closed (their context managers saw to it). Unloading cryptography, construct and click
     module by module would add about 20 ms to every command, a visible share of signing an image (the
     benchmark's target is 1.3x the time of hashing the same bytes). Only a clean `SystemExit` takes the
-    shortcut; anything else unwinds as usual, traceback included.
+    shortcut, and only when no PKCS#11 module was loaded: python-pkcs11 calls `C_Finalize` when it unloads
+    one at teardown, and a network HSM's client closes its connection there. Anything else unwinds as
+    usual, traceback included.
     """
+    sys.setswitchinterval(STREAM_SWITCH_INTERVAL_S)
     try:
         main()
     except SystemExit as done:
         code = done.code
     else:  # `main` runs click in standalone mode, which always ends in SystemExit
         code = 0
-    if code is not None and not isinstance(code, int):
-        sys.exit(code)  # a message to print: the interpreter's own path does that
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:  # a closed pipe: what the interpreter's own exit would report, as its exit code
-        os._exit(120)
+    if (code is not None and not isinstance(code, int)) or "pkcs11" in sys.modules:
+        sys.exit(code)  # a message to print, or a module to finalize: the interpreter's own exit does it
+    for stream in (sys.stdout, sys.stderr):  # None when the descriptor was closed (`>&-`)
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # a closed pipe: the interpreter's own exit would also exit 120
+            os._exit(120)
     os._exit(code or 0)

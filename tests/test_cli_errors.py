@@ -13,6 +13,7 @@ import json
 import re
 import stat
 import struct
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import CliResult, run_cli
+from tests.conftest import BIN_DIR, CliResult, run_cli
 
 Argv = list[str | Path]
 MersSign = Callable[..., CliResult]
@@ -1051,3 +1052,23 @@ def test_the_good_images_verify(kit: Kit, mers_sign: MersSign) -> None:
     assert rsa_ok.returncode == 0, rsa_ok.stderr
     ed_ok = mers_sign("verify", "--key", kit.ed25519.public, kit.ed25519_image.path)
     assert ed_ok.returncode == 0, ed_ok.stderr
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&-"], ids=["stdout closed", "stderr closed"])
+def test_a_closed_output_stream_changes_no_verdict(mers_sign: MersSign, tmp_path: Path, closed: str) -> None:
+    key, payload, image = tmp_path / "k.pem", tmp_path / "payload.bin", tmp_path / "image.bin"
+    assert mers_sign("keygen", "--type", "ed25519", "-o", key).returncode == 0
+    payload.write_bytes(bytes(range(256)) * 64)
+    assert mers_sign("sign", "--key", key, "--version", "1.0.0", payload, image).returncode == 0
+    tampered = tmp_path / "tampered.bin"
+    data = bytearray(image.read_bytes())
+    data[100] ^= 1
+    tampered.write_bytes(bytes(data))
+    program = BIN_DIR / "mers-sign"
+    for target, verdict in ((image, 0), (tampered, 1)):
+        argv = [str(program), "verify", "--key", str(tmp_path / "k.pub.pem"), str(target)]
+        completed = subprocess.run(
+            ["sh", "-c", f'"$@" {closed}', "sh", *argv], capture_output=True, text=True, check=False
+        )
+        assert completed.returncode == verdict, completed.stderr
+        assert "Traceback" not in completed.stderr + completed.stdout
