@@ -6,10 +6,13 @@ on the hub. But some sources cannot come back: the USB stick was taken away, the
 the operator has no new one. Without a way out, such a journal would block every later install, and the
 daemon would retry it forever.
 
-Only an install that has not switched can be abandoned (DOWNLOADING or VERIFIED): the boot environment
-is flipped only after SWITCHED is journalled, so the inactive slot is never booted and the running
-firmware is untouched. From SWITCHED on, the new slot is armed, and the bootloader and `mers confirm`
-decide how the install ends.
+Only an install that has not switched can be abandoned (DOWNLOADING or VERIFIED), and only while the
+board agrees: it still runs the slot the install started from, and its boot environment does not point
+at the new slot (a journal is written before the environment, but an older mers or a hand-edited
+environment could have flipped it). Then the inactive slot is never booted and the running firmware is
+untouched; the slot keeps what was written (part of the image, or the verified image and its record),
+inert until the next install overwrites it. From SWITCHED on, the switch has begun, and the bootloader
+and `mers confirm` decide how the install ends.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from board.interface import Board
+from board.interface import ENV_BOOT_SLOT, Board
 
 from .client import DeviceClient
 from .errors import AbandonRefusedError, MersError, NotOnboardedError, TaskClosedError
@@ -51,15 +54,28 @@ def abandon_install(board: Board, client: DeviceClient | None, reason: str) -> A
             return None
         if journal.phase not in ABANDONABLE:
             raise AbandonRefusedError(
-                f"the install of {journal.version} ({describe_install(journal)}) is {journal.phase}: the new "
-                "slot is armed, so the bootloader and `mers confirm` decide how it ends"
+                f"the install of {journal.version} ({describe_install(journal)}) is {journal.phase}: the "
+                "switch has begun, so the bootloader and `mers confirm` decide how it ends"
             )
+        _refuse_if_armed(board, journal)
         message = f"abandoned by the operator: {reason}"
         hub_note = ""
         if journal.source is SourceKind.TASK:
             hub_note = _report_failed(client, journal.task_id, message)
         save_journal(board.state, journal.finished(message))
         return Abandoned(journal, message, hub_note)
+
+
+def _refuse_if_armed(board: Board, journal: Journal) -> None:
+    """The journal says "not switched"; the board must say so too."""
+    env = board.boot_env.read()
+    running = board.active_slot()
+    if running != journal.previous_slot or env.get(ENV_BOOT_SLOT) == journal.slot:
+        raise AbandonRefusedError(
+            f"the journal says {journal.phase}, but the board runs slot {running} and boots slot "
+            f"{env.get(ENV_BOOT_SLOT)} next (the install started from slot {journal.previous_slot}): the "
+            "new slot may be armed, so the bootloader and `mers confirm` decide how the install ends"
+        )
 
 
 def _report_failed(client: DeviceClient | None, task_id: str, message: str) -> str:

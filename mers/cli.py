@@ -3,9 +3,9 @@
 Every command finds its board through `--board PATH` or `MERS_BOARD` (a simulated board directory or a
 gateway TOML file; default /etc/mers/board.toml). Errors are one line on stderr and an exit code:
 2 bad input, 3 not onboarded / no boarding data, 4 board or state storage, 5 hub unreachable (retry
-later), 6 hub refused (the operator must act), 7 image rejected (signature, hash, hardware, downgrade,
-size), 8 the new firmware was not confirmed (health check failed, or rolled back). No secret is ever
-printed, and no image URL (a signed URL is a credential).
+later), 6 refused by the hub or by the install's state (the operator must act), 7 image rejected
+(signature, hash, hardware, downgrade, size), 8 the new firmware was not confirmed (health check failed,
+or rolled back). No secret is ever printed, and no image URL (a signed URL is a credential).
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def main() -> None:
     """The device's cloud client: onboarding, credentials, tasks.
 
     Exit codes: 2 bad input, 3 not onboarded or no boarding data, 4 board storage, 5 hub unreachable
-    (retry later), 6 hub refused (operator action needed), 7 image rejected, 8 new firmware not
-    confirmed (health check failed or rolled back).
+    (retry later), 6 refused by the hub or by the install's state (operator action needed), 7 image
+    rejected, 8 new firmware not confirmed (health check failed or rolled back).
     """
 
 

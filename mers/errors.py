@@ -12,7 +12,7 @@ EXIT_USAGE = 2  # bad input: an option, an import file, boarding data that does 
 EXIT_NOT_ONBOARDED = 3  # nothing to work with yet: no boarding data, or no credentials
 EXIT_STORAGE = 4  # the board or its state files cannot be used
 EXIT_UNREACHABLE = 5  # the hub could not be reached or kept failing (5xx, timeouts): retry later
-EXIT_REFUSED = 6  # the hub refused (4xx): the operator must act (new boarding configuration...)
+EXIT_REFUSED = 6  # the hub refused (4xx), or the install's state forbids the command: the operator must act
 
 
 class MersError(Exception):

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from board.interface import SlotName
-from mers.install import Installer, InstallOutcome, InstallStep
-from mers.journal import JOURNAL_FILE, Phase, journal_owner, load_journal
+from mers.confirm import Confirmer, ConfirmStep
+from mers.daemon import Daemon, DaemonSettings
+from mers.install import Installer, InstallStep
+from mers.journal import JOURNAL_FILE, Phase, journal_owner, load_journal, save_journal
 from tests.hub_helpers import FIRMWARE, RunningHub, running_hub
 from tests.installer_helpers import TEST_INSTALL, Rig, make_rig, slot_files
 
@@ -84,7 +87,9 @@ def test_an_install_whose_usb_stick_was_removed_is_abandoned_and_the_next_one_st
     assert rig.board.slot(SlotName.B).record().version == "2.1.0+0"  # type: ignore[union-attr]
 
 
-def test_an_abandoned_task_is_reported_failed_so_the_daemon_moves_on(hub: RunningHub, tmp_path: Path) -> None:
+def test_an_abandoned_task_is_reported_failed_and_the_daemon_takes_the_next_one(
+    hub: RunningHub, tmp_path: Path
+) -> None:
     rig = make_rig(hub, tmp_path)
     task_id = interrupted_task_install(rig, InstallStep.VERIFIED)
     assert load_journal(rig.board.state).phase is Phase.VERIFIED
@@ -97,12 +102,11 @@ def test_an_abandoned_task_is_reported_failed_so_the_daemon_moves_on(hub: Runnin
     task = rig.task(task_id)
     assert (task["state"], task["message"]) == ("FAILED", "abandoned by the operator: release withdrawn")
     untouched_boot(rig)
+    other = rig.task_for(rig.image("2.1.0", counter=3))
     with rig.client() as client:
-        assert Installer(rig.board, client, settings=TEST_INSTALL).resume() is None
-        other = rig.task_for(rig.image("2.1.0", counter=3))
-        assert Installer(rig.board, client, settings=TEST_INSTALL).install_task(other).outcome is (
-            InstallOutcome.REBOOTING
-        )
+        assert Daemon(client, DaemonSettings(install=TEST_INSTALL)).cycle() is True
+    assert rig.board.reboot_requested()
+    assert (rig.task(other)["state"], rig.task(task_id)["state"]) == ("ACTIVATING", "FAILED")
 
 
 def test_a_task_already_cancelled_on_the_hub_is_abandoned_without_complaint(
@@ -138,19 +142,56 @@ def test_a_device_that_lost_its_hub_can_still_abandon_and_is_told_the_task_stays
     untouched_boot(rig)
 
 
-@pytest.mark.parametrize("step", [InstallStep.SWITCHED, InstallStep.REBOOTING])
-def test_an_armed_install_is_not_abandoned(hub: RunningHub, tmp_path: Path, step: InstallStep) -> None:
+def switched_then_journalled_verified(rig: Rig) -> str:
+    """The environment flipped while the journal still says VERIFIED (as an older mers left it, which
+    wrote the environment before journalling SWITCHED)."""
+    task_id = interrupted_task_install(rig, InstallStep.SWITCHED)
+    journal = load_journal(rig.board.state)
+    save_journal(rig.board.state, replace(journal, phase=Phase.VERIFIED))
+    return task_id
+
+
+def on_trial_while_confirming(rig: Rig) -> str:
+    """Rebooted into the new slot; `mers confirm` lost power during its health checks."""
+    task_id = rig.task_for(rig.image("2.0.0", counter=3))
+    with rig.client() as client:
+        Installer(rig.board, client, settings=TEST_INSTALL).install_task(task_id)
+    rig.boot()
+
+    def cut(step: ConfirmStep) -> None:
+        if step is ConfirmStep.CONFIRMING:
+            raise PowerCut(step)
+
+    with rig.client() as client, pytest.raises(PowerCut):
+        Confirmer(rig.board, client, hook=cut).confirm()
+    assert load_journal(rig.board.state).phase is Phase.CONFIRMING
+    return task_id
+
+
+@pytest.mark.parametrize(
+    "arm",
+    [
+        lambda rig: interrupted_task_install(rig, InstallStep.SWITCHED),
+        lambda rig: interrupted_task_install(rig, InstallStep.REBOOTING),
+        on_trial_while_confirming,
+        switched_then_journalled_verified,
+    ],
+    ids=["switched", "rebooting", "confirming", "verified but the environment flipped"],
+)
+def test_an_armed_install_is_not_abandoned(
+    hub: RunningHub, tmp_path: Path, arm: Callable[[Rig], str]
+) -> None:
     rig = make_rig(hub, tmp_path)
-    task_id = interrupted_task_install(rig, step)
+    task_id = arm(rig)
     journal = rig.board.state.read(JOURNAL_FILE)
     env = rig.board.boot_env.read()
     task_state = rig.task(task_id)["state"]
 
     refused = rig.mers("abandon")
     assert refused.returncode == 6
-    assert "the new slot is armed" in refused.error_line and "mers confirm" in refused.error_line
+    assert "the bootloader and `mers confirm` decide" in refused.error_line
     assert rig.board.state.read(JOURNAL_FILE) == journal
-    assert rig.board.boot_env.read() == env and env["boot_slot"] == "b"
+    assert rig.board.boot_env.read() == env and env["boot_slot"] == "b" and env["upgrade_available"] == "1"
     assert rig.task(task_id)["state"] == task_state != "FAILED"
 
 
