@@ -288,7 +288,8 @@ def _reason(exc: BaseException, url: str) -> str:
     credential may be in its query (the hub's, S3's) or in its path (CDN tokens)."""
     text = " ".join(str(exc).split())
     parts = urllib.parse.urlsplit(url)
-    pieces = ("https://", parts.query, parts.path, urllib.parse.unquote(parts.path))
+    sent = urllib.parse.urlsplit(requests.Request("GET", url).prepare().url or "")  # as requests quotes it
+    pieces = ("https://", parts.query, parts.path, urllib.parse.unquote(parts.path), sent.path, sent.query)
     if "?" in text or any(len(piece) > 1 and piece in text for piece in pieces):
         return type(exc).__name__
     return text[:200] if text else type(exc).__name__

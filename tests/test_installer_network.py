@@ -138,18 +138,23 @@ def test_a_dead_link_ends_after_bounded_retries_and_a_new_url_resumes_from_the_j
     assert result.stats.received == PAYLOAD_SIZE - journal.offset, "resumed at the journalled offset"
 
 
+@pytest.mark.parametrize(
+    ("token", "as_sent"),
+    [("tok-7f3a9c1e5b2d4068", "tok-7f3a9c1e5b2d4068"), ("tok 7f3a|9c1e", "tok%207f3a%7C9c1e")],
+    ids=["plain", "quoted when sent"],
+)
 def test_a_credential_in_the_url_path_stays_out_of_errors_and_logs(
-    hub: RunningHub, caplog: pytest.LogCaptureFixture
+    hub: RunningHub, caplog: pytest.LogCaptureFixture, token: str, as_sent: str
 ) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     listener.close()  # nothing listens there: every attempt is refused
-    secret = "tok-7f3a9c1e5b2d4068"
-    url = f"https://127.0.0.1:{port}/cdn/{secret}/rootfs.signed"
+    url = f"https://127.0.0.1:{port}/cdn/{token}/rootfs.signed"
     caplog.set_level(logging.DEBUG)
     fetcher = BlobFetcher(url, hub.ca, settings=replace(TEST_DOWNLOAD, retries=1))
     with fetcher, pytest.raises(DownloadError) as failure:
         fetcher.probe()
     assert "kept failing" in str(failure.value) and "ConnectionError" in str(failure.value)
-    assert secret not in str(failure.value) and secret not in caplog.text
+    for secret in {token, as_sent, "7f3a"}:
+        assert secret not in str(failure.value) and secret not in caplog.text
