@@ -87,6 +87,13 @@ class TooManyRequestsError(HubError):
     code = "too_many_requests"
 
 
+class InsufficientStorageError(HubError):
+    """The hub's disk is full: nothing was stored, and the same request can succeed once space is freed."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
 class ReleaseRejectedError(HubError):
     """An uploaded image failed verification against the hub's release trust keys."""
 

@@ -11,6 +11,7 @@ stored once and answered with the release that already holds them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -31,7 +32,12 @@ from signing.keys import PublicKey
 from signing.verify import Trust, VerifiedImage, verify_image
 
 from .database import Database
-from .errors import NotFoundError, PayloadTooLargeError, ReleaseRejectedError
+from .errors import (
+    InsufficientStorageError,
+    NotFoundError,
+    PayloadTooLargeError,
+    ReleaseRejectedError,
+)
 from .models import Release
 from .timefmt import iso
 from .tokens import Clock
@@ -40,6 +46,7 @@ from .trust import trust_anchors
 #: bytes gathered from the request before one write-and-hash in a worker thread
 WRITE_CHUNK = 4 << 20
 UPLOAD_PREFIX = ".upload-"
+LEFTOVER_AGE_S = 3600.0  # an upload's temporary file untouched this long belongs to no live upload
 _ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -158,8 +165,12 @@ def _admit(
 
 async def spool(body: AsyncIterable[bytes], directory: Path, max_size: int) -> Spooled:
     """Write `body` to a new temporary file in `directory` while hashing it; at most `max_size` bytes.
-    On any failure (too large, client gone, disk full) the temporary file is removed."""
-    fd, name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=directory)
+    On any failure (too large, client gone, disk full) the temporary file is removed; a full disk is a
+    507, which the uploader can retry once space is freed."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=directory)
+    except OSError as exc:
+        raise _storage_error(exc) from exc
     path = Path(name)
     hasher = hashlib.sha256()
     size = 0
@@ -176,10 +187,35 @@ async def spool(body: AsyncIterable[bytes], directory: Path, max_size: int) -> S
                     pending.clear()
             await anyio.to_thread.run_sync(_write_and_hash, output, hasher, pending)
             await anyio.to_thread.run_sync(_sync, output)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise _storage_error(exc) from exc
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     return Spooled(path, hasher.hexdigest(), size)
+
+
+def _storage_error(exc: OSError) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorageError("the hub's storage is full: the release was not stored")
+    return exc
+
+
+def sweep_upload_leftovers(directory: Path, now: float, min_age: float = LEFTOVER_AGE_S) -> int:
+    """Remove the temporary files of uploads that a crash or a kill cut short (an upload that fails
+    cleanly removes its own); how many were removed. Only files untouched for `min_age` seconds: an
+    upload in progress writes its file continuously, so a second server sharing the directory, or one
+    restarted in a hurry, never loses a live upload."""
+    removed = 0
+    for path in directory.glob(f"{UPLOAD_PREFIX}*"):
+        try:
+            if now - path.stat().st_mtime >= min_age:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue  # finished (renamed into place) or removed meanwhile
+    return removed
 
 
 def _write_and_hash(output: BinaryIO, hasher: hashlib._Hash, data: bytearray) -> None:

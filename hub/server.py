@@ -17,6 +17,7 @@ import uvicorn
 from .app import create_app
 from .errors import HubSetupError
 from .home import HubHome
+from .releases import sweep_upload_leftovers
 from .state import HubState, load_state
 from .tokens import Clock
 
@@ -75,6 +76,9 @@ def build_server(
             raise HubSetupError(f"{path} is missing; is {home.root} a hub directory made by mers-hub init?")
     url = url_for(sock)
     state = load_state(home, url, clock)
+    swept = sweep_upload_leftovers(home.blobs, clock())
+    if swept:
+        log.info("removed %d temporary file(s) of uploads cut short", swept)
     config = uvicorn.Config(
         create_app(state),
         ssl_certfile=str(home.server_certificate),

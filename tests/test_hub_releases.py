@@ -3,8 +3,10 @@ once under their SHA-256; bad ones are refused with the verifier's reason and le
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +16,9 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from hub.home import HubSettings
+from hub import releases
+from hub.home import HubHome, HubSettings
+from hub.server import bind, build_server
 from signing import Trust, verify_image
 from signing.keys import KeyAlgorithm
 from tests.firmware_helpers import stored_files, trust, upload
@@ -236,6 +240,41 @@ def test_an_upload_over_the_size_limit_is_refused_and_nothing_is_stored(tmp_path
         assert_nothing_stored(small)
         within = make_image(tmp_path, [signer], payload=os.urandom(90_000), name="small.signed")
         assert upload(small, within).status_code == 201
+
+
+def test_a_full_disk_answers_507_and_stores_nothing(
+    hub: RunningHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signer = signer_for(KeyAlgorithm.ED25519)
+    trust(hub, signer)
+    image = make_image(tmp_path, [signer])
+
+    def disk_full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(releases, "_write_and_hash", disk_full)  # the disk fills up during the upload
+        refused = upload(hub, image)
+    assert refused.status_code == 507, refused.text
+    assert refused.json()["error"] == "insufficient_storage"
+    assert_nothing_stored(hub)
+    assert upload(hub, image).status_code == 201, "space freed: the same upload succeeds"
+
+
+def test_temporary_files_of_uploads_cut_short_are_swept_when_the_hub_starts(tmp_path: Path) -> None:
+    with running_hub(tmp_path / "hub") as first:
+        blobs = first.state.blobs
+    crashed, live = blobs / f"{releases.UPLOAD_PREFIX}crashed", blobs / f"{releases.UPLOAD_PREFIX}live"
+    crashed.write_bytes(b"half an image")
+    live.write_bytes(b"an upload still being written by another server")
+    hour_ago = time.time() - releases.LEFTOVER_AGE_S - 60
+    os.utime(crashed, (hour_ago, hour_ago))
+    sock = bind("127.0.0.1", 0)
+    try:
+        build_server(HubHome(tmp_path / "hub"), sock).hub.close()
+    finally:
+        sock.close()
+    assert not crashed.exists() and live.exists()
 
 
 def test_an_upload_needs_the_admin_token_and_a_name(hub: RunningHub, tmp_path: Path) -> None:
