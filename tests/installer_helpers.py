@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +171,23 @@ def mers_peak_rss_kib(rig: Rig, *args: str | Path) -> int:
     completed = subprocess.run([sys.executable, "-c", _RSS_LAUNCHER, *argv], capture_output=True, check=False)
     assert completed.returncode == 0, completed.stderr.decode()
     return int(completed.stdout)
+
+
+# --- power cuts in-process ----------------------------------------------------------------------------
+
+
+class PowerCut(BaseException):
+    """Nothing after the step runs (a BaseException, so no `except Exception` can swallow it)."""
+
+
+def cut_at(step: InstallStep) -> Callable[[InstallStep], None]:
+    """An installer hook that cuts the power when the install reaches `step`."""
+
+    def hook(seen: InstallStep) -> None:
+        if seen is step:
+            raise PowerCut(step)
+
+    return hook
 
 
 # --- a TCP proxy that cuts connections ------------------------------------------------------------------

@@ -18,19 +18,7 @@ from mers.daemon import Daemon, DaemonSettings
 from mers.install import Installer, InstallStep
 from mers.journal import JOURNAL_FILE, Phase, journal_owner, load_journal, save_journal
 from tests.hub_helpers import FIRMWARE, RunningHub, running_hub
-from tests.installer_helpers import TEST_INSTALL, Rig, make_rig, slot_files
-
-
-class PowerCut(BaseException):
-    """Nothing after the step runs (a BaseException, so no `except Exception` can swallow it)."""
-
-
-def cut_at(step: InstallStep) -> Callable[[InstallStep], None]:
-    def hook(seen: InstallStep) -> None:
-        if seen is step:
-            raise PowerCut(step)
-
-    return hook
+from tests.installer_helpers import TEST_INSTALL, PowerCut, Rig, cut_at, make_rig, slot_files
 
 
 def interrupted_task_install(rig: Rig, step: InstallStep, version: str = "2.0.0") -> str:

@@ -5,7 +5,6 @@ ends, and nothing is armed twice."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,19 +17,7 @@ from mers.errors import ImageRejectedError, NotConfirmedError, TaskClosedError
 from mers.install import Installer, InstallOutcome, InstallStep
 from mers.journal import Phase, load_journal, save_journal
 from tests.hub_helpers import FIRMWARE, RunningHub, running_hub
-from tests.installer_helpers import TEST_INSTALL, Rig, make_rig
-
-
-class PowerCut(BaseException):
-    """Nothing after the step runs (a BaseException, so no `except Exception` can swallow it)."""
-
-
-def cut_at(step: InstallStep) -> Callable[[InstallStep], None]:
-    def hook(seen: InstallStep) -> None:
-        if seen is step:
-            raise PowerCut(step)
-
-    return hook
+from tests.installer_helpers import TEST_INSTALL, PowerCut, Rig, cut_at, make_rig
 
 
 def install_until_power_cut(rig: Rig, client: DeviceClient, task_id: str, step: InstallStep) -> None:
