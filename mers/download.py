@@ -288,8 +288,12 @@ def _reason(exc: BaseException, url: str) -> str:
     credential may be in its query (the hub's, S3's) or in its path (CDN tokens)."""
     text = " ".join(str(exc).split())
     parts = urllib.parse.urlsplit(url)
-    sent = urllib.parse.urlsplit(requests.Request("GET", url).prepare().url or "")  # as requests quotes it
-    pieces = ("https://", parts.query, parts.path, urllib.parse.unquote(parts.path), sent.path, sent.query)
+    pieces = ["https://", parts.query, parts.path, urllib.parse.unquote(parts.path)]
+    try:
+        sent = urllib.parse.urlsplit(requests.Request("GET", url).prepare().url or "")
+        pieces += [sent.path, sent.query]  # as requests quotes them into its messages
+    except requests.RequestException:  # a URL requests cannot even prepare: nothing was sent
+        pass
     if "?" in text or any(len(piece) > 1 and piece in text for piece in pieces):
         return type(exc).__name__
     return text[:200] if text else type(exc).__name__
