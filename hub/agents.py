@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, func, select, update
+from sqlalchemy import CursorResult, delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -78,6 +78,7 @@ def create_agent(
     session: Session, *, name: str, profile: SecurityProfile, description: str, now: float, max_agents: int
 ) -> Agent:
     """A new agent with an empty data source configuration; 409 on a taken name or a full tenant."""
+    _take_creation_turn(session)
     _check_name_free(session, name)
     if _count(session) >= max_agents:
         raise LimitReachedError(f"the hub already has its maximum of {max_agents} agents")
@@ -96,7 +97,7 @@ def create_agent(
     session.add(DataSourceConfiguration(agent_id=agent.id, etag=1, document=json.dumps(EMPTY_DOCUMENT)))
     _flush_unique_name(session, name)
     # counted again after the insert: on SQLite the insert holds the write lock, so two concurrent
-    # creations cannot both see room for one more
+    # creations cannot both see room for one more (PostgreSQL took its turn above)
     if _count(session) > max_agents:
         raise LimitReachedError(f"the hub already has its maximum of {max_agents} agents")
     return agent
@@ -206,6 +207,19 @@ def replace_data_source_configuration(
     if rowcount(result) != 1:
         raise PreconditionFailedError("the configuration changed meanwhile: read it again")
     return StoredConfiguration(document, expected_etag + 1)
+
+
+#: a PostgreSQL advisory lock key of our own ("mersagnt"), held by an agent creation until it commits
+_CREATION_LOCK_KEY = 0x6D657273_61676E74
+
+
+def _take_creation_turn(session: Session) -> None:
+    """On PostgreSQL, creations take turns until their transaction ends: at READ COMMITTED two of them
+    would each count the agents without the other's uncommitted row and both pass `max_agents` (seen
+    with 16 at once). Behind the lock, each statement's snapshot holds every creation committed before.
+    SQLite needs nothing: its writers are serialised by the database lock."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATION_LOCK_KEY})
 
 
 def _count(session: Session) -> int:

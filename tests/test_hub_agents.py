@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
+import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -139,6 +142,33 @@ def test_the_hub_refuses_agents_beyond_max_agents(tmp_path: Path) -> None:
         deleted = hub.admin("DELETE", agent_path(first["id"]), headers={"If-Match": first["eTag"]})
         assert deleted.status_code == 204
         create_agent(hub, "gw-3")
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_concurrent_creations_never_pass_max_agents(
+    tmp_path: Path, request: pytest.FixtureRequest, database: str
+) -> None:
+    url = request.getfixturevalue("postgres_url") if database == "postgresql" else None
+    settings = HubSettings(max_agents=4, database_url=url) if url else HubSettings(max_agents=4)
+    with running_hub(tmp_path / "hub", settings) as hub:
+        start = threading.Barrier(16)
+
+        def create(number: int) -> int:
+            with requests.Session() as http:  # a connection of its own: requests at the same moment
+                start.wait()
+                response = http.post(
+                    f"{hub.url}{AGENTS}/agents",
+                    json={"name": f"gw-{number}", "securityProfile": "SHARED_SECRET"},
+                    headers={"Authorization": f"Bearer {hub.admin_token}"},
+                    verify=str(hub.ca),
+                    timeout=30,
+                )
+            return response.status_code
+
+        with ThreadPoolExecutor(16) as pool:
+            statuses = sorted(pool.map(create, range(16)))
+        assert statuses == [201] * 4 + [409] * 12
+        assert hub.admin("GET", f"{AGENTS}/agents").json()["totalElements"] == 4
 
 
 def test_agents_are_listed_a_page_at_a_time_and_found_by_exact_name(hub: RunningHub) -> None:
