@@ -6,7 +6,8 @@ bounded retries with exponential backoff and jitter, bounded answers, and the hu
   replacing our bearer token) and route through an environment proxy. The proxy comes only from the
   boarding data's network configuration.
 - Retries: urllib3's `Retry` through requests' `HTTPAdapter`, for connection errors, timeouts, dropped
-  connections and 429/5xx, on every method. That is safe here: registering again is refused as in
+  connections and 429/5xx, on every method; an answer cut short after its headers is asked for again
+  with the same budget. That is safe here: registering again is refused as in
   progress (429) or as a used IAT; renewing again with the same RAT is what the hub's previous-RAT rule
   exists for; token requests have no side effect the client relies on.
 - Redirects are not followed: a bearer token must never be sent where the hub did not ask for it.
@@ -23,6 +24,7 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, ProtocolError
 from urllib3.util.retry import Retry
 
 from .boarding import NetworkConfig
@@ -125,8 +127,27 @@ class HubSession:
 
     def request(self, method: str, target: str, *, bearer: str | None = None, **kwargs: Any) -> HubAnswer:
         """`target` is a path under the base URL, or an absolute https URL the hub gave (the registration
-        client URI). Network failures and 5xx that outlast the retries raise `HubUnreachableError`."""
+        client URI). Network failures and 5xx that outlast the retries raise `HubUnreachableError`.
+
+        An answer cut short after its headers (the connection dropped mid-body) is asked for again, with
+        the same budget and backoff: urllib3's retries end once the headers are in, and the reasons that
+        make retrying every method safe (module docstring) hold for a repeated request too."""
         url = self._url(target)
+        cuts = self._settings.retry()
+        while True:
+            try:
+                return self._attempt(method, url, bearer, kwargs)
+            except _AnswerCut as cut:
+                try:
+                    cuts = cuts.increment(method=method, url=_origin(url), error=ProtocolError(cut.reason))
+                except MaxRetryError:
+                    raise HubUnreachableError(
+                        f"the hub at {_origin(url)} kept cutting its answer short "
+                        f"({self._settings.retries + 1} attempts): {cut.reason}"
+                    ) from None
+                cuts.sleep()
+
+    def _attempt(self, method: str, url: str, bearer: str | None, kwargs: dict[str, Any]) -> HubAnswer:
         headers = {"Accept": "application/json"}
         if bearer is not None:
             headers["Authorization"] = f"Bearer {bearer}"
@@ -142,7 +163,10 @@ class HubSession:
                 stream=True,
                 **kwargs,
             ) as response:
-                body = _bounded_body(response)
+                try:
+                    body = _bounded_body(response)
+                except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError) as exc:
+                    raise _AnswerCut(_reason(exc)) from exc
                 elapsed = response.elapsed.total_seconds()
                 answer = HubAnswer(
                     response.status_code, {k.lower(): v for k, v in response.headers.items()}, body
@@ -173,6 +197,14 @@ class HubSession:
         if urllib.parse.urlsplit(target).scheme != "https":
             raise HubProtocolError(f"the hub gave a URL that is not https: {target[:100]!r}")
         return target
+
+
+class _AnswerCut(Exception):
+    """The connection dropped after the answer's headers, before its whole body."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _bounded_body(response: requests.Response) -> bytes:

@@ -110,8 +110,9 @@ def lock_board(board: SimBoard) -> None:
 
 @dataclass
 class BadServer:
-    """A TLS server on 127.0.0.1 that answers every request with 500, hangs, or drops the connection;
-    `connections` counts the attempts the client made."""
+    """A TLS server on 127.0.0.1 that answers every request with 500, hangs, drops the connection, or
+    cuts its answer short after the headers (`cut`; `cut-once` only on the first connection, then answers
+    whole); `connections` counts the attempts the client made."""
 
     mode: str
     ca_pem: bytes
@@ -139,7 +140,7 @@ def bad_server(mode: str) -> Iterator[BadServer]:
     server = BadServer(mode, material.ca_certificate_pem, listener.getsockname()[1])
     held: list[socket.socket] = []
 
-    def serve_one(raw: socket.socket) -> None:
+    def serve_one(raw: socket.socket, number: int) -> None:
         try:
             connection = context.wrap_socket(raw, server_side=True)
             connection.recv(65536)
@@ -153,6 +154,21 @@ def bad_server(mode: str) -> Iterator[BadServer]:
                 connection.close()
             elif mode == "drop":
                 connection.close()
+            elif mode == "cut" or (mode == "cut-once" and number == 1):
+                # the headers promise 100 bytes; the connection drops after 10 of them
+                connection.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                    + b'{"answer":'
+                )
+                connection.close()
+            elif mode == "cut-once":
+                body = b'{"answer": "whole"}'
+                connection.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                    + body
+                )
+                connection.close()
             else:  # hang: hold the connection open, say nothing
                 held.append(connection)
         except (OSError, ssl.SSLError):
@@ -164,7 +180,7 @@ def bad_server(mode: str) -> Iterator[BadServer]:
             if ready:
                 raw, _ = listener.accept()
                 server.connections += 1
-                threading.Thread(target=serve_one, args=(raw,), daemon=True).start()
+                threading.Thread(target=serve_one, args=(raw, server.connections), daemon=True).start()
 
     thread = threading.Thread(target=accept_loop, daemon=True)
     thread.start()

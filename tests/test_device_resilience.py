@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from mers.client import RenewalStep
+from mers.clock import HubClock
 from mers.errors import EXIT_UNREACHABLE, HubUnreachableError
+from mers.http import HubSession
 from tests.conftest import run_cli
 from tests.device_helpers import (
     DAY,
@@ -163,6 +165,31 @@ def test_a_misbehaving_hub_gets_bounded_retries_then_a_clear_error(
     }
     assert expected[mode] in str(failure.value)
     assert elapsed < (FAST_HTTP.read_timeout + 1) * (FAST_HTTP.retries + 1) + 5
+
+
+def test_an_answer_cut_short_after_its_headers_is_asked_for_again(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    with bad_server("cut-once") as server:
+        ca.write_bytes(server.ca_pem)
+        session = HubSession(server.url, ca, HubClock(), settings=FAST_HTTP)
+        try:
+            answer = session.request("GET", "/api/firmwaredeployment/v3/installationTasks", bearer="token")
+        finally:
+            session.close()
+        assert (answer.status, answer.json()) == (200, {"answer": "whole"})
+        assert server.connections == 2
+
+
+def test_answers_always_cut_short_end_after_bounded_retries(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    with bad_server("cut") as server:
+        ca.write_bytes(server.ca_pem)
+        session = HubSession(server.url, ca, HubClock(), settings=FAST_HTTP)
+        with pytest.raises(HubUnreachableError) as failure:
+            session.request("GET", "/api/firmwaredeployment/v3/installationTasks", bearer="token")
+        session.close()
+        assert server.connections == FAST_HTTP.retries + 1
+    assert f"kept cutting its answer short ({FAST_HTTP.retries + 1} attempts)" in str(failure.value)
 
 
 def test_the_cli_reports_an_unreachable_hub_on_one_line(hub: RunningHub, tmp_path: Path) -> None:
