@@ -140,18 +140,21 @@ def bad_server(mode: str) -> Iterator[BadServer]:
     server = BadServer(mode, material.ca_certificate_pem, listener.getsockname()[1])
     held: list[socket.socket] = []
 
+    def answer(connection: ssl.SSLSocket, status: str, body: bytes) -> None:
+        connection.sendall(
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        connection.close()
+
     def serve_one(raw: socket.socket, number: int) -> None:
         try:
             connection = context.wrap_socket(raw, server_side=True)
             connection.recv(65536)
             if mode == "500":
-                body = b'{"error": "server_error", "error_description": "the database is down"}'
-                connection.sendall(
-                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
-                    + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                    + body
-                )
-                connection.close()
+                error = b'{"error": "server_error", "error_description": "the database is down"}'
+                answer(connection, "500 Internal Server Error", error)
             elif mode == "drop":
                 connection.close()
             elif mode == "cut" or (mode == "cut-once" and number == 1):
@@ -162,13 +165,7 @@ def bad_server(mode: str) -> Iterator[BadServer]:
                 )
                 connection.close()
             elif mode == "cut-once":
-                body = b'{"answer": "whole"}'
-                connection.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                    + body
-                )
-                connection.close()
+                answer(connection, "200 OK", b'{"answer": "whole"}')
             else:  # hang: hold the connection open, say nothing
                 held.append(connection)
         except (OSError, ssl.SSLError):
