@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from signing import Trust, verify_image
@@ -68,11 +68,13 @@ def test_any_truncation_or_extension_is_rejected(tmp_path, data):
     image, _ = valid_image(KeyAlgorithm.ED25519)
     cut = data.draw(st.integers(0, len(image) - 1), label="cut")
     tail = data.draw(st.binary(max_size=8), label="appended")
-    with pytest.raises(SigningError):
-        _verify_bytes(tmp_path, image[:cut] + tail, KeyAlgorithm.ED25519)
     if tail:
         with pytest.raises(SigningError):
             _verify_bytes(tmp_path, image + tail, KeyAlgorithm.ED25519)
+    # cutting the last bytes and appending the same ones gives the valid image back: not a mutation
+    assume(image[:cut] + tail != image)
+    with pytest.raises(SigningError):
+        _verify_bytes(tmp_path, image[:cut] + tail, KeyAlgorithm.ED25519)
 
 
 def _info_of(directory: Path, data: bytes) -> None:
