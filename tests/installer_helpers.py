@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from board.bootloader import BootOutcome, BootResult, boot
 from board.interface import Identity, SlotName
 from board.simboard import SimBoard
@@ -188,6 +190,14 @@ def cut_at(step: InstallStep) -> Callable[[InstallStep], None]:
             raise PowerCut(step)
 
     return hook
+
+
+def interrupted_task_install(rig: Rig, step: InstallStep, version: str = "2.0.0") -> str:
+    """A task for a new release (counter 3) whose install lost power at `step`; its id."""
+    task_id = rig.task_for(rig.image(version, counter=3))
+    with rig.client() as client, pytest.raises(PowerCut):
+        Installer(rig.board, client, settings=TEST_INSTALL, hook=cut_at(step)).install_task(task_id)
+    return task_id
 
 
 # --- a TCP proxy that cuts connections ------------------------------------------------------------------

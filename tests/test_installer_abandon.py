@@ -18,15 +18,15 @@ from mers.daemon import Daemon, DaemonSettings
 from mers.install import Installer, InstallStep
 from mers.journal import JOURNAL_FILE, Phase, journal_owner, load_journal, save_journal
 from tests.hub_helpers import FIRMWARE, RunningHub, running_hub
-from tests.installer_helpers import TEST_INSTALL, PowerCut, Rig, cut_at, make_rig, slot_files
-
-
-def interrupted_task_install(rig: Rig, step: InstallStep, version: str = "2.0.0") -> str:
-    """A task whose install lost power at `step`; its id."""
-    task_id = rig.task_for(rig.image(version, counter=3))
-    with rig.client() as client, pytest.raises(PowerCut):
-        Installer(rig.board, client, settings=TEST_INSTALL, hook=cut_at(step)).install_task(task_id)
-    return task_id
+from tests.installer_helpers import (
+    TEST_INSTALL,
+    PowerCut,
+    Rig,
+    cut_at,
+    interrupted_task_install,
+    make_rig,
+    slot_files,
+)
 
 
 def untouched_boot(rig: Rig) -> None:

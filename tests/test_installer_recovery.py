@@ -10,20 +10,13 @@ from pathlib import Path
 import pytest
 
 from board.interface import SlotName
-from mers.client import DeviceClient
 from mers.confirm import Confirmer
 from mers.daemon import Daemon, DaemonSettings
 from mers.errors import ImageRejectedError, NotConfirmedError, TaskClosedError
 from mers.install import Installer, InstallOutcome, InstallStep
 from mers.journal import Phase, load_journal, save_journal
 from tests.hub_helpers import FIRMWARE, RunningHub, running_hub
-from tests.installer_helpers import TEST_INSTALL, PowerCut, Rig, cut_at, make_rig
-
-
-def install_until_power_cut(rig: Rig, client: DeviceClient, task_id: str, step: InstallStep) -> None:
-    """Install the task until the power goes at `step`."""
-    with pytest.raises(PowerCut):
-        Installer(rig.board, client, settings=TEST_INSTALL, hook=cut_at(step)).install_task(task_id)
+from tests.installer_helpers import TEST_INSTALL, Rig, interrupted_task_install, make_rig
 
 
 def cancel(hub: RunningHub, task_id: str) -> None:
@@ -46,9 +39,8 @@ def test_the_daemon_reboots_an_install_that_stopped_between_the_switch_and_the_r
     hub: RunningHub, tmp_path: Path
 ) -> None:
     rig = make_rig(hub, tmp_path)
-    task_id = rig.task_for(rig.image("2.0.0", counter=3))
+    task_id = interrupted_task_install(rig, InstallStep.SWITCHED)
     with rig.client() as client:
-        install_until_power_cut(rig, client, task_id, InstallStep.SWITCHED)
         assert rig.board.boot_env.read()["boot_slot"] == "b"
         assert not rig.board.reboot_requested()
         assert Daemon(client, DaemonSettings(install=TEST_INSTALL)).cycle() is True
@@ -64,10 +56,12 @@ def test_a_task_cancelled_after_verification_ends_the_journal_and_frees_the_inst
     hub: RunningHub, tmp_path: Path, when: str
 ) -> None:
     rig = make_rig(hub, tmp_path)
-    task_id = rig.task_for(rig.image("2.0.0", counter=3))
+    if when.startswith("killed"):
+        task_id = interrupted_task_install(rig, InstallStep.VERIFIED)
+    else:
+        task_id = rig.task_for(rig.image("2.0.0", counter=3))
     with rig.client() as client:
         if when.startswith("killed"):
-            install_until_power_cut(rig, client, task_id, InstallStep.VERIFIED)
             cancel(hub, task_id)
             with pytest.raises(TaskClosedError):
                 Daemon(client, DaemonSettings(install=TEST_INSTALL)).cycle()
@@ -92,9 +86,7 @@ def test_a_rolled_back_image_is_reported_failed_and_never_armed_again(
     hub: RunningHub, tmp_path: Path
 ) -> None:
     rig = make_rig(hub, tmp_path)
-    task_id = rig.task_for(rig.image("2.0.0", counter=3))
-    with rig.client() as client:
-        install_until_power_cut(rig, client, task_id, InstallStep.SWITCHED)
+    task_id = interrupted_task_install(rig, InstallStep.SWITCHED)
     boot_until_rollback(rig)
     with rig.client() as client:
         with pytest.raises(NotConfirmedError, match="rolled back"):
@@ -109,9 +101,8 @@ def test_a_power_cut_between_journalling_the_switch_and_the_env_write_is_reporte
     hub: RunningHub, tmp_path: Path
 ) -> None:
     rig = make_rig(hub, tmp_path)
-    task_id = rig.task_for(rig.image("2.0.0", counter=3))
+    task_id = interrupted_task_install(rig, InstallStep.RECORDED)
     with rig.client() as client:
-        install_until_power_cut(rig, client, task_id, InstallStep.RECORDED)
         # the state the installer leaves when the power goes after it journalled SWITCHED, before the env
         save_journal(rig.board.state, load_journal(rig.board.state).advanced(Phase.SWITCHED))
         assert Installer(rig.board, client, settings=TEST_INSTALL).resume() is not None
@@ -142,9 +133,8 @@ def test_a_trial_that_lost_its_hub_is_refused_by_the_daemon_so_the_bootloader_ca
 
 def test_a_slot_altered_while_the_device_was_down_is_not_activated(hub: RunningHub, tmp_path: Path) -> None:
     rig = make_rig(hub, tmp_path)
-    task_id = rig.task_for(rig.image("2.0.0", counter=3))
+    task_id = interrupted_task_install(rig, InstallStep.VERIFIED)
     with rig.client() as client:
-        install_until_power_cut(rig, client, task_id, InstallStep.VERIFIED)
         with (rig.gateway.path / "slot-b.img").open("r+b") as slot:  # someone with the flash in hand
             slot.seek(1000)
             byte = slot.read(1)
