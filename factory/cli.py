@@ -4,8 +4,8 @@ A thin click layer over `station`, `boarding_source` and `records`. Every failur
 ``mers-factory: error: ...``, and one of the exit codes of `factory.errors.ExitCode`:
 
 - 0 done; 1 several boards failed in different ways; 2 usage or bad input (options, key file, batch
-  file, network file, CA bundle); 3 refused (IAT expiring or claimed for another serial, board locked over
-  other data, read-back mismatch, a write refused by the board); 4 serial port (busy, gone, no answer);
+  file, network file, CA bundle); 3 refused (IAT expiring or claimed for another serial, a duplicate serial
+  number, board locked over other data, read-back mismatch, a write refused by the board); 4 serial port (busy, gone, no answer);
   5 hub (unreachable, TLS, refused); 6 records (database, or a broken chain for ``records verify``).
 
 The admin token is read from a file and never printed; records and output keep the IAT's ``jti``, never

@@ -123,6 +123,13 @@ class SerialAlreadyProvisionedError(RefusedError):
     field = "serial"
 
 
+class SerialInProgressError(RefusedError):
+    """Another attempt is writing a board with this serial number right now (or took this attempt's
+    claim over while it stalled): a duplicate serial, refused before anything is written."""
+
+    field = "serial"
+
+
 class VerificationError(RefusedError):
     """The read-back does not match what the station wrote; the board was not locked."""
 

@@ -14,12 +14,19 @@ Tables (SQLAlchemy Core; SQLite by default, PostgreSQL when several stations sha
   sure an IAT goes to one serial number only.
 - ``boards``: serial number PRIMARY KEY -> the lock digest, written when a board is locked and verified; an
   unlocked board presenting a serial number found here is a duplicate serial, refused.
+- ``serial_claims``: serial number PRIMARY KEY -> the attempt writing a board with that serial right now
+  (its token, station, port, and when it last checked in), taken before the boarding configuration is
+  fetched and released when the attempt ends. Two boards with one serial number on two ports (or two
+  stations) at once would otherwise both pass the ``boards`` check, both receive the same IAT and both be
+  locked: the second is refused before anything is written. An attempt checks in before each write; a
+  claim left by a station that stopped frees itself once it has not checked in for the station's timeout.
 
 Records keep the IAT's ``jti`` and expiry, never the token.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
 import hashlib
@@ -34,7 +41,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
-from .errors import ChainBrokenError, IatError, RecordsError, SerialAlreadyProvisionedError
+from .errors import (
+    ChainBrokenError,
+    IatError,
+    RecordsError,
+    SerialAlreadyProvisionedError,
+    SerialInProgressError,
+)
 
 GENESIS: Final = "0" * 64
 _SCHEMA_LOCK: Final = 0x6D657273  # "mers": the advisory lock key of the schema setup
@@ -82,6 +95,16 @@ boards = sa.Table(
     sa.Column("provisioned_at", sa.String(32), nullable=False),
 )
 
+serial_claims = sa.Table(
+    "serial_claims",
+    metadata,
+    sa.Column("serial_number", sa.String(128), primary_key=True),
+    sa.Column("token", sa.String(64), nullable=False),
+    sa.Column("station", sa.String(255), nullable=False),
+    sa.Column("port", sa.String(1024), nullable=False),
+    sa.Column("checked_in_at", sa.Float, nullable=False),  # epoch seconds: compared, never hashed
+)
+
 _APPEND_ONLY_SQLITE: Final = [
     f"CREATE TRIGGER IF NOT EXISTS attempts_no_{verb.lower()} BEFORE {verb} ON attempts "
     "BEGIN SELECT RAISE(ABORT, 'the records are append-only'); END"
@@ -121,6 +144,17 @@ class Attempt:
     ended_at: str
     outcome: Outcome
     error: str
+
+
+@dataclass(frozen=True)
+class SerialClaim:
+    """An attempt's hold on a serial number: `token` is its own, so no other attempt (even one of the
+    same station name, as cloned station images have) can pass for it."""
+
+    serial_number: str
+    token: str
+    station: str
+    port: str
 
 
 def timestamp(seconds: float | None = None) -> str:
@@ -265,6 +299,82 @@ class Records:
             raise RecordsError(f"cannot record the board: {_reason(error)}") from None
         if self.provisioned_digest(serial_number) != lock_digest:
             raise SerialAlreadyProvisionedError(f"another board with serial {serial_number} was provisioned")
+
+    def claim_serial(self, claim: SerialClaim, now: float, timeout: float) -> None:
+        """Take `claim`'s serial number for its attempt; `SerialInProgressError` while another attempt
+        holds it and has checked in within `timeout` seconds (an older claim is taken over)."""
+        for _ in range(APPEND_ATTEMPTS):
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(sa.insert(serial_claims).values(**asdict(claim), checked_in_at=now))
+                return
+            except IntegrityError:
+                pass
+            except SQLAlchemyError as error:
+                raise RecordsError(f"cannot claim the serial number: {_reason(error)}") from None
+            held = self._serial_claim(claim.serial_number)
+            if held is None:
+                continue  # released meanwhile: try again
+            if held.checked_in_at > now - timeout:
+                raise SerialInProgressError(
+                    f"a board with serial {claim.serial_number} is being provisioned by station "
+                    f"{held.station} on {held.port} (checked in {timestamp(held.checked_in_at)}): two "
+                    f"boards with one serial number? A claim left by a station that stopped frees itself "
+                    f"{timeout:.0f} s after its last check-in"
+                )
+            with self._claims_transaction("claim the serial number") as connection:
+                taken = connection.execute(
+                    sa.update(serial_claims)
+                    .where(
+                        serial_claims.c.serial_number == claim.serial_number,
+                        serial_claims.c.token == held.token,
+                        serial_claims.c.checked_in_at == held.checked_in_at,
+                    )
+                    .values(**asdict(claim), checked_in_at=now)
+                )
+            if taken.rowcount == 1:
+                return
+        raise RecordsError(f"cannot claim serial {claim.serial_number}: other attempts keep taking it")
+
+    def check_in(self, claim: SerialClaim, now: float) -> None:
+        """Renew `claim` before an irreversible step; `SerialInProgressError` if another attempt took it
+        over meanwhile (this one stalled past the timeout): the caller must then write nothing more."""
+        with self._claims_transaction("renew the serial number's claim") as connection:
+            renewed = connection.execute(
+                sa.update(serial_claims)
+                .where(
+                    serial_claims.c.serial_number == claim.serial_number, serial_claims.c.token == claim.token
+                )
+                .values(checked_in_at=now)
+            )
+        if renewed.rowcount != 1:
+            raise SerialInProgressError(
+                f"this attempt's claim on serial {claim.serial_number} was taken over by another board's "
+                "attempt while it stalled; nothing more is written"
+            )
+
+    def release_serial(self, claim: SerialClaim) -> None:
+        """End `claim` (only ours: a claim taken over meanwhile stays with its new holder)."""
+        with self._claims_transaction("release the serial number") as connection:
+            connection.execute(
+                sa.delete(serial_claims).where(
+                    serial_claims.c.serial_number == claim.serial_number, serial_claims.c.token == claim.token
+                )
+            )
+
+    def _serial_claim(self, serial_number: str) -> Any:
+        with self._claims_transaction("read the serial number's claim") as connection:
+            return connection.execute(
+                sa.select(serial_claims).where(serial_claims.c.serial_number == serial_number)
+            ).first()
+
+    @contextlib.contextmanager
+    def _claims_transaction(self, doing: str) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as connection:
+                yield connection
+        except SQLAlchemyError as error:
+            raise RecordsError(f"cannot {doing}: {_reason(error)}") from None
 
     def _text(self, query: sa.Select[Any]) -> str | None:
         try:

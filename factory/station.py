@@ -4,9 +4,11 @@ irreversible step, and one record per attempt whatever happens.
     open (exclusive) -> params, echo -> info
       locked over the expected digest: "already provisioned", nothing written, no IAT consumed
       locked over anything else: refused
-    -> boarding configuration (IAT valid beyond the margin, claimed for this serial in the records)
+    -> boarding configuration: the serial number claimed for this attempt in the records (a second board
+       with the same serial on another port or station at the same moment is refused here), the IAT
+       valid beyond the margin and claimed for this serial in the records
     -> write_key (slots in order), write_boarding (chunked) -> info: read-back must match
-    -> lock {digest} -> info: locked over that digest -> record
+    -> lock {digest} -> info: locked over that digest -> record, claim released
 
 `lock` is sent only after the read-back matched what the station computed, and the board itself refuses
 a lock over a digest it does not hold, so a board is never sealed over mismatched data. Every write is
@@ -18,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -37,10 +40,13 @@ from .errors import (
     VerificationError,
 )
 from .ports import stable_path
-from .records import Attempt, Outcome, Records, timestamp
+from .records import Attempt, Outcome, Records, SerialClaim, timestamp
 from .smp_link import DEFAULT_RETRIES, SmpLink
 
 DEFAULT_IAT_MARGIN_S: Final = 24 * 3600.0
+# a board takes seconds to provision, and its attempt checks in before every write: a claim this old was
+# left by a station that stopped
+DEFAULT_SERIAL_CLAIM_TIMEOUT_S: Final = 300.0
 MAX_UPLOAD_RESTARTS: Final = 3
 ECHO_TEXT: Final = "mers-factory"
 
@@ -57,6 +63,7 @@ class StationConfig:
     station: str = "station"
     retries: int = DEFAULT_RETRIES
     chunk_size: int = wire.RECOMMENDED_CHUNK_SIZE
+    serial_claim_timeout: float = DEFAULT_SERIAL_CLAIM_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.keys) <= wire.KEY_SLOTS:
@@ -105,6 +112,7 @@ class _Progress:
     outcome: Outcome = Outcome.FAILED
     error: FactoryError | None = None
     link: SmpLink | None = None
+    claim: SerialClaim | None = None
 
     @property
     def wire_bytes(self) -> int:
@@ -145,6 +153,7 @@ class Station:
             progress.error = error
             progress.outcome = Outcome.FAILED
         self._record(progress)
+        self._release_claim(progress)
         self._emit(progress, "done", progress.outcome.value, _describe(progress.error))
         return Result(
             progress.port,
@@ -182,6 +191,7 @@ class Station:
         with self._step(progress, "verify"):
             self._check_readback(_info(link), progress.digest, request)
         with self._step(progress, "lock"):
+            self._check_in(progress)
             locked = wire.LockResponse.from_cbor(
                 _call(link, wire.LOCK, wire.LockRequest(progress.digest).to_cbor())
             )
@@ -216,6 +226,8 @@ class Station:
         progress.outcome = Outcome.ALREADY_PROVISIONED
 
     def _obtain_boarding(self, serial_number: str, progress: _Progress) -> Boarding:
+        progress.claim = SerialClaim(serial_number, uuid.uuid4().hex, self.config.station, progress.port)
+        self.records.claim_serial(progress.claim, self.clock(), self.config.serial_claim_timeout)
         if self.records.provisioned_digest(serial_number) is not None:
             raise SerialAlreadyProvisionedError(
                 f"a board with serial {serial_number} was already provisioned and locked; this one is not"
@@ -232,6 +244,7 @@ class Station:
 
     def _write_keys(self, link: SmpLink, info: wire.InfoResponse, progress: _Progress) -> None:
         with self._step(progress, "write_key"):
+            self._check_in(progress)
             for slot, key in enumerate(self.config.keys):
                 if info.slots[slot].key_hash == key.key_hash:
                     continue  # written by an earlier attempt
@@ -244,6 +257,7 @@ class Station:
         self, link: SmpLink, info: wire.InfoResponse, request: wire.WriteBoardingRequest, progress: _Progress
     ) -> None:
         with self._step(progress, "write_boarding"):
+            self._check_in(progress)
             if info.boarding is not None and info.boarding.hashes == progress.hashes:
                 return  # written by an earlier attempt
             hashes = _upload(link, request, self.config.chunk_size)
@@ -258,6 +272,21 @@ class Station:
             raise VerificationError("the boarding data read back differs from what was written")
         if info.digest != digest:
             raise VerificationError("the key slots read back differ from what was written")
+
+    # --- the serial number's claim
+
+    def _check_in(self, progress: _Progress) -> None:
+        """Before each write: this attempt still holds its serial number (see `Records.check_in`)."""
+        if progress.claim is None:
+            raise RuntimeError("a board is written only under its serial number's claim")
+        self.records.check_in(progress.claim, self.clock())
+
+    def _release_claim(self, progress: _Progress) -> None:
+        """Let the serial number go once the attempt is recorded. If the records cannot be reached, the
+        claim stays until its timeout: a later attempt on this serial waits, nothing is lost."""
+        if progress.claim is not None:
+            with contextlib.suppress(RecordsError):
+                self.records.release_serial(progress.claim)
 
     # --- events and records
 

@@ -1,5 +1,6 @@
-"""The records: the hash chain, its verification, append-only rules, concurrent stations appending, and
-the IAT claims that keep one IAT out of two boards, on SQLite and on PostgreSQL."""
+"""The records: the hash chain, its verification, append-only rules, concurrent stations appending, the
+IAT claims that keep one IAT out of two boards, and the serial claims that keep two boards with one serial
+number from being written at once, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from factory.errors import ChainBrokenError, IatError, SerialAlreadyProvisionedError
-from factory.records import GENESIS, Attempt, Outcome, Records, row_hash, timestamp
+from factory.errors import ChainBrokenError, IatError, SerialAlreadyProvisionedError, SerialInProgressError
+from factory.records import GENESIS, Attempt, Outcome, Records, SerialClaim, row_hash, timestamp
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -164,3 +165,64 @@ def test_a_second_board_with_a_provisioned_serial_is_a_duplicate(records: Record
     records.mark_provisioned("GW-1", "aa" * 32, "jti-1")
     with pytest.raises(SerialAlreadyProvisionedError):
         records.mark_provisioned("GW-1", "bb" * 32, "jti-2")
+
+
+# --- serial claims -----------------------------------------------------------------------------------
+
+TIMEOUT = 300.0
+T0 = 1_800_000_000.0
+
+
+def serial_claim(token: str, station: str = "station-1", port: str = "/dev/ttyUSB0") -> SerialClaim:
+    return SerialClaim("GW-1", token, station, port)
+
+
+def test_a_serial_is_held_by_one_attempt_until_it_releases_it(records: Records) -> None:
+    first = serial_claim("a" * 32)
+    records.claim_serial(first, T0, TIMEOUT)
+    # another attempt, even one of a station with the same name on the same port path (a cloned image)
+    for other in (serial_claim("b" * 32, "station-2", "/dev/ttyUSB1"), serial_claim("c" * 32)):
+        with pytest.raises(SerialInProgressError, match=r"GW-1.*station-1 on /dev/ttyUSB0"):
+            records.claim_serial(other, T0 + 10, TIMEOUT)
+    records.release_serial(first)
+    records.claim_serial(serial_claim("b" * 32, "station-2"), T0 + 11, TIMEOUT)
+
+
+def test_a_claim_is_taken_over_only_once_its_holder_stopped_checking_in(records: Records) -> None:
+    stalled, other = serial_claim("a" * 32), serial_claim("b" * 32, "station-2")
+    records.claim_serial(stalled, T0, TIMEOUT)
+    records.check_in(stalled, T0 + 200)
+    with pytest.raises(SerialInProgressError):
+        records.claim_serial(other, T0 + 350, TIMEOUT)  # 150 s after the check-in: still held
+    records.claim_serial(other, T0 + 501, TIMEOUT)
+    with pytest.raises(SerialInProgressError, match="taken over"):
+        records.check_in(stalled, T0 + 502)  # the stalled attempt must write nothing more
+    records.release_serial(stalled)  # ends its own claim only: the new holder keeps the serial
+    records.check_in(other, T0 + 503)
+    with pytest.raises(SerialInProgressError, match="station-2"):
+        records.claim_serial(serial_claim("c" * 32), T0 + 504, TIMEOUT)
+
+
+def test_concurrent_claims_of_one_serial_let_exactly_one_attempt_win(records: Records) -> None:
+    url = records.engine.url.render_as_string(hide_password=False)
+    barrier = threading.Barrier(6)
+    winners: list[str] = []
+
+    def claim(token: str) -> None:
+        store = Records.open(url)
+        try:
+            barrier.wait(60)
+            store.claim_serial(serial_claim(token, port=f"/dev/ttyUSB{token[0]}"), T0, TIMEOUT)
+            winners.append(token)
+        except SerialInProgressError:
+            pass
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=claim, args=(str(index) * 32,)) for index in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(winners) == 1
+    records.check_in(serial_claim(winners[0]), T0 + 1)

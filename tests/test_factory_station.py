@@ -4,6 +4,7 @@ and several boards at once."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,13 +14,14 @@ import pytest
 
 from board.interface import BoardingData
 from board.simboard import SimBoard
-from factory.boarding_source import BatchSource, canonical_json
+from factory.boarding_source import BatchSource, Boarding, BoardingSource, canonical_json
 from factory.errors import (
     IatError,
     LineError,
     LockedOverOtherDataError,
     PortGoneError,
     SerialAlreadyProvisionedError,
+    SerialInProgressError,
     VerificationError,
 )
 from factory.records import Outcome, Records
@@ -161,6 +163,76 @@ def test_an_unlocked_board_with_the_serial_of_a_provisioned_one_is_refused(
         result = station(files, source, records).provision(duplicate.port)
     assert isinstance(result.error, SerialAlreadyProvisionedError)
     assert SimBoard.open(tmp_path / "b").boarding_data() is None
+
+
+class SlowHub:
+    """A boarding source that takes `delay` seconds to hand out a configuration, as a busy hub does: an
+    attempt that asks for one is surely still running when a second board's attempt starts."""
+
+    def __init__(self, source: BoardingSource, delay: float) -> None:
+        self.source, self.delay = source, delay
+
+    def current(self, serial_number: str) -> Boarding | None:
+        return self.source.current(serial_number)
+
+    def fresh(self, serial_number: str, not_before: float) -> Boarding:
+        time.sleep(self.delay)
+        return self.source.fresh(serial_number, not_before)
+
+
+def unwritten(board_dir: Path) -> bool:
+    locked, key_hashes, config = board_state(board_dir)
+    return not locked and set(key_hashes) == {None} and config is None
+
+
+def test_two_boards_with_one_serial_at_once_are_never_both_provisioned(
+    tmp_path: Path, records: Records
+) -> None:
+    files = station_files(tmp_path / "files")
+    source = SlowHub(
+        BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": boarding_document("GW-1")})), 1
+    )
+    with (
+        ConsoleProcess(make_board(tmp_path / "a", "GW-1")) as first,
+        ConsoleProcess(make_board(tmp_path / "b", "GW-1")) as duplicate,
+    ):
+        results = station(files, source, records).provision_all([first.port, duplicate.port])
+        [won] = [result for result in results if result.error is None]
+        [refused] = [result for result in results if result.error is not None]
+        assert isinstance(refused.error, SerialInProgressError), refused.error
+        assert won.port in str(refused.error)  # the operator learns where the other board is
+        board_dirs = {first.port: tmp_path / "a", duplicate.port: tmp_path / "b"}
+        assert board_state(board_dirs[won.port])[0]
+        assert unwritten(board_dirs[refused.port])  # no key, no IAT, no lock
+        # the claim ended with the first attempt: the duplicate is now refused as a provisioned serial
+        again = station(files, source, records).provision(refused.port)
+    assert isinstance(again.error, SerialAlreadyProvisionedError)
+    assert unwritten(board_dirs[refused.port])
+    assert sorted(row["outcome"] for row in records.rows("GW-1")) == ["failed", "failed", "provisioned"]
+
+
+def test_a_stalled_attempt_whose_claim_was_taken_over_writes_nothing(
+    tmp_path: Path, records: Records
+) -> None:
+    files = station_files(tmp_path / "files")
+    batch = BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": boarding_document("GW-1")}))
+    with (
+        ConsoleProcess(make_board(tmp_path / "a", "GW-1")) as stalled_port,
+        ConsoleProcess(make_board(tmp_path / "b", "GW-1")) as later_port,
+    ):
+        stalled = station(files, SlowHub(batch, 2), records, serial_claim_timeout=60)
+        # a second station whose clock says the first one's claim is long stale (it stalled past the
+        # timeout on a hub that did not answer)
+        later = station(files, batch, records, serial_claim_timeout=60)
+        later.clock = lambda: time.time() + 120
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            stalled_result = pool.submit(stalled.provision, stalled_port.port)
+            time.sleep(1)  # the stalled attempt holds the claim and waits for the hub
+            assert later.provision(later_port.port).error is None
+            refused = stalled_result.result(60)
+    assert isinstance(refused.error, SerialInProgressError) and "taken over" in str(refused.error)
+    assert unwritten(tmp_path / "a")
+    assert board_state(tmp_path / "b")[0]
 
 
 def test_a_noisy_line_at_a_byte_error_rate_of_1e_3_still_completes(tmp_path: Path, records: Records) -> None:
