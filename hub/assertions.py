@@ -11,7 +11,9 @@ Pure functions over the assertion, the agent's credentials and the hub's clock; 
 - `iss` = `sub` = the client, `aud` contains "southgate": an assertion made for another client or another
   service cannot be replayed here;
 - `exp`, `nbf`, `iat` against the hub's clock with a bounded leeway, and a bounded lifetime: a stolen or
-  logged assertion is useful only briefly.
+  logged assertion is useful only briefly;
+- a `jti` is required, and the token endpoint spends it (`oauth`): one assertion buys one token
+  (RFC 7523 section 3, item 7).
 
 Real clients differ (RS384 or RS256, `aud` as a string or an array, base64url with `=` padding); all of
 that is accepted.
@@ -33,6 +35,7 @@ AUDIENCE = "southgate"
 SHARED_SECRET_ALGORITHMS = ("HS256",)
 RSA_ALGORITHMS = ("RS256", "RS384")
 MAX_CLIENT_ID_LENGTH = 64
+MAX_JTI_LENGTH = 255
 _LARGEST_TIME = 2**53
 
 #: signature only; every claim is checked below, against the hub's clock rather than the system's
@@ -95,10 +98,20 @@ def claimed_client(assertion: str) -> str:
     return client
 
 
+@dataclass(frozen=True)
+class VerifiedAssertion:
+    """A valid assertion: which of the client's credentials signed it, its `jti`, and until when the hub
+    would accept it (its `exp` plus the leeway), which is how long its `jti` must be remembered."""
+
+    key_index: int
+    jti: str
+    acceptable_until: float
+
+
 def verify_assertion(
     assertion: str, client_id: str, keys: Sequence[ClientKey], policy: AssertionPolicy, now: float
-) -> int:
-    """The index in `keys` of the credential that signed a valid assertion of `client_id`; otherwise
+) -> VerifiedAssertion:
+    """The valid assertion of `client_id` and the credential in `keys` that signed it; otherwise
     `invalid_client` (no credential verifies it) or `invalid_grant` (its claims are wrong)."""
     try:
         algorithm = jwt.get_unverified_header(assertion).get("alg")
@@ -119,7 +132,7 @@ def verify_assertion(
         except jwt.PyJWTError as exc:
             raise InvalidRequestError(f"client_assertion is malformed: {exc}") from exc
         check_claims(claims, client_id, policy, now)
-        return index
+        return VerifiedAssertion(index, claims["jti"], _time_claim(claims, "exp") + policy.leeway)
     raise invalid_client("the assertion's signature does not verify with the client's credentials")
 
 
@@ -143,6 +156,11 @@ def check_claims(claims: dict[str, Any], client_id: str, policy: AssertionPolicy
         raise invalid_grant("the assertion is not valid yet (iat/nbf); check the agent's clock")
     if expires - min(issued, not_before) > policy.max_lifetime:
         raise invalid_grant(f"the assertion may be valid for at most {policy.max_lifetime:.0f} s")
+    jti = claims.get("jti")
+    if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI_LENGTH:
+        raise invalid_grant(
+            f"the assertion needs a jti: a unique string of at most {MAX_JTI_LENGTH} characters"
+        )
 
 
 def _time_claim(claims: dict[str, Any], name: str) -> float:

@@ -44,9 +44,19 @@ def _configure_sqlite(connection: Any, _record: object) -> None:
     cursor.close()
 
 
+# the key of the advisory lock under which hub servers sharing a PostgreSQL database create tables
+_SCHEMA_LOCK = 0x6D657273_6875  # "mershu"
+
+
 def create_schema(engine: Engine) -> None:
+    """Create the tables the hub lacks: all of them at `mers-hub init`, and at every start the ones a newer
+    version added, so a hub made by an older one keeps working. Servers starting together on one
+    PostgreSQL database would race on its catalog, so there it runs under an advisory lock."""
     try:
-        Base.metadata.create_all(engine)
+        with engine.begin() as connection:
+            if engine.dialect.name == "postgresql":
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+            Base.metadata.create_all(connection)
     except OperationalError as exc:
         raise HubSetupError(
             f"cannot create the hub's tables in {engine.url.render_as_string(hide_password=True)}: {exc.orig}"

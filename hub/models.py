@@ -64,6 +64,18 @@ class Agent(Base):
     previous_expire_at: Mapped[float | None] = mapped_column(Float, default=None)
 
 
+class SpentAssertion(Base):
+    """A client assertion the token endpoint accepted, by its `jti`, kept until the assertion would be
+    refused as expired anyway: one assertion buys one access token, so a captured one cannot buy more."""
+
+    __tablename__ = "spent_assertions"
+
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    jti: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: the assertion's `exp` plus the hub's leeway: after this, its row can go
+    acceptable_until: Mapped[float] = mapped_column(Float, index=True)
+
+
 class DataSourceConfiguration(Base):
     __tablename__ = "data_source_configurations"
 

@@ -4,6 +4,10 @@ still be used, and the access token in return. Also the public key that verifies
 An access token carries `cgen`, the agent's credential generation, so offboarding (which bumps it)
 revokes every access token already handed out. The first assertion signed with a renewed set retires the
 previous set and RAT (see `onboarding`).
+
+Each assertion's `jti` is spent in the same transaction that grants the token: the same assertion again
+(replayed from a capture, or re-sent by a client whose answer was lost) is `invalid_grant`, and changes
+nothing. Spent `jti`s are kept only while their assertion could still be accepted.
 """
 
 from __future__ import annotations
@@ -11,11 +15,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from .assertions import AssertionPolicy, ClientKey, claimed_client, invalid_client, verify_assertion
+from .assertions import (
+    AssertionPolicy,
+    ClientKey,
+    VerifiedAssertion,
+    claimed_client,
+    invalid_client,
+    invalid_grant,
+    verify_assertion,
+)
 from .jwks import AgentPublicKey
-from .models import Agent, BoardingStatus, SecurityProfile
+from .models import Agent, BoardingStatus, SecurityProfile, SpentAssertion
 from .oauth_form import TokenRequest
 from .state import HubState
 from .tokens import AGENT_SCOPES, HubKey, IssuedToken, TokenKind
@@ -58,7 +72,8 @@ def grant_access_token(state: HubState, request: TokenRequest) -> AccessTokenGra
             raise invalid_client("unknown client, or an agent that is not onboarded")
         sets = credential_sets(agent)
         keys = [credential.key for credential in sets]
-        chosen = sets[verify_assertion(request.client_assertion, client_id, keys, policy, now)]
+        verified = verify_assertion(request.client_assertion, client_id, keys, policy, now)
+        chosen = sets[verified.key_index]
         if chosen.expires_at <= now:
             raise invalid_client("the client's credentials have expired; renew them with the RAT")
         if chosen.is_current and agent.previous_rat_jti is not None and not _same_as_previous(agent):
@@ -74,9 +89,25 @@ def grant_access_token(state: HubState, request: TokenRequest) -> AccessTokenGra
                 )
             )
         generation = agent.credential_generation
+        _spend(session, client_id, verified, now)
     claims = {"ten": settings.tenant, "scope": list(AGENT_SCOPES), "cgen": generation}
     issued = state.issuer.mint(TokenKind.ACCESS, client_id, settings.access_token_lifetime, claims)
     return AccessTokenGrant(issued, settings.access_token_lifetime)
+
+
+def _spend(session: Session, client_id: str, verified: VerifiedAssertion, now: float) -> None:
+    """Remember `verified`'s `jti` (and forget those no longer acceptable anyway); `invalid_grant` when
+    it was spent before, which rolls the whole grant back."""
+    session.execute(delete(SpentAssertion).where(SpentAssertion.acceptable_until < now))
+    session.add(
+        SpentAssertion(client_id=client_id, jti=verified.jti, acceptable_until=verified.acceptable_until)
+    )
+    try:
+        session.flush()
+    except IntegrityError:
+        raise invalid_grant(
+            "this assertion was already used: sign a new one, with a new jti, for each token request"
+        ) from None
 
 
 def credential_sets(agent: Agent) -> list[CredentialSet]:

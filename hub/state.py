@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fastapi import Request
 
-from .database import Database, open_engine
+from .database import Database, create_schema, open_engine
 from .home import HubHome, HubSettings
 from .tokens import Clock, HubKey, TokenIssuer
 
@@ -37,10 +37,12 @@ def load_state(home: HubHome, base_url: str, clock: Clock = time.time) -> HubSta
     settings = home.settings()
     base_url = (settings.public_url or base_url).rstrip("/")
     key = HubKey.from_pem(home.read_secret(home.signing_key), source=str(home.signing_key))
+    engine = open_engine(home.database_url())
+    create_schema(engine)
     return HubState(
         home=home,
         settings=settings,
-        database=Database(open_engine(home.database_url())),
+        database=Database(engine),
         issuer=TokenIssuer(key, base_url, clock),
         url_secret=home.read_secret(home.url_secret).strip(),
         admin_token_hash=home.read_secret(home.admin_token_hash).decode("ascii", "replace").strip(),

@@ -254,8 +254,15 @@ class DeviceClient:
             if held.client_secret is None:
                 raise CorruptStateError("the stored SHARED_SECRET credentials have no client secret")
             signing_key = held.client_secret
-        assertion = client_assertion(stored.client_id, stored.tenant, signing_key, self.clock.now())
-        answer = session.request("POST", TOKEN_PATH, data=token_form(assertion))
+        # A 400 invalid_grant gets one more try with a new assertion. The hub spends each assertion's jti,
+        # and the transport's retry after an answer lost on the way back (the hub had granted the token)
+        # sends the spent one again; a refusal for the device's clock is cured too, since the 400 brought
+        # the hub's time and the new assertion is dated by it.
+        for _ in range(2):
+            assertion = client_assertion(stored.client_id, stored.tenant, signing_key, self.clock.now())
+            answer = session.request("POST", TOKEN_PATH, data=token_form(assertion))
+            if answer.status != 400 or answer.error()[0] != "invalid_grant":
+                break
         if answer.status not in (200, 401):
             raise onboarding.refusal(answer, "token request")
         return answer

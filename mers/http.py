@@ -9,7 +9,8 @@ bounded retries with exponential backoff and jitter, bounded answers, and the hu
   connections and 429/5xx, on every method; an answer cut short after its headers is asked for again
   with the same budget. That is safe here: registering again is refused as in
   progress (429) or as a used IAT; renewing again with the same RAT is what the hub's previous-RAT rule
-  exists for; token requests have no side effect the client relies on.
+  exists for; a token request sent again is refused as a spent assertion, and the client signs a new one
+  (`mers.client`).
 - Redirects are not followed: a bearer token must never be sent where the hub did not ask for it.
 - Answers are read up to `MAX_ANSWER` bytes: a hostile or broken server cannot fill the device's memory.
 """

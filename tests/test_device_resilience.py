@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from hub import oauth
+from hub.oauth_form import TokenRequest
+from hub.state import HubState
 from mers.client import RenewalStep
 from mers.clock import HubClock
 from mers.errors import EXIT_UNREACHABLE, HubUnreachableError
@@ -107,6 +110,34 @@ def test_a_lost_renewal_answer_is_recovered_with_the_previous_rat(hub: RunningHu
     assert agent_record(hub, gateway.agent_id)["previous_rat_jti"] == rat_id(held.rat)
     assert_recovers(hub, gateway)
     assert rat_id(held.rat) not in gateway.stored_rat_ids()
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_a_token_answer_lost_after_the_hub_granted_it_is_recovered_with_a_new_assertion(
+    hub: RunningHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, profile: str
+) -> None:
+    """The hub granted a token (spending the assertion), then failed before answering, as a gateway's
+    load balancer does when it times out: the transport sends the same assertion again, which the hub
+    refuses as spent, and the client signs a new one."""
+    gateway = make_gateway(hub, tmp_path / "gw", profile=profile)
+    with gateway.client() as client:
+        client.onboard()
+    granted: list[str] = []
+    grant = oauth.grant_access_token
+
+    def answer_lost_the_first_time(state: HubState, request: TokenRequest) -> oauth.AccessTokenGrant:
+        result = grant(state, request)
+        granted.append(request.client_assertion)
+        if len(granted) == 1:
+            raise RuntimeError("the hub fails after granting, before answering")
+        return result
+
+    monkeypatch.setattr(oauth, "grant_access_token", answer_lost_the_first_time)
+    with gateway.client() as client:
+        token = client.access_token()
+    assert len(granted) == 2 and granted[0] != granted[1]
+    response = hub.request("GET", "/api/firmwaredeployment/v3/installationTasks", token=token)
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("skew", [2 * 3600.0, -2 * 3600.0])

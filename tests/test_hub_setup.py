@@ -19,6 +19,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from hub.errors import HubSetupError
 from hub.home import HubHome, HubSettings
 from hub.setup import create_hub, hash_admin_token
+from hub.state import load_state
 from hub.tokens import HubKey
 
 SECRET_FILES = (
@@ -101,7 +102,20 @@ def test_the_database_has_the_hub_tables(made: tuple[HubHome, str]) -> None:
         tables = set(sqlalchemy.inspect(engine).get_table_names())
     finally:
         engine.dispose()
-    assert {"agents", "trusted_keys", "releases", "installation_tasks"} <= tables
+    assert {"agents", "trusted_keys", "releases", "installation_tasks", "spent_assertions"} <= tables
+
+
+def test_a_hub_made_before_a_table_existed_gets_it_when_it_starts(made: tuple[HubHome, str]) -> None:
+    home, _token = made
+    engine = sqlalchemy.create_engine(home.database_url())
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("DROP TABLE spent_assertions")
+        state = load_state(home, "https://127.0.0.1:8443")
+        state.close()
+        assert "spent_assertions" in sqlalchemy.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
 
 
 def test_the_server_certificate_names_loopback_localhost_and_the_given_hostnames(

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import threading
 import urllib.parse
 from typing import Any
 
@@ -20,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hub.errors import InvalidRequestError
+from hub.models import SpentAssertion
 from hub.oauth_form import MAX_FIELDS, parse_form
 from tests.hub_helpers import (
     AGENTS,
@@ -266,8 +268,23 @@ def test_an_assertion_valid_for_too_long_is_refused(hub: RunningHub, secret_agen
         {"exp": "tomorrow"},
         {"iat": True},
         {"exp": 10**30},
+        {"jti": ""},
+        {"jti": 7},
+        {"jti": "j" * 256},
     ],
-    ids=["aud-string", "aud-array", "no-aud", "iss", "tenant", "exp-text", "iat-bool", "exp-huge"],
+    ids=[
+        "aud-string",
+        "aud-array",
+        "no-aud",
+        "iss",
+        "tenant",
+        "exp-text",
+        "iat-bool",
+        "exp-huge",
+        "jti-empty",
+        "jti-number",
+        "jti-long",
+    ],
 )
 def test_an_authentic_assertion_with_wrong_claims_is_refused(
     hub: RunningHub, secret_agent: OnboardedAgent, claims: dict[str, Any]
@@ -288,6 +305,73 @@ def test_an_assertion_naming_another_subject_is_refused(
         {"alg": "HS256"}, anonymous, lambda data: hmac.new(secret, data, hashlib.sha256).digest()
     )
     _refused(hub, secret_agent, unnamed, 401, "invalid_client")
+
+
+def test_an_assertion_without_a_jti_is_refused(hub: RunningHub, secret_agent: OnboardedAgent) -> None:
+    claims = {k: v for k, v in standard_claims(hub, secret_agent.id).items() if k != "jti"}
+    secret = (secret_agent.client_secret or "").encode()
+    assertion = hand_made_jwt(
+        {"alg": "HS256"}, claims, lambda data: hmac.new(secret, data, hashlib.sha256).digest()
+    )
+    _refused(hub, secret_agent, assertion, 400, "invalid_grant")
+
+
+# --- one assertion, one token ------------------------------------------------------------------------
+
+
+def spent_assertions(hub: RunningHub) -> int:
+    with hub.state.database.transaction() as session:
+        return session.query(SpentAssertion).count()
+
+
+def test_an_assertion_buys_one_token_and_its_replay_changes_nothing(hub_on_each_database: RunningHub) -> None:
+    hub = hub_on_each_database
+    agent = onboard_agent(hub, "gw-1")
+    assert agent.renew().status_code == 200  # the previous set is kept until the new one is used...
+    assertion = agent.assertion()
+    assert post_assertion(hub, assertion).status_code == 200  # ...and this retires it
+    before = agent_record(hub, agent.id)
+    replayed = post_assertion(hub, assertion)
+    assert_hub_error(replayed, 400, "invalid_grant")
+    assert "already used" in replayed.json()["error_description"]
+    assert agent_record(hub, agent.id) == before
+    assert post_assertion(hub, agent.assertion()).status_code == 200  # a new one, as clients make
+
+
+def test_one_assertion_sent_many_times_at_once_buys_one_token(hub_on_each_database: RunningHub) -> None:
+    hub = hub_on_each_database
+    agent = onboard_agent(hub, "gw-1")
+    assertion = agent.assertion()
+    barrier = threading.Barrier(6)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def send() -> None:
+        barrier.wait(30)
+        response = requests.post(
+            f"{hub.url}{TOKEN}", data=token_form(assertion), verify=str(hub.ca), timeout=60
+        )
+        with lock:
+            statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert sorted(statuses) == [200] + [400] * 5, statuses
+
+
+def test_spent_jtis_are_forgotten_once_their_assertions_would_be_refused_anyway(
+    hub: RunningHub, secret_agent: OnboardedAgent
+) -> None:
+    assertion = secret_agent.assertion()  # valid for 300 s; the hub's leeway is 60 s
+    assert post_assertion(hub, assertion).status_code == 200
+    assert spent_assertions(hub) == 1
+    hub.clock.advance(300 + 60 + 1)
+    assert post_assertion(hub, secret_agent.assertion()).status_code == 200
+    assert spent_assertions(hub) == 1  # only the new one
+    _refused(hub, secret_agent, assertion, 400, "invalid_grant")  # and the old one is refused as expired
 
 
 def test_a_rejected_assertion_with_renewed_credentials_keeps_the_previous_set(
