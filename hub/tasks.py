@@ -7,6 +7,10 @@ all to a closed task, is a conflict: a delayed or replayed report can never reop
 claim a step the device skipped. Each accepted change is one conditional UPDATE on the task's eTag, so
 two concurrent reports cannot both apply from the same state (one CANCELED, the other ACTIVATED, say);
 the loser re-reads and is judged against what won. Every accepted change is appended to the history.
+
+A device has at most one open task: a second one would be installed after the first, in an order the
+operator did not choose (a newer release, then an older one). Creating one while another is open is a
+conflict naming the open task, to be cancelled first.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, func, select, text, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from .database import Database
 from .errors import ConflictError, InvalidRequestError, NotFoundError, PreconditionFailedError
@@ -167,13 +172,16 @@ class TaskView:
 
 
 def create_task(database: Database, device_id: str, release_id: str, actor: str, now: float) -> TaskView:
-    """A new CREATED task installing `release_id` on agent `device_id`; 404 if either is unknown."""
+    """A new CREATED task installing `release_id` on agent `device_id`; 404 if either is unknown, 409 while
+    the device has an open task."""
     get_release(database, release_id)
     task_id = new_id()
     try:
         with database.transaction() as session:
             if session.get(Agent, device_id) is None:
                 raise NotFoundError(f"no agent {device_id!r}")
+            _take_creation_turn(session)
+            _check_no_open_task(session, device_id)
             session.add(
                 InstallationTask(
                     id=task_id,
@@ -190,9 +198,46 @@ def create_task(database: Database, device_id: str, release_id: str, actor: str,
             )
             session.flush()  # the task row before its history, for the foreign key
             session.add(_transition_row(task_id, None, TaskStatus(TaskState.CREATED, 0.0, ""), actor, now))
+            # counted again after the insert: on SQLite the insert holds the write lock, so two concurrent
+            # creations cannot both see no open task (PostgreSQL took its turn above)
+            if _open_task_count(session, device_id) > 1:
+                _check_no_open_task(session, device_id, besides=task_id)
     except IntegrityError as exc:  # the agent was deleted between the look-up and the insert
         raise NotFoundError(f"no agent {device_id!r}") from exc
     return get_task(database, task_id)
+
+
+#: a PostgreSQL advisory lock key of our own ("merstask"), held by a task creation until it commits
+_CREATION_LOCK_KEY = 0x6D657273_7461736B
+
+
+def _take_creation_turn(session: Session) -> None:
+    """On PostgreSQL, creations take turns until their transaction ends: at READ COMMITTED two of them
+    would each look for an open task without seeing the other's uncommitted one. SQLite serialises its
+    writers by itself."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATION_LOCK_KEY})
+
+
+def _open_task_count(session: Session, device_id: str) -> int:
+    query = select(func.count()).where(
+        InstallationTask.device_id == device_id, InstallationTask.state.in_(sorted(OPEN))
+    )
+    return session.scalar(query) or 0
+
+
+def _check_no_open_task(session: Session, device_id: str, besides: str | None = None) -> None:
+    query = select(InstallationTask.id, InstallationTask.state).where(
+        InstallationTask.device_id == device_id, InstallationTask.state.in_(sorted(OPEN))
+    )
+    if besides is not None:
+        query = query.where(InstallationTask.id != besides)
+    open_task = session.execute(query.limit(1)).first()
+    if open_task is not None:
+        raise ConflictError(
+            f"agent {device_id!r} already has an open installation task, {open_task.id} "
+            f"({open_task.state}): cancel it first (PATCH its state to CANCELED)"
+        )
 
 
 def get_task(database: Database, task_id: str) -> TaskView:

@@ -1,6 +1,7 @@
 """Installation tasks: the state machine as pure functions (checked against an independent model), and
-the API on a real hub: creation, reports with history, 409 on illegal moves, concurrent reports, and an
-agent that sees and reports on its own tasks only."""
+the API on a real hub: creation (one open task per device, even under concurrent creations), reports with
+history, 409 on illegal moves, concurrent reports, and an agent that sees and reports on its own tasks
+only."""
 
 from __future__ import annotations
 
@@ -339,7 +340,7 @@ def test_if_match_with_a_stale_etag_is_a_failed_precondition(hub: RunningHub, pu
 
 def race_final_reports(hub: RunningHub, published: Published) -> None:
     """From ACTIVATING, ACTIVATED and CANCELED reported at the same moment: exactly one applies."""
-    task_id = new_task(hub, published.agent_id, published.release["id"])["id"]
+    task_id = new_task(hub, add_agent(hub), published.release["id"])["id"]
     walk_to(hub, task_id, "ACTIVATING")
     start = threading.Barrier(2)
     answers: dict[str, int] = {}
@@ -369,6 +370,70 @@ def race_final_reports(hub: RunningHub, published: Published) -> None:
     assert task["history"][-1]["from"] == "ACTIVATING"
 
 
+@pytest.mark.parametrize("ending", ["CANCELED", "FAILED", "ACTIVATED"])
+def test_a_device_has_one_open_task_at_a_time(hub: RunningHub, published: Published, ending: str) -> None:
+    first = published.task["id"]
+    walk_to(hub, first, "DOWNLOADING")
+    before = hub.admin("GET", TASKS, params={"deviceId": published.agent_id}).json()
+    second = hub.admin(
+        "POST",
+        TASKS,
+        json={
+            "deviceId": published.agent_id,
+            "softwareType": "FIRMWARE",
+            "softwareReleaseId": published.release["id"],
+        },
+    )
+    assert second.status_code == 409, second.text
+    assert first in second.json()["error_description"] and "DOWNLOADING" in second.json()["error_description"]
+    assert without_uris(
+        hub.admin("GET", TASKS, params={"deviceId": published.agent_id}).json()
+    ) == without_uris(before)
+    if ending == "ACTIVATED":
+        walk_to(hub, first, "ACTIVATED")
+    else:
+        assert patch(hub, first, state=ending).status_code == 200
+    assert new_task(hub, published.agent_id, published.release["id"])["state"] == "CREATED"
+
+
+def without_uris(listing: dict[str, Any]) -> list[dict[str, Any]]:
+    return [without_uri(task) for task in listing["content"]]
+
+
+def race_task_creations(hub: RunningHub, release_id: str, count: int = 8) -> None:
+    """`count` creations for one device at the same moment: exactly one task is created."""
+    agent_id = add_agent(hub)
+    start = threading.Barrier(count)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def create() -> None:
+        start.wait(30)
+        with requests.Session() as session:
+            response = session.post(
+                f"{hub.url}{TASKS}",
+                json={"deviceId": agent_id, "softwareType": "FIRMWARE", "softwareReleaseId": release_id},
+                headers={"Authorization": f"Bearer {hub.admin_token}"},
+                verify=str(hub.ca),
+                timeout=60,
+            )
+        with lock:
+            statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=create) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert sorted(statuses) == [201] + [409] * (count - 1), statuses
+    listed = hub.admin("GET", TASKS, params={"deviceId": agent_id}).json()["content"]
+    assert len(listed) == 1
+
+
+def test_concurrent_task_creations_for_one_device_create_one(hub: RunningHub, published: Published) -> None:
+    race_task_creations(hub, published.release["id"])
+
+
 def test_two_concurrent_final_reports_cannot_both_apply(hub: RunningHub, published: Published) -> None:
     for _ in range(5):
         race_final_reports(hub, published)
@@ -378,6 +443,7 @@ def test_tasks_keep_their_rules_on_postgresql(postgres_hub: RunningHub, tmp_path
     published = publish(postgres_hub, tmp_path)
     for _ in range(3):
         race_final_reports(postgres_hub, published)
+    race_task_creations(postgres_hub, published.release["id"])
     task_id = published.task["id"]
     assert patch(postgres_hub, task_id, message="nul\x00").status_code == 400
     assert postgres_hub.admin("GET", f"{TASKS}/%00").status_code == 404
@@ -390,9 +456,9 @@ def test_tasks_are_listed_by_device_and_status(hub: RunningHub, published: Publi
     first = published.task["id"]
     other_agent = add_agent(hub)
     second = new_task(hub, other_agent, published.release["id"])["id"]
+    assert patch(hub, first, state="CANCELED").status_code == 200
     third = new_task(hub, published.agent_id, published.release["id"])["id"]
     walk_to(hub, third, "DOWNLOADING")
-    assert patch(hub, first, state="CANCELED").status_code == 200
 
     def listed(**params: str) -> list[str]:
         response = hub.admin("GET", TASKS, params=params)
@@ -422,7 +488,7 @@ def test_tasks_are_listed_by_device_and_status(hub: RunningHub, published: Publi
 def test_the_api_accepts_exactly_the_moves_the_state_machine_allows(
     hub: RunningHub, published: Published, sequence: list[TaskState]
 ) -> None:
-    task_id = new_task(hub, published.agent_id, published.release["id"])["id"]
+    task_id = new_task(hub, add_agent(hub), published.release["id"])["id"]  # one open task per device
     state, accepted = TaskState.CREATED, 1
     for target in sequence:
         response = patch(hub, task_id, state=target)
