@@ -457,7 +457,8 @@ def task() -> None:
 @click.option("--release", "release_id", required=True, help="The release id (see `release list`).")
 @admin_command
 def task_create(admin: Admin, device_ref: str, release_id: str) -> None:
-    """Ask a device to install a release; it picks the task up when it next polls.
+    """Ask a device to install a release; it picks the task up when it next polls. A device has one open
+    task at a time: `task cancel` the open one first to install another release.
 
     Example: mers-hub task create --device gw-0001 --release 3f2a… --dir ./hub
     """
