@@ -41,6 +41,8 @@ from .credentials import CredentialSet, StoredCredentials, load_credentials, sav
 from .errors import (
     CorruptStateError,
     HubProtocolError,
+    HubRefusedError,
+    IatUsedError,
     MersError,
     NoBoardingDataError,
     NotOnboardedError,
@@ -62,6 +64,8 @@ from .tokens import (
 
 AGENT_KEY_FILE = "agent-key.pem"
 LAST_ERROR_FILE = "last-error.json"
+#: a registration went out and no answer to it was stored yet: explains a later "IAT used" refusal
+REGISTRATION_SENT_FILE = "registration-sent.json"
 LOCK_FILE = "client.lock"
 HOUR = 3600.0
 
@@ -156,7 +160,17 @@ class DeviceClient:
                 return self._result(OnboardOutcome.ALREADY_ONBOARDED, stored, boarding.source)
             key = self._agent_key(create=True) if boarding.profile is CredentialProfile.RSA_3072 else None
             session = self._session(boarding.base_url, boarding.data.ca_bundle, boarding.network)
-            first = onboarding.register(session, boarding, key)
+            sent_before = self._unanswered_registration(boarding.iat_id)
+            if sent_before is None:
+                record = {"iat_id": boarding.iat_id, "sent_at": time.time()}
+                self.board.state.write(REGISTRATION_SENT_FILE, json.dumps(record).encode())
+            try:
+                first = onboarding.register(session, boarding, key, sent_before=sent_before)
+            except HubRefusedError as refused:
+                if not (isinstance(refused, IatUsedError) and refused.own_registration):
+                    # the hub answered this registration itself: nothing of ours is pending any more
+                    self.board.state.delete(REGISTRATION_SENT_FILE)
+                raise
             stored = StoredCredentials(
                 client_id=boarding.client_id,
                 tenant=boarding.tenant,
@@ -167,8 +181,22 @@ class DeviceClient:
                 current=first,
             )
             save_credentials(self.board.state, stored)
+            self.board.state.delete(REGISTRATION_SENT_FILE)
             self.board.state.delete(TOKEN_FILE)  # a token of earlier credentials is not ours any more
             return self._result(OnboardOutcome.REGISTERED, stored, boarding.source)
+
+    def _unanswered_registration(self, iat_id: str) -> float | None:
+        """When a registration with this IAT went out earlier and no answer to it was ever stored (the
+        process died, or the hub could not be reached to the end); None when there was none."""
+        raw = self.board.state.read(REGISTRATION_SENT_FILE)
+        if raw is None:
+            return None
+        try:
+            record = json.loads(raw)
+            sent_at = record["sent_at"] if record["iat_id"] == iat_id else None
+        except (ValueError, TypeError, KeyError):
+            return None  # unreadable: it only ever improves an error message
+        return float(sent_at) if isinstance(sent_at, int | float) else None
 
     def credentials(self) -> StoredCredentials:
         stored = load_credentials(self.board.state)

@@ -86,7 +86,14 @@ class IatExpiredError(HubRefusedError):
 
 
 class IatUsedError(HubRefusedError):
-    """The IAT was already used (or superseded by offboarding): it works once."""
+    """The IAT was already used (or superseded by offboarding): it works once. `own_registration` when
+    this device's own earlier registration most likely used it (its answer was lost)."""
+
+    def __init__(
+        self, message: str, *, status: int = 0, code: str = "", own_registration: bool = False
+    ) -> None:
+        super().__init__(message, status=status, code=code)
+        self.own_registration = own_registration
 
 
 class ReonboardingRequiredError(HubRefusedError):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,9 @@ class HubAnswer:
     status: int
     headers: dict[str, str]  # names in lower case
     body: bytes
+    #: the request went out more than once (an answer was lost, cut short or a 5xx): the hub may have
+    #: acted on an earlier copy, so a refusal of this one may be the consequence of our own first try
+    repeated: bool = False
 
     def json(self) -> dict[str, Any]:
         try:
@@ -137,7 +140,8 @@ class HubSession:
         cuts = self._settings.retry()
         while True:
             try:
-                return self._attempt(method, url, bearer, kwargs)
+                answer = self._attempt(method, url, bearer, kwargs)
+                return replace(answer, repeated=True) if cuts.history else answer
             except _AnswerCut as cut:
                 try:
                     cuts = cuts.increment(method=method, url=_origin(url), error=ProtocolError(cut.reason))
@@ -169,8 +173,12 @@ class HubSession:
                 except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError) as exc:
                     raise _AnswerCut(_reason(exc)) from exc
                 elapsed = response.elapsed.total_seconds()
+                retried = getattr(response.raw, "retries", None)
                 answer = HubAnswer(
-                    response.status_code, {k.lower(): v for k, v in response.headers.items()}, body
+                    response.status_code,
+                    {k.lower(): v for k, v in response.headers.items()},
+                    body,
+                    repeated=bool(retried is not None and retried.history),
                 )
         except requests.exceptions.SSLError as exc:
             raise HubUnreachableError(

@@ -6,6 +6,7 @@ persist first) are `mers.client`'s.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 from typing import Any
 
@@ -39,16 +40,49 @@ def public_jwk(key: rsa.RSAPrivateKey) -> dict[str, Any]:
     return {"kty": jwk["kty"], "kid": hashlib.sha256(der).hexdigest()[:32], "n": jwk["n"], "e": jwk["e"]}
 
 
-def register(session: HubSession, boarding: Boarding, key: rsa.RSAPrivateKey | None) -> CredentialSet:
-    """Trade the IAT for the first credential set."""
+def register(
+    session: HubSession,
+    boarding: Boarding,
+    key: rsa.RSAPrivateKey | None,
+    *,
+    sent_before: float | None = None,
+) -> CredentialSet:
+    """Trade the IAT for the first credential set. `sent_before` is when an earlier registration of this
+    device with this IAT went out without an answer it could store (it explains an "IAT used" refusal)."""
     body: dict[str, Any] = {}
     if boarding.profile is CredentialProfile.RSA_3072:
         assert key is not None, "an RSA_3072 agent registers its key"
         body = {"jwks": {"keys": [public_jwk(key)]}}
     answer = session.request("POST", REGISTER_PATH, bearer=boarding.iat, json=body)
     if answer.status != 201:
+        if answer.status == 401 and (sent_before is not None or answer.repeated):
+            lost = _lost_registration(answer, boarding.client_id, sent_before)
+            if lost is not None:
+                raise lost
         raise registration_refusal(answer)
     return parse_credential_set(answer.json(), boarding.client_id, boarding.profile)
+
+
+def _lost_registration(answer: HubAnswer, client_id: str, sent_before: float | None) -> IatUsedError | None:
+    """An "IAT used" refusal after this device's own registration went out and its answer never arrived:
+    the hub most likely registered it then, and only the operator can issue a new IAT."""
+    code, description = answer.error()
+    if "expired" in description.lower():
+        return None
+    if sent_before is None:
+        when = "a moment ago, and the network lost the hub's answer"
+    else:
+        moment = datetime.datetime.fromtimestamp(sent_before, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        when = f"at {moment}, and its answer never reached the device's storage"
+    return IatUsedError(
+        f"the hub counts the IAT as used, and this device sent its registration with it {when}: the hub "
+        f"most likely registered the device then. The IAT works once: ask the operator to offboard agent "
+        f"{client_id} (a new boarding configuration), then run `mers boarding import FILE` and "
+        "`mers onboard`",
+        status=401,
+        code=code,
+        own_registration=True,
+    )
 
 
 def renew(

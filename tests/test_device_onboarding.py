@@ -7,14 +7,17 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
 
 from board.simboard import SimBoard
+from hub import onboarding as hub_onboarding
 from hub.home import HubSettings
+from hub.onboarding import Registration
 from mers.boarding import IMPORT_FILE
-from mers.client import OnboardOutcome
+from mers.client import REGISTRATION_SENT_FILE, OnboardOutcome
 from mers.credentials import load_credentials
 from mers.errors import (
     EXIT_NOT_ONBOARDED,
@@ -231,8 +234,62 @@ def test_a_used_iat_is_reported_and_stores_nothing(hub: RunningHub, tmp_path: Pa
     result = mers(clone.directory, "onboard")
     assert result.returncode == EXIT_REFUSED and "IAT works once" in result.error_line
     assert load_credentials(clone.state) is None
-    with Gateway(clone, gateway.agent_id, hub).client() as clone_client, pytest.raises(IatUsedError):
+    with Gateway(clone, gateway.agent_id, hub).client() as clone_client, pytest.raises(IatUsedError) as used:
         clone_client.onboard()
+    assert not used.value.own_registration  # the clone never had an answer lost: another board used it
+
+
+class CrashAfterTheHubsAnswer(Exception):
+    """Stands for the device losing power between the hub's 201 and the credentials write."""
+
+
+def test_a_registration_whose_answer_was_never_stored_is_explained_and_recovered_by_the_operator(
+    hub: RunningHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+
+    def crash(*_args: object) -> None:
+        raise CrashAfterTheHubsAnswer
+
+    with monkeypatch.context() as patched:
+        patched.setattr("mers.client.save_credentials", crash)
+        with gateway.client() as client, pytest.raises(CrashAfterTheHubsAnswer):
+            client.onboard()
+    assert agent_record(hub, gateway.agent_id)["iat_used"]  # the hub registered the device
+    refused = mers(gateway.path, "onboard")
+    assert refused.returncode == EXIT_REFUSED
+    assert "this device sent its registration with it at 20" in refused.error_line
+    assert f"offboard agent {gateway.agent_id}" in refused.error_line
+    assert load_credentials(gateway.board.state) is None
+    # the operator's way out: a new boarding configuration, imported, and onboarding works
+    hub.admin("POST", f"{AGENTS}/agents/{gateway.agent_id}/boarding/offboard")
+    imported = mers(
+        gateway.path, "boarding", "import", bundle_file(tmp_path / "new.json", hub, gateway.agent_id)
+    )
+    assert imported.returncode == 0, imported.stderr
+    assert load_credentials(gateway.board.state) is not None
+    assert gateway.board.state.read(REGISTRATION_SENT_FILE) is None
+
+
+def test_a_registration_answer_lost_on_the_network_is_explained(
+    hub: RunningHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub registered the device, then failed before answering (a load balancer timing out): the
+    transport sends the registration again, and the hub refuses the IAT as used."""
+    gateway = make_gateway(hub, tmp_path / "gw")
+    register = hub_onboarding.register
+
+    def register_then_fail(*args: Any) -> Registration:
+        register(*args)
+        raise RuntimeError("the hub fails after registering, before answering")
+
+    monkeypatch.setattr(hub_onboarding, "register", register_then_fail)
+    with gateway.client() as client, pytest.raises(IatUsedError, match="a moment ago") as lost:
+        client.onboard()
+    assert lost.value.own_registration
+    monkeypatch.undo()
+    with gateway.client() as client, pytest.raises(IatUsedError, match="sent its registration with it at 20"):
+        client.onboard()  # told again, with the time of the lost registration
 
 
 def test_an_expired_iat_asks_the_operator_for_a_new_boarding_configuration(
