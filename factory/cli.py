@@ -4,9 +4,10 @@ A thin click layer over `station`, `boarding_source` and `records`. Every failur
 ``mers-factory: error: ...``, and one of the exit codes of `factory.errors.ExitCode`:
 
 - 0 done; 1 several boards failed in different ways; 2 usage or bad input (options, key file, batch
-  file, network file, CA bundle); 3 refused (IAT expiring or claimed for another serial, a duplicate serial
-  number, board locked over other data, read-back mismatch, a write refused by the board); 4 serial port (busy, gone, no answer);
-  5 hub (unreachable, TLS, refused); 6 records (database, or a broken chain for ``records verify``).
+  file, network file, CA bundle); 3 refused (IAT expiring or claimed for another serial, a duplicate
+  serial number, board locked over other data, read-back mismatch, a write refused by the board); 4 serial
+  port (busy, gone, no answer); 5 hub (unreachable, TLS, refused); 6 records (database, or a broken chain
+  or anchor for ``records verify``).
 
 The admin token is read from a file and never printed; records and output keep the IAT's ``jti``, never
 the token.
@@ -35,7 +36,7 @@ from .boarding_source import PROFILES, BatchSource, BoardingSource, HubSource, c
 from .errors import ExitCode, FactoryError, InputError, KeyFileError
 
 try:
-    from .records import Outcome, Records
+    from .records import ChainReport, Outcome, Records
     from .station import DEFAULT_IAT_MARGIN_S, Event, Result, Station, StationConfig
 except ModuleNotFoundError as missing:  # the records' database layer comes with the `factory` extra
     if missing.name != "sqlalchemy":
@@ -333,15 +334,32 @@ def _with_records(action: Callable[[Records], None], url: str) -> None:
 
 @records.command("verify", epilog=EPILOG)
 @_records_option
-def records_verify(records_url: str) -> None:
+@click.option(
+    "--anchor",
+    "anchors",
+    multiple=True,
+    metavar="ROWS:HEAD",
+    help="An anchor printed by an earlier verify and kept outside the database (a shift report, a "
+    "ticket): the chain must still hold that row with that hash, so rows removed from its end are caught. "
+    "Repeatable.",
+)
+def records_verify(records_url: str, anchors: tuple[str, ...]) -> None:
     """Check the hash chain from the first row; report the first broken row (exit 6).
 
-    Example: mers-factory records verify --records factory-records.db
+    The chain shows any row altered or removed before its last one; only an anchor kept elsewhere shows
+    the newest rows removed. Each run prints the anchor of the chain as it is now.
+
+    Example: mers-factory records verify --records factory-records.db --anchor 120:3f9c…
     """
+    try:
+        parsed = [ChainReport.parse(anchor) for anchor in anchors]
+    except ValueError as error:
+        fail(InputError(str(error), field="anchor"))
 
     def verify(store: Records) -> None:
-        report = store.verify()
-        click.echo(f"chain intact: {report.rows} rows, head {report.head}")
+        report = store.verify(parsed)
+        checked = f"; {len(parsed)} anchor(s) hold" if parsed else ""
+        click.echo(f"chain intact: {report.rows} rows, head {report.head}{checked}; anchor {report}")
 
     _with_records(verify, records_url)
 

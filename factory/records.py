@@ -32,7 +32,7 @@ import enum
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -172,8 +172,29 @@ def row_hash(row: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class ChainReport:
+    """The chain as a verify saw it: its length and the hash of its last row. Written `ROWS:HEAD`, it is
+    an anchor: kept outside the database, it lets a later verify prove that no row was removed since."""
+
     rows: int
     head: str
+
+    def __str__(self) -> str:
+        return f"{self.rows}:{self.head}"
+
+    @classmethod
+    def parse(cls, text: str) -> ChainReport:
+        rows, _, head = text.strip().partition(":")
+        if not (
+            rows.isascii()
+            and rows.isdigit()
+            and int(rows) > 0
+            and len(head) == 64
+            and all(c in "0123456789abcdef" for c in head)
+        ):
+            raise ValueError(
+                f"an anchor is ROWS:HEAD as `records verify` prints it (e.g. 12:{'ab' * 32}), not {text!r}"
+            )
+        return cls(int(rows), head)
 
 
 def database_url(text: str) -> str:
@@ -242,8 +263,15 @@ class Records:
         except SQLAlchemyError as error:
             raise RecordsError(f"cannot read the records: {_reason(error)}") from None
 
-    def verify(self) -> ChainReport:
-        """Walk the chain from row 1; `ChainBrokenError` names the first row that does not hold."""
+    def verify(self, anchors: Sequence[ChainReport] = ()) -> ChainReport:
+        """Walk the chain from row 1; `ChainBrokenError` names the first row that does not hold.
+
+        The chain alone cannot show that its newest rows were deleted: what is left still links. Each of
+        `anchors` (a report printed by an earlier verify and kept elsewhere) must still hold: its row is
+        there, with the hash it had then."""
+        expected: dict[int, set[str]] = {}
+        for anchor in anchors:
+            expected.setdefault(anchor.rows, set()).add(anchor.head)
         previous, expected_seq = GENESIS, 1
         for row in self.rows():
             seq = row["seq"]
@@ -253,8 +281,19 @@ class Records:
                 raise ChainBrokenError(f"row {seq} does not link to row {seq - 1}", seq)
             if row_hash(row) != row["row_hash"]:
                 raise ChainBrokenError(f"row {seq} was altered: its hash does not match", seq)
+            for head in expected.get(seq, ()):
+                if head != row["row_hash"]:
+                    raise ChainBrokenError(f"row {seq} is not the row the anchor {seq}:{head} names", seq)
             previous, expected_seq = row["row_hash"], seq + 1
-        return ChainReport(expected_seq - 1, previous)
+        rows = expected_seq - 1
+        if expected and max(expected) > rows:
+            missing = min(seq for seq in expected if seq > rows)
+            raise ChainBrokenError(
+                f"the chain ends at row {rows}, but an anchor names row {missing}: "
+                "rows were removed from its end",
+                rows + 1,
+            )
+        return ChainReport(rows, previous)
 
     # --- claims
 

@@ -106,6 +106,33 @@ def test_records_verify_reports_the_first_altered_row(tmp_path: Path) -> None:
     assert "row 2" in result.error_line
 
 
+def test_records_verify_prints_an_anchor_that_later_catches_removed_rows(tmp_path: Path) -> None:
+    files = station_files(tmp_path / "files")
+    batch = batch_for(tmp_path / "batch.jsonl", "GW-1")
+    records = tmp_path / "records.db"
+    with ConsoleProcess(make_board(tmp_path / "GW-1", "GW-1")) as console:
+        for _ in range(2):
+            args = provision_args(files, records, console.port)
+            assert factory(*args, "--boarding-batch", batch, "--device-ca", files.device_ca).returncode == 0
+    verified = factory("records", "verify", "--records", records)
+    assert verified.returncode == 0, verified.stderr
+    anchor = verified.stdout.split("anchor ")[-1].strip()
+    assert anchor.startswith("2:")
+    again = factory("records", "verify", "--records", records, "--anchor", anchor)
+    assert again.returncode == 0 and "1 anchor(s) hold" in again.stdout
+    bad = factory("records", "verify", "--records", records, "--anchor", "2:not-a-hash")
+    assert bad.returncode == ExitCode.USAGE and "ROWS:HEAD" in bad.error_line
+    import sqlite3
+
+    with sqlite3.connect(records) as db:
+        db.execute("DROP TRIGGER attempts_no_delete")
+        db.execute("DELETE FROM attempts WHERE seq = 2")
+    assert factory("records", "verify", "--records", records).returncode == 0  # the chain alone cannot tell
+    caught = factory("records", "verify", "--records", records, "--anchor", anchor)
+    assert caught.returncode == ExitCode.RECORDS
+    assert "removed from its end" in caught.error_line
+
+
 def test_the_records_refuse_updates_and_deletes(tmp_path: Path) -> None:
     import sqlite3
 

@@ -14,7 +14,16 @@ import pytest
 import sqlalchemy as sa
 
 from factory.errors import ChainBrokenError, IatError, SerialAlreadyProvisionedError, SerialInProgressError
-from factory.records import GENESIS, Attempt, Outcome, Records, SerialClaim, row_hash, timestamp
+from factory.records import (
+    GENESIS,
+    Attempt,
+    ChainReport,
+    Outcome,
+    Records,
+    SerialClaim,
+    row_hash,
+    timestamp,
+)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -90,6 +99,40 @@ def test_a_deleted_row_breaks_the_chain_at_its_place(records: Records) -> None:
     with pytest.raises(ChainBrokenError) as broken:
         records.verify()
     assert broken.value.row_id == 2
+
+
+def test_rows_removed_from_the_end_are_caught_by_an_anchor_kept_elsewhere(records: Records) -> None:
+    for index in range(3):
+        records.append(attempt(f"GW-{index}"))
+    anchor = records.verify()
+    records.append(attempt("GW-3"))
+    assert records.verify([anchor]).rows == 4  # rows appended since: the anchor still holds
+    tamper(records, "DELETE FROM attempts WHERE seq >= 3")
+    assert records.verify().rows == 2  # what is left still links
+    with pytest.raises(ChainBrokenError, match="ends at row 2, but an anchor names row 3") as broken:
+        records.verify([anchor])
+    assert broken.value.row_id == 3
+
+
+def test_an_anchor_whose_row_was_replaced_does_not_hold(records: Records) -> None:
+    for index in range(3):
+        records.append(attempt(f"GW-{index}"))
+    anchor = records.verify()
+    # the newest row removed and written again with other content: the chain links, the anchor does not
+    tamper(records, "DELETE FROM attempts WHERE seq = 3")
+    records.append(attempt("GW-forged"))
+    assert records.verify().rows == 3
+    with pytest.raises(ChainBrokenError, match="row 3 is not the row the anchor"):
+        records.verify([anchor])
+    with pytest.raises(ChainBrokenError):  # of two anchors for one row, the wrong one is caught
+        records.verify([records.verify(), anchor])
+
+
+@pytest.mark.parametrize("text", ["", "3", "0:" + "ab" * 32, "3:" + "AB" * 32, "3:abc", "x:" + "ab" * 32])
+def test_an_anchor_is_rows_colon_head(text: str) -> None:
+    with pytest.raises(ValueError, match="ROWS:HEAD"):
+        ChainReport.parse(text)
+    assert ChainReport.parse(str(ChainReport(3, "ab" * 32))) == ChainReport(3, "ab" * 32)
 
 
 def test_updates_and_deletes_are_refused_by_the_database(records: Records) -> None:
