@@ -18,8 +18,9 @@ Tables (SQLAlchemy Core; SQLite by default, PostgreSQL when several stations sha
   (its token, station, port, and when it last checked in), taken before the boarding configuration is
   fetched and released when the attempt ends. Two boards with one serial number on two ports (or two
   stations) at once would otherwise both pass the ``boards`` check, both receive the same IAT and both be
-  locked: the second is refused before anything is written. An attempt checks in before each write; a
-  claim left by a station that stopped frees itself once it has not checked in for the station's timeout.
+  locked: the second is refused before anything is written. An attempt checks in before each writing step;
+  a claim left by a station that stopped expires once it has gone without a check-in for its timeout. Claim
+  times come from the database's clock, so stations whose clocks differ still agree on expiry.
 
 Records keep the IAT's ``jti`` and expiry, never the token.
 """
@@ -102,7 +103,9 @@ serial_claims = sa.Table(
     sa.Column("token", sa.String(64), nullable=False),
     sa.Column("station", sa.String(255), nullable=False),
     sa.Column("port", sa.String(1024), nullable=False),
-    sa.Column("checked_in_at", sa.Float, nullable=False),  # epoch seconds: compared, never hashed
+    # seconds since the epoch by the database's clock (one clock for every station): compared, never hashed
+    sa.Column("checked_in_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
 )
 
 _APPEND_ONLY_SQLITE: Final = [
@@ -149,12 +152,14 @@ class Attempt:
 @dataclass(frozen=True)
 class SerialClaim:
     """An attempt's hold on a serial number: `token` is its own, so no other attempt (even one of the
-    same station name, as cloned station images have) can pass for it."""
+    same station name, as cloned station images have) can pass for it; `timeout` is how long the claim
+    stands without a check-in before another attempt may take it over."""
 
     serial_number: str
     token: str
     station: str
     port: str
+    timeout: float
 
 
 def timestamp(seconds: float | None = None) -> str:
@@ -203,7 +208,8 @@ def database_url(text: str) -> str:
 
 
 class Records:
-    """The records database. Safe to share between threads; every method is one transaction."""
+    """The records database. Safe to share between threads; every method is one transaction, except
+    `append` and `claim_serial`, which try again in a new one when another station got there first."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -339,52 +345,58 @@ class Records:
         if self.provisioned_digest(serial_number) != lock_digest:
             raise SerialAlreadyProvisionedError(f"another board with serial {serial_number} was provisioned")
 
-    def claim_serial(self, claim: SerialClaim, now: float, timeout: float) -> None:
+    def claim_serial(self, claim: SerialClaim) -> None:
         """Take `claim`'s serial number for its attempt; `SerialInProgressError` while another attempt
-        holds it and has checked in within `timeout` seconds (an older claim is taken over)."""
+        holds it and its claim has not expired (an expired one is taken over)."""
         for _ in range(APPEND_ATTEMPTS):
             try:
                 with self.engine.begin() as connection:
-                    connection.execute(sa.insert(serial_claims).values(**asdict(claim), checked_in_at=now))
+                    now = _database_time(connection)
+                    connection.execute(sa.insert(serial_claims).values(**_claim_values(claim, now)))
                 return
             except IntegrityError:
                 pass
             except SQLAlchemyError as error:
                 raise RecordsError(f"cannot claim the serial number: {_reason(error)}") from None
-            held = self._serial_claim(claim.serial_number)
-            if held is None:
-                continue  # released meanwhile: try again
-            if held.checked_in_at > now - timeout:
-                raise SerialInProgressError(
-                    f"a board with serial {claim.serial_number} is being provisioned by station "
-                    f"{held.station} on {held.port} (checked in {timestamp(held.checked_in_at)}): two "
-                    f"boards with one serial number? A claim left by a station that stopped frees itself "
-                    f"{timeout:.0f} s after its last check-in"
-                )
             with self._claims_transaction("claim the serial number") as connection:
+                now = _database_time(connection)
+                held = connection.execute(
+                    sa.select(serial_claims).where(serial_claims.c.serial_number == claim.serial_number)
+                ).first()
+                if held is None:
+                    continue  # released meanwhile: try again
+                if held.expires_at > now:
+                    raise SerialInProgressError(
+                        f"a board with serial {claim.serial_number} is being provisioned by station "
+                        f"{held.station} on {held.port} (last check-in {timestamp(held.checked_in_at)}; if "
+                        f"that station stopped, its claim frees itself at {timestamp(held.expires_at)}): "
+                        "two boards with one serial number?"
+                    )
                 taken = connection.execute(
                     sa.update(serial_claims)
                     .where(
                         serial_claims.c.serial_number == claim.serial_number,
                         serial_claims.c.token == held.token,
-                        serial_claims.c.checked_in_at == held.checked_in_at,
+                        serial_claims.c.expires_at == held.expires_at,
                     )
-                    .values(**asdict(claim), checked_in_at=now)
+                    .values(**_claim_values(claim, now))
                 )
             if taken.rowcount == 1:
                 return
         raise RecordsError(f"cannot claim serial {claim.serial_number}: other attempts keep taking it")
 
-    def check_in(self, claim: SerialClaim, now: float) -> None:
-        """Renew `claim` before an irreversible step; `SerialInProgressError` if another attempt took it
-        over meanwhile (this one stalled past the timeout): the caller must then write nothing more."""
+    def check_in(self, claim: SerialClaim) -> None:
+        """Renew `claim` before a writing step; `SerialInProgressError` if another attempt took it over
+        meanwhile (this one stalled past its timeout): the caller must then write nothing more."""
         with self._claims_transaction("renew the serial number's claim") as connection:
+            now = _database_time(connection)
             renewed = connection.execute(
                 sa.update(serial_claims)
                 .where(
-                    serial_claims.c.serial_number == claim.serial_number, serial_claims.c.token == claim.token
+                    serial_claims.c.serial_number == claim.serial_number,
+                    serial_claims.c.token == claim.token,
                 )
-                .values(checked_in_at=now)
+                .values(checked_in_at=now, expires_at=now + claim.timeout)
             )
         if renewed.rowcount != 1:
             raise SerialInProgressError(
@@ -397,15 +409,10 @@ class Records:
         with self._claims_transaction("release the serial number") as connection:
             connection.execute(
                 sa.delete(serial_claims).where(
-                    serial_claims.c.serial_number == claim.serial_number, serial_claims.c.token == claim.token
+                    serial_claims.c.serial_number == claim.serial_number,
+                    serial_claims.c.token == claim.token,
                 )
             )
-
-    def _serial_claim(self, serial_number: str) -> Any:
-        with self._claims_transaction("read the serial number's claim") as connection:
-            return connection.execute(
-                sa.select(serial_claims).where(serial_claims.c.serial_number == serial_number)
-            ).first()
 
     @contextlib.contextmanager
     def _claims_transaction(self, doing: str) -> Iterator[Connection]:
@@ -434,6 +441,27 @@ def _create_schema(connection: Connection) -> None:
     statements = {"sqlite": _APPEND_ONLY_SQLITE, "postgresql": _APPEND_ONLY_POSTGRESQL}.get(dialect, [])
     for statement in statements:
         connection.exec_driver_sql(statement)
+
+
+def _claim_values(claim: SerialClaim, now: float) -> dict[str, Any]:
+    return {
+        "serial_number": claim.serial_number,
+        "token": claim.token,
+        "station": claim.station,
+        "port": claim.port,
+        "checked_in_at": now,
+        "expires_at": now + claim.timeout,
+    }
+
+
+def _database_time(connection: Connection) -> float:
+    """Seconds since the epoch by the database's clock: stations sharing a database judge each other's
+    claims by one clock, however far their own ones drift (SQLite's file is local: the host's clock)."""
+    if connection.engine.dialect.name == "postgresql":
+        query = "SELECT extract(epoch from clock_timestamp())"
+    else:
+        query = "SELECT (julianday('now') - 2440587.5) * 86400.0"
+    return float(connection.exec_driver_sql(query).scalar_one())
 
 
 def _reason(error: Exception) -> str:

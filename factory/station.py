@@ -44,8 +44,8 @@ from .records import Attempt, Outcome, Records, SerialClaim, timestamp
 from .smp_link import DEFAULT_RETRIES, SmpLink
 
 DEFAULT_IAT_MARGIN_S: Final = 24 * 3600.0
-# a board takes seconds to provision, and its attempt checks in before every write: a claim this old was
-# left by a station that stopped
+# a board takes seconds to provision, and its attempt checks in before every writing step: a claim
+# without a check-in for this long was left by a station that stopped
 DEFAULT_SERIAL_CLAIM_TIMEOUT_S: Final = 300.0
 MAX_UPLOAD_RESTARTS: Final = 3
 ECHO_TEXT: Final = "mers-factory"
@@ -143,17 +143,19 @@ class Station:
         """Provision the board on `port`; never raises a `FactoryError` (it is in the result and record)."""
         progress = _Progress(stable_path(port), self.clock())
         try:
-            with self._step(progress, "open"):
-                link = progress.link = SmpLink.open(port, self.config.baud, self.config.retries)
             try:
-                self._sequence(link, progress)
-            finally:
-                link.close()  # released before the record is written: the next board may go on
-        except FactoryError as error:
-            progress.error = error
-            progress.outcome = Outcome.FAILED
-        self._record(progress)
-        self._release_claim(progress)
+                with self._step(progress, "open"):
+                    link = progress.link = SmpLink.open(port, self.config.baud, self.config.retries)
+                try:
+                    self._sequence(link, progress)
+                finally:
+                    link.close()  # released before the record is written: the next board may go on
+            except FactoryError as error:
+                progress.error = error
+                progress.outcome = Outcome.FAILED
+            self._record(progress)
+        finally:
+            self._release_claim(progress)  # after an interruption (Ctrl-C) too: a re-run goes on at once
         self._emit(progress, "done", progress.outcome.value, _describe(progress.error))
         return Result(
             progress.port,
@@ -226,8 +228,14 @@ class Station:
         progress.outcome = Outcome.ALREADY_PROVISIONED
 
     def _obtain_boarding(self, serial_number: str, progress: _Progress) -> Boarding:
-        progress.claim = SerialClaim(serial_number, uuid.uuid4().hex, self.config.station, progress.port)
-        self.records.claim_serial(progress.claim, self.clock(), self.config.serial_claim_timeout)
+        progress.claim = SerialClaim(
+            serial_number,
+            uuid.uuid4().hex,
+            self.config.station,
+            progress.port,
+            self.config.serial_claim_timeout,
+        )
+        self.records.claim_serial(progress.claim)
         if self.records.provisioned_digest(serial_number) is not None:
             raise SerialAlreadyProvisionedError(
                 f"a board with serial {serial_number} was already provisioned and locked; this one is not"
@@ -276,10 +284,10 @@ class Station:
     # --- the serial number's claim
 
     def _check_in(self, progress: _Progress) -> None:
-        """Before each write: this attempt still holds its serial number (see `Records.check_in`)."""
+        """Before each writing step: this attempt still holds its serial number (`Records.check_in`)."""
         if progress.claim is None:
             raise RuntimeError("a board is written only under its serial number's claim")
-        self.records.check_in(progress.claim, self.clock())
+        self.records.check_in(progress.claim)
 
     def _release_claim(self, progress: _Progress) -> None:
         """Let the serial number go once the attempt is recorded. If the records cannot be reached, the

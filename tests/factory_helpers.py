@@ -161,3 +161,13 @@ def expected_digest(serial: str, files: StationFiles, document: dict[str, Any]) 
     hashes = wire.BoardingHashes.of(canonical_json(document), files.ca_bytes, None)
     key_hashes: list[bytes | None] = [key.key_hash for key in files.public_keys]
     return wire.lock_digest(serial, key_hashes + [None] * (wire.KEY_SLOTS - len(key_hashes)), hashes)
+
+
+def age_claims(store: Records, seconds: float) -> None:
+    """Time passing without a check-in, as for a station that stopped: every serial claim `seconds`
+    older (claim times are the database's, so the test moves them rather than a clock)."""
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql(
+            "UPDATE serial_claims SET "
+            f"checked_in_at = checked_in_at - {seconds}, expires_at = expires_at - {seconds}"
+        )

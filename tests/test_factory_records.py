@@ -24,6 +24,7 @@ from factory.records import (
     row_hash,
     timestamp,
 )
+from tests.factory_helpers import age_claims
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -212,38 +213,38 @@ def test_a_second_board_with_a_provisioned_serial_is_a_duplicate(records: Record
 
 # --- serial claims -----------------------------------------------------------------------------------
 
-TIMEOUT = 300.0
-T0 = 1_800_000_000.0
-
 
 def serial_claim(token: str, station: str = "station-1", port: str = "/dev/ttyUSB0") -> SerialClaim:
-    return SerialClaim("GW-1", token, station, port)
+    return SerialClaim("GW-1", token, station, port, timeout=300)
 
 
 def test_a_serial_is_held_by_one_attempt_until_it_releases_it(records: Records) -> None:
     first = serial_claim("a" * 32)
-    records.claim_serial(first, T0, TIMEOUT)
+    records.claim_serial(first)
     # another attempt, even one of a station with the same name on the same port path (a cloned image)
     for other in (serial_claim("b" * 32, "station-2", "/dev/ttyUSB1"), serial_claim("c" * 32)):
         with pytest.raises(SerialInProgressError, match=r"GW-1.*station-1 on /dev/ttyUSB0"):
-            records.claim_serial(other, T0 + 10, TIMEOUT)
+            records.claim_serial(other)
     records.release_serial(first)
-    records.claim_serial(serial_claim("b" * 32, "station-2"), T0 + 11, TIMEOUT)
+    records.claim_serial(serial_claim("b" * 32, "station-2"))
 
 
-def test_a_claim_is_taken_over_only_once_its_holder_stopped_checking_in(records: Records) -> None:
+def test_a_claim_is_taken_over_only_once_it_expired_without_a_check_in(records: Records) -> None:
     stalled, other = serial_claim("a" * 32), serial_claim("b" * 32, "station-2")
-    records.claim_serial(stalled, T0, TIMEOUT)
-    records.check_in(stalled, T0 + 200)
-    with pytest.raises(SerialInProgressError):
-        records.claim_serial(other, T0 + 350, TIMEOUT)  # 150 s after the check-in: still held
-    records.claim_serial(other, T0 + 501, TIMEOUT)
+    records.claim_serial(stalled)
+    age_claims(records, 200)
+    records.check_in(stalled)  # renewed: another 300 s from now
+    age_claims(records, 200)
+    with pytest.raises(SerialInProgressError, match="frees itself at"):
+        records.claim_serial(other)  # 200 s after the check-in: still held
+    age_claims(records, 101)
+    records.claim_serial(other)
     with pytest.raises(SerialInProgressError, match="taken over"):
-        records.check_in(stalled, T0 + 502)  # the stalled attempt must write nothing more
+        records.check_in(stalled)  # the stalled attempt must write nothing more
     records.release_serial(stalled)  # ends its own claim only: the new holder keeps the serial
-    records.check_in(other, T0 + 503)
+    records.check_in(other)
     with pytest.raises(SerialInProgressError, match="station-2"):
-        records.claim_serial(serial_claim("c" * 32), T0 + 504, TIMEOUT)
+        records.claim_serial(serial_claim("c" * 32))
 
 
 def test_concurrent_claims_of_one_serial_let_exactly_one_attempt_win(records: Records) -> None:
@@ -255,7 +256,7 @@ def test_concurrent_claims_of_one_serial_let_exactly_one_attempt_win(records: Re
         store = Records.open(url)
         try:
             barrier.wait(60)
-            store.claim_serial(serial_claim(token, port=f"/dev/ttyUSB{token[0]}"), T0, TIMEOUT)
+            store.claim_serial(serial_claim(token, port=f"/dev/ttyUSB{token[0]}"))
             winners.append(token)
         except SerialInProgressError:
             pass
@@ -268,4 +269,4 @@ def test_concurrent_claims_of_one_serial_let_exactly_one_attempt_win(records: Re
     for thread in threads:
         thread.join(60)
     assert len(winners) == 1
-    records.check_in(serial_claim(winners[0]), T0 + 1)
+    records.check_in(serial_claim(winners[0]))

@@ -5,6 +5,7 @@ and several boards at once."""
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +26,13 @@ from factory.errors import (
     VerificationError,
 )
 from factory.records import Outcome, Records
-from factory.station import Event
+from factory.station import DEFAULT_SERIAL_CLAIM_TIMEOUT_S, Event
 from tests.board_helpers import ca_bundle
 from tests.console_helpers import ConsoleProcess, boarding_config, keystore_bytes, trust_key
 from tests.factory_helpers import (
     DAY,
     StationFiles,
+    age_claims,
     assert_consistent,
     board_state,
     boarding_document,
@@ -211,28 +213,58 @@ def test_two_boards_with_one_serial_at_once_are_never_both_provisioned(
     assert sorted(row["outcome"] for row in records.rows("GW-1")) == ["failed", "failed", "provisioned"]
 
 
+class HeldHub:
+    """A boarding source that holds every `fresh` until the test releases it: the attempt asking for a
+    configuration stalls there, holding its serial number's claim."""
+
+    def __init__(self, source: BoardingSource) -> None:
+        self.source = source
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def current(self, serial_number: str) -> Boarding | None:
+        return self.source.current(serial_number)
+
+    def fresh(self, serial_number: str, not_before: float) -> Boarding:
+        self.reached.set()
+        self.release.wait(60)
+        return self.source.fresh(serial_number, not_before)
+
+
 def test_a_stalled_attempt_whose_claim_was_taken_over_writes_nothing(
     tmp_path: Path, records: Records
 ) -> None:
     files = station_files(tmp_path / "files")
     batch = BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": boarding_document("GW-1")}))
+    held = HeldHub(batch)
     with (
         ConsoleProcess(make_board(tmp_path / "a", "GW-1")) as stalled_port,
         ConsoleProcess(make_board(tmp_path / "b", "GW-1")) as later_port,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
     ):
-        stalled = station(files, SlowHub(batch, 2), records, serial_claim_timeout=60)
-        # a second station whose clock says the first one's claim is long stale (it stalled past the
-        # timeout on a hub that did not answer)
-        later = station(files, batch, records, serial_claim_timeout=60)
-        later.clock = lambda: time.time() + 120
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            stalled_result = pool.submit(stalled.provision, stalled_port.port)
-            time.sleep(1)  # the stalled attempt holds the claim and waits for the hub
-            assert later.provision(later_port.port).error is None
-            refused = stalled_result.result(60)
+        stalled = pool.submit(station(files, held, records).provision, stalled_port.port)
+        assert held.reached.wait(60)  # the stalled attempt holds the claim, waiting for its hub
+        age_claims(records, DEFAULT_SERIAL_CLAIM_TIMEOUT_S + 1)  # ...past its timeout without a check-in
+        assert station(files, batch, records).provision(later_port.port).error is None
+        held.release.set()
+        refused = stalled.result(60)
     assert isinstance(refused.error, SerialInProgressError) and "taken over" in str(refused.error)
     assert unwritten(tmp_path / "a")
     assert board_state(tmp_path / "b")[0]
+
+
+def test_an_interrupted_attempt_lets_its_serial_go(tmp_path: Path, records: Records) -> None:
+    files = station_files(tmp_path / "files")
+    batch = BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": boarding_document("GW-1")}))
+
+    class Interrupted(BatchSource):
+        def fresh(self, serial_number: str, not_before: float) -> Boarding:
+            raise KeyboardInterrupt  # the operator's Ctrl-C while the hub is asked
+
+    interrupted = Interrupted(batch.entries)
+    with ConsoleProcess(make_board(tmp_path / "a", "GW-1")) as console:
+        with pytest.raises(KeyboardInterrupt):
+            station(files, interrupted, records).provision(console.port)
+        assert station(files, batch, records).provision(console.port).error is None  # at once
 
 
 def test_a_noisy_line_at_a_byte_error_rate_of_1e_3_still_completes(tmp_path: Path, records: Records) -> None:
