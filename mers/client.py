@@ -162,13 +162,17 @@ class DeviceClient:
             session = self._session(boarding.base_url, boarding.data.ca_bundle, boarding.network)
             sent_before = self._unanswered_registration(boarding.iat_id)
             if sent_before is None:
-                record = {"iat_id": boarding.iat_id, "sent_at": time.time()}
+                record = {"iat_id": boarding.iat_id, "sent_at": self.clock.now()}
                 self.board.state.write(REGISTRATION_SENT_FILE, json.dumps(record).encode())
             try:
                 first = onboarding.register(session, boarding, key, sent_before=sent_before)
             except HubRefusedError as refused:
-                if not (isinstance(refused, IatUsedError) and refused.own_registration):
-                    # the hub answered this registration itself: nothing of ours is pending any more
+                # the hub settled this registration, unless it says one is still in progress (perhaps our
+                # own earlier one) or that ours most likely used the IAT; an unreachable hub settles nothing
+                pending = refused.status == 429 or (
+                    isinstance(refused, IatUsedError) and refused.own_registration
+                )
+                if not pending:
                     self.board.state.delete(REGISTRATION_SENT_FILE)
                 raise
             stored = StoredCredentials(

@@ -25,7 +25,7 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import MaxRetryError, ProtocolError
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ProtocolError, ProxyError, SSLError
 from urllib3.util.retry import Retry
 
 from .boarding import NetworkConfig
@@ -173,12 +173,11 @@ class HubSession:
                 except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError) as exc:
                     raise _AnswerCut(_reason(exc)) from exc
                 elapsed = response.elapsed.total_seconds()
-                retried = getattr(response.raw, "retries", None)
                 answer = HubAnswer(
                     response.status_code,
                     {k.lower(): v for k, v in response.headers.items()},
                     body,
-                    repeated=bool(retried is not None and retried.history),
+                    repeated=may_have_reached_the_hub(getattr(response.raw, "retries", None)),
                 )
         except requests.exceptions.SSLError as exc:
             raise HubUnreachableError(
@@ -206,6 +205,17 @@ class HubSession:
         if urllib.parse.urlsplit(target).scheme != "https":
             raise HubProtocolError(f"the hub gave a URL that is not https: {target[:100]!r}")
         return target
+
+
+def may_have_reached_the_hub(retries: Retry | None) -> bool:
+    """Whether an earlier try of this request may have reached the hub: it got a status, or failed after
+    the connection was up (a read timeout, a dropped connection). A try that failed to connect, to pass
+    the proxy or to set up TLS never did."""
+    never_sent = (ConnectTimeoutError, ProxyError, SSLError)  # NewConnectionError is a ConnectTimeoutError
+    return any(
+        entry.status is not None or (entry.error is not None and not isinstance(entry.error, never_sent))
+        for entry in (retries.history if retries is not None else ())
+    )
 
 
 class _AnswerCut(Exception):

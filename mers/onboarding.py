@@ -64,21 +64,22 @@ def register(
 
 
 def _lost_registration(answer: HubAnswer, client_id: str, sent_before: float | None) -> IatUsedError | None:
-    """An "IAT used" refusal after this device's own registration went out and its answer never arrived:
-    the hub most likely registered it then, and only the operator can issue a new IAT."""
+    """The hub's "IAT already used" after this device's own registration with it went out and its answer
+    never arrived: that registration most likely used it, and only the operator can issue a new IAT.
+    Any other refusal (an IAT superseded by offboarding, a bad signature) is reported as it is."""
     code, description = answer.error()
-    if "expired" in description.lower():
+    if "already used" not in description.lower():
         return None
     if sent_before is None:
-        when = "a moment ago, and the network lost the hub's answer"
+        when = "a moment ago, and the network lost an answer"
     else:
         moment = datetime.datetime.fromtimestamp(sent_before, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        when = f"at {moment}, and its answer never reached the device's storage"
+        when = f"at {moment}, and no answer to it was ever stored"
     return IatUsedError(
-        f"the hub counts the IAT as used, and this device sent its registration with it {when}: the hub "
-        f"most likely registered the device then. The IAT works once: ask the operator to offboard agent "
-        f"{client_id} (a new boarding configuration), then run `mers boarding import FILE` and "
-        "`mers onboard`",
+        f"the hub refused the IAT: {description}. This device sent a registration with it {when}: unless "
+        "another board holds the same boarding configuration, that registration used it. The IAT works "
+        f"once: ask the operator to offboard agent {client_id} (a new boarding configuration), then run "
+        "`mers boarding import FILE` and `mers onboard`",
         status=401,
         code=code,
         own_registration=True,

@@ -11,6 +11,15 @@ from typing import Any
 
 import jwt
 import pytest
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NewConnectionError,
+    ProtocolError,
+    ProxyError,
+    ReadTimeoutError,
+    SSLError,
+)
+from urllib3.util.retry import RequestHistory, Retry
 
 from board.simboard import SimBoard
 from hub import onboarding as hub_onboarding
@@ -29,6 +38,7 @@ from mers.errors import (
     NotOnboardedError,
     ReonboardingRequiredError,
 )
+from mers.http import may_have_reached_the_hub
 from mers.tasks import TaskClient, TaskState
 from signing.keys import KeyAlgorithm
 from tests.conftest import CliResult, run_cli
@@ -239,6 +249,32 @@ def test_a_used_iat_is_reported_and_stores_nothing(hub: RunningHub, tmp_path: Pa
     assert not used.value.own_registration  # the clone never had an answer lost: another board used it
 
 
+@pytest.mark.parametrize(
+    ("history", "reached"),
+    [
+        ((), False),
+        ((NewConnectionError(None, "refused"),), False),  # type: ignore[arg-type]
+        ((ConnectTimeoutError("connect timed out"),), False),
+        ((SSLError("handshake"),), False),
+        ((ProxyError("proxy refused", OSError("refused")),), False),
+        ((ReadTimeoutError(None, "/", "read timed out"),), True),  # type: ignore[arg-type]
+        ((ProtocolError("connection dropped"),), True),
+        ((503,), True),
+        ((NewConnectionError(None, "refused"), 502), True),  # type: ignore[arg-type]
+    ],
+)
+def test_a_request_counts_as_repeated_only_if_an_earlier_try_may_have_reached_the_hub(
+    history: tuple[Exception | int, ...], reached: bool
+) -> None:
+    entries = tuple(
+        RequestHistory(
+            "POST", "/register", None if isinstance(h, int) else h, h if isinstance(h, int) else None, None
+        )
+        for h in history
+    )
+    assert may_have_reached_the_hub(Retry(history=entries)) is reached
+
+
 class CrashAfterTheHubsAnswer(Exception):
     """Stands for the device losing power between the hub's 201 and the credentials write."""
 
@@ -258,7 +294,7 @@ def test_a_registration_whose_answer_was_never_stored_is_explained_and_recovered
     assert agent_record(hub, gateway.agent_id)["iat_used"]  # the hub registered the device
     refused = mers(gateway.path, "onboard")
     assert refused.returncode == EXIT_REFUSED
-    assert "this device sent its registration with it at 20" in refused.error_line
+    assert "This device sent a registration with it at 20" in refused.error_line
     assert f"offboard agent {gateway.agent_id}" in refused.error_line
     assert load_credentials(gateway.board.state) is None
     # the operator's way out: a new boarding configuration, imported, and onboarding works
@@ -288,7 +324,7 @@ def test_a_registration_answer_lost_on_the_network_is_explained(
         client.onboard()
     assert lost.value.own_registration
     monkeypatch.undo()
-    with gateway.client() as client, pytest.raises(IatUsedError, match="sent its registration with it at 20"):
+    with gateway.client() as client, pytest.raises(IatUsedError, match="sent a registration with it at 20"):
         client.onboard()  # told again, with the time of the lost registration
 
 
