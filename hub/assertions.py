@@ -93,7 +93,7 @@ def claimed_client(assertion: str) -> str:
     except jwt.PyJWTError as exc:
         raise InvalidRequestError(f"client_assertion is not a JWT: {exc}") from exc
     client = claims.get("sub", claims.get("iss"))
-    if not isinstance(client, str) or not 0 < len(client) <= MAX_CLIENT_ID_LENGTH:
+    if not isinstance(client, str) or not 0 < len(client) <= MAX_CLIENT_ID_LENGTH or not client.isprintable():
         raise invalid_client("the assertion names no client (sub)")
     return client
 
@@ -157,9 +157,9 @@ def check_claims(claims: dict[str, Any], client_id: str, policy: AssertionPolicy
     if expires - min(issued, not_before) > policy.max_lifetime:
         raise invalid_grant(f"the assertion may be valid for at most {policy.max_lifetime:.0f} s")
     jti = claims.get("jti")
-    if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI_LENGTH:
+    if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI_LENGTH or not jti.isprintable():
         raise invalid_grant(
-            f"the assertion needs a jti: a unique string of at most {MAX_JTI_LENGTH} characters"
+            f"the assertion needs a jti: a unique printable string of at most {MAX_JTI_LENGTH} characters"
         )
 
 

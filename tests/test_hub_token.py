@@ -338,6 +338,19 @@ def test_an_assertion_buys_one_token_and_its_replay_changes_nothing(hub_on_each_
     assert post_assertion(hub, agent.assertion()).status_code == 200  # a new one, as clients make
 
 
+@pytest.mark.parametrize(
+    "claims", [{"jti": "a\x00b"}, {"jti": "line\nbreak"}, {"sub": "gw\x00", "iss": "gw\x00"}]
+)
+def test_control_characters_in_jti_or_client_are_refused_on_every_database(
+    hub_on_each_database: RunningHub, claims: dict[str, str]
+) -> None:
+    hub = hub_on_each_database
+    agent = onboard_agent(hub, "gw-1")
+    response = post_assertion(hub, agent.assertion(**claims))
+    assert response.status_code in (400, 401), response.text  # never a 500 (PostgreSQL text holds no NUL)
+    assert response.json()["error"] in ("invalid_grant", "invalid_client")
+
+
 def test_one_assertion_sent_many_times_at_once_buys_one_token(hub_on_each_database: RunningHub) -> None:
     hub = hub_on_each_database
     agent = onboard_agent(hub, "gw-1")
