@@ -16,6 +16,7 @@ conflict naming the open task, to be cancelled first.
 from __future__ import annotations
 
 import enum
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -178,9 +179,9 @@ def create_task(database: Database, device_id: str, release_id: str, actor: str,
     task_id = new_id()
     try:
         with database.transaction() as session:
+            _take_creation_turn(session, device_id)
             if session.get(Agent, device_id) is None:
                 raise NotFoundError(f"no agent {device_id!r}")
-            _take_creation_turn(session)
             _check_no_open_task(session, device_id)
             session.add(
                 InstallationTask(
@@ -207,16 +208,22 @@ def create_task(database: Database, device_id: str, release_id: str, actor: str,
     return get_task(database, task_id)
 
 
-#: a PostgreSQL advisory lock key of our own ("merstask"), held by a task creation until it commits
-_CREATION_LOCK_KEY = 0x6D657273_7461736B
+#: the first half of the PostgreSQL advisory lock a task creation holds until it commits ("mers"); the
+#: second half is the device's: creations for one device take turns, others go on
+_CREATION_LOCK_SPACE = 0x6D657273
 
 
-def _take_creation_turn(session: Session) -> None:
-    """On PostgreSQL, creations take turns until their transaction ends: at READ COMMITTED two of them
-    would each look for an open task without seeing the other's uncommitted one. SQLite serialises its
-    writers by itself."""
+def _take_creation_turn(session: Session, device_id: str) -> None:
+    """On PostgreSQL, creations for one device take turns until their transaction ends: at READ COMMITTED
+    two of them would each look for an open task without seeing the other's uncommitted one. Taken first,
+    so every statement after it sees what the previous creation committed. SQLite serialises its writers
+    by itself."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATION_LOCK_KEY})
+        device_key = zlib.crc32(device_id.encode()) - (1 << 31)  # into PostgreSQL's signed int4
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:space, :device)"),
+            {"space": _CREATION_LOCK_SPACE, "device": device_key},
+        )
 
 
 def _open_task_count(session: Session, device_id: str) -> int:
@@ -236,7 +243,7 @@ def _check_no_open_task(session: Session, device_id: str, besides: str | None = 
     if open_task is not None:
         raise ConflictError(
             f"agent {device_id!r} already has an open installation task, {open_task.id} "
-            f"({open_task.state}): cancel it first (PATCH its state to CANCELED)"
+            f"({open_task.state}): cancel it first (`mers-hub task cancel`, or PATCH its state to CANCELED)"
         )
 
 

@@ -5,6 +5,7 @@ only."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hub import tasks as hub_tasks
 from hub.errors import ConflictError
 from hub.tasks import CLOSED, OPEN, TaskChange, TaskState, TaskStatus, allowed_targets, apply_change
 from tests.firmware_helpers import Published, add_agent, new_task, publish
@@ -400,10 +402,23 @@ def without_uris(listing: dict[str, Any]) -> list[dict[str, Any]]:
     return [without_uri(task) for task in listing["content"]]
 
 
-def race_task_creations(hub: RunningHub, release_id: str, count: int = 8) -> None:
-    """`count` creations for one device at the same moment: exactly one task is created."""
+def race_task_creations(
+    hub: RunningHub, release_id: str, monkeypatch: pytest.MonkeyPatch, count: int = 8
+) -> None:
+    """`count` creations for one device at the same moment: exactly one task is created. Inside the hub,
+    each creation waits before it looks for an open task until all of them are there (or two seconds
+    passed, where the database lets only one in at a time), so the race is run, not left to chance."""
     agent_id = add_agent(hub)
-    start = threading.Barrier(count)
+    start, inside = threading.Barrier(count), threading.Barrier(count)
+    check = hub_tasks._check_no_open_task
+
+    def check_together(session: Any, device_id: str, besides: str | None = None) -> None:
+        if besides is None:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                inside.wait(2)
+        check(session, device_id, besides)
+
+    monkeypatch.setattr(hub_tasks, "_check_no_open_task", check_together)
     statuses: list[int] = []
     lock = threading.Lock()
 
@@ -430,8 +445,10 @@ def race_task_creations(hub: RunningHub, release_id: str, count: int = 8) -> Non
     assert len(listed) == 1
 
 
-def test_concurrent_task_creations_for_one_device_create_one(hub: RunningHub, published: Published) -> None:
-    race_task_creations(hub, published.release["id"])
+def test_concurrent_task_creations_for_one_device_create_one(
+    hub: RunningHub, published: Published, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    race_task_creations(hub, published.release["id"], monkeypatch)
 
 
 def test_two_concurrent_final_reports_cannot_both_apply(hub: RunningHub, published: Published) -> None:
@@ -439,11 +456,13 @@ def test_two_concurrent_final_reports_cannot_both_apply(hub: RunningHub, publish
         race_final_reports(hub, published)
 
 
-def test_tasks_keep_their_rules_on_postgresql(postgres_hub: RunningHub, tmp_path: Path) -> None:
+def test_tasks_keep_their_rules_on_postgresql(
+    postgres_hub: RunningHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     published = publish(postgres_hub, tmp_path)
     for _ in range(3):
         race_final_reports(postgres_hub, published)
-    race_task_creations(postgres_hub, published.release["id"])
+    race_task_creations(postgres_hub, published.release["id"], monkeypatch)
     task_id = published.task["id"]
     assert patch(postgres_hub, task_id, message="nul\x00").status_code == 400
     assert postgres_hub.admin("GET", f"{TASKS}/%00").status_code == 404
