@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import HubSetupError
-from .models import Base
+from .models import Agent, Base
 
 
 def open_engine(url: str) -> Engine:
@@ -48,19 +48,26 @@ def _configure_sqlite(connection: Any, _record: object) -> None:
 _SCHEMA_LOCK = 0x6D657273_6875  # "mershu"
 
 
-def create_schema(engine: Engine) -> None:
-    """Create the tables the hub lacks: all of them at `mers-hub init`, and at every start the ones a newer
-    version added, so a hub made by an older one keeps working. Servers starting together on one
-    PostgreSQL database would race on its catalog, so there it runs under an advisory lock."""
+def create_schema(engine: Engine, *, existing: bool = False) -> None:
+    """Create the tables the hub lacks: all of them at `mers-hub init`; with `existing` (every start),
+    only the ones a newer version added, in a database that holds a hub already, so a hub made by an
+    older version keeps working while a mistyped `database_url` is refused rather than set up as a blank
+    hub. Servers starting together on one PostgreSQL database would race on its catalog, so there it runs
+    under an advisory lock."""
+    where = engine.url.render_as_string(hide_password=True)
     try:
         with engine.begin() as connection:
             if engine.dialect.name == "postgresql":
                 connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+            if existing and not inspect(connection).has_table(Agent.__tablename__):
+                raise HubSetupError(
+                    f"{where} holds no hub (it has no {Agent.__tablename__} table): is database_url in "
+                    "hub.toml right? `mers-hub init` creates a hub"
+                )
             Base.metadata.create_all(connection)
-    except OperationalError as exc:
-        raise HubSetupError(
-            f"cannot create the hub's tables in {engine.url.render_as_string(hide_password=True)}: {exc.orig}"
-        ) from exc
+    except SQLAlchemyError as exc:
+        reason = getattr(exc, "orig", None) or exc
+        raise HubSetupError(f"cannot create the hub's tables in {where}: {reason}") from exc
 
 
 class Database:

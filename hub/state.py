@@ -38,7 +38,11 @@ def load_state(home: HubHome, base_url: str, clock: Clock = time.time) -> HubSta
     base_url = (settings.public_url or base_url).rstrip("/")
     key = HubKey.from_pem(home.read_secret(home.signing_key), source=str(home.signing_key))
     engine = open_engine(home.database_url())
-    create_schema(engine)
+    try:
+        create_schema(engine, existing=True)
+    except BaseException:
+        engine.dispose()
+        raise
     return HubState(
         home=home,
         settings=settings,

@@ -105,8 +105,20 @@ def test_the_database_has_the_hub_tables(made: tuple[HubHome, str]) -> None:
     assert {"agents", "trusted_keys", "releases", "installation_tasks", "spent_assertions"} <= tables
 
 
-def test_a_hub_made_before_a_table_existed_gets_it_when_it_starts(made: tuple[HubHome, str]) -> None:
-    home, _token = made
+def test_a_database_that_holds_no_hub_is_refused_not_set_up_blank(tmp_path: Path) -> None:
+    home = create_hub(tmp_path / "hub").home
+    home.default_database.unlink()  # as a mistyped database_url would name an empty database
+    with pytest.raises(HubSetupError, match="holds no hub"):
+        load_state(home, "https://127.0.0.1:8443")
+    engine = sqlalchemy.create_engine(home.database_url())
+    try:
+        assert sqlalchemy.inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
+
+
+def test_a_hub_made_before_a_table_existed_gets_it_when_it_starts(tmp_path: Path) -> None:
+    home = create_hub(tmp_path / "hub").home
     engine = sqlalchemy.create_engine(home.database_url())
     try:
         with engine.begin() as connection:
