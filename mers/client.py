@@ -42,6 +42,7 @@ from .errors import (
     CorruptStateError,
     HubProtocolError,
     HubRefusedError,
+    HubUnreachableError,
     IatUsedError,
     MersError,
     NoBoardingDataError,
@@ -168,12 +169,16 @@ class DeviceClient:
                 first = onboarding.register(session, boarding, key, sent_before=sent_before)
             except HubRefusedError as refused:
                 # the hub settled this registration, unless it says one is still in progress (perhaps our
-                # own earlier one) or that ours most likely used the IAT; an unreachable hub settles nothing
+                # own earlier one) or that ours most likely used the IAT
                 pending = refused.status == 429 or (
                     isinstance(refused, IatUsedError) and refused.own_registration
                 )
                 if not pending:
                     self.board.state.delete(REGISTRATION_SENT_FILE)
+                raise
+            except HubUnreachableError as unreachable:
+                if not unreachable.reached_the_hub and sent_before is None:
+                    self.board.state.delete(REGISTRATION_SENT_FILE)  # no try of it left the device
                 raise
             stored = StoredCredentials(
                 client_id=boarding.client_id,

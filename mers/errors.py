@@ -61,9 +61,14 @@ class CorruptStateError(StorageError):
 
 
 class HubUnreachableError(MersError):
-    """Network errors, timeouts or 5xx answers outlasted the bounded retries: try again later."""
+    """Network errors, timeouts or 5xx answers outlasted the bounded retries: try again later.
+    `reached_the_hub` is False only when no try can have reached the hub (none could connect)."""
 
     exit_code = EXIT_UNREACHABLE
+
+    def __init__(self, message: str, *, reached_the_hub: bool = True) -> None:
+        super().__init__(message)
+        self.reached_the_hub = reached_the_hub
 
 
 class HubProtocolError(HubUnreachableError):

@@ -21,11 +21,14 @@ import json
 import urllib.parse
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self, TypeVar
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import ConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ProtocolError, ProxyError, SSLError
+from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
 
 from .boarding import NetworkConfig
@@ -34,6 +37,7 @@ from .errors import HubProtocolError, HubUnreachableError
 
 MAX_ANSWER = 1 << 20
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+RetryKind = TypeVar("RetryKind", bound=Retry)
 
 
 @dataclass(frozen=True)
@@ -47,15 +51,21 @@ class HttpSettings:
     backoff_max: float = 60.0
     backoff_jitter: float = 1.0  # plus up to this much, so a fleet rebooting together spreads out
 
-    def retry(self) -> Retry:
-        return retry_policy(self.retries, self.backoff_factor, self.backoff_max, self.backoff_jitter)
+    def retry(self, kind: type[RetryKind] = Retry) -> RetryKind:  # type: ignore[assignment]
+        return retry_policy(self.retries, self.backoff_factor, self.backoff_max, self.backoff_jitter, kind)
 
 
-def retry_policy(retries: int, backoff_factor: float, backoff_max: float, backoff_jitter: float) -> Retry:
+def retry_policy(
+    retries: int,
+    backoff_factor: float,
+    backoff_max: float,
+    backoff_jitter: float,
+    kind: type[RetryKind] = Retry,  # type: ignore[assignment]
+) -> RetryKind:
     """urllib3's retries as every hub call wants them: connection errors, read errors and the transient
     statuses alike, exponential backoff with jitter, no redirects, and the last answer returned rather
-    than raised so the caller can report its status."""
-    return Retry(
+    than raised so the caller can report its status. `kind` is `Retry` or a subclass of it."""
+    return kind(
         total=retries,
         connect=retries,
         read=retries,
@@ -78,8 +88,8 @@ class HubAnswer:
     status: int
     headers: dict[str, str]  # names in lower case
     body: bytes
-    #: the request went out more than once (an answer was lost, cut short or a 5xx): the hub may have
-    #: acted on an earlier copy, so a refusal of this one may be the consequence of our own first try
+    #: an earlier try of this request may have reached the hub (its answer was lost, cut short or a 5xx):
+    #: the hub may have acted on it, so a refusal of this one may be the consequence of our own first try
     repeated: bool = False
 
     def json(self) -> dict[str, Any]:
@@ -122,9 +132,9 @@ class HubSession:
         self._http.trust_env = False
         if network is not None:
             self._http.proxies = {"https": network.proxy_url, "http": network.proxy_url}
-        adapter = HTTPAdapter(max_retries=self._settings.retry())
-        self._http.mount("https://", adapter)
-        self._http.mount("http://", adapter)
+        self._adapter = HTTPAdapter(max_retries=self._settings.retry())
+        self._http.mount("https://", self._adapter)
+        self._http.mount("http://", self._adapter)
 
     def close(self) -> None:
         self._http.close()
@@ -137,7 +147,7 @@ class HubSession:
         the same budget and backoff: urllib3's retries end once the headers are in, and the reasons that
         make retrying every method safe (module docstring) hold for a repeated request too."""
         url = self._url(target)
-        cuts = self._settings.retry()
+        cuts: Retry = self._settings.retry()
         while True:
             try:
                 answer = self._attempt(method, url, bearer, kwargs)
@@ -157,6 +167,9 @@ class HubSession:
         if bearer is not None:
             headers["Authorization"] = f"Bearer {bearer}"
         timeout = (self._settings.connect_timeout, self._settings.read_timeout)
+        retry = self._settings.retry(_TrackedRetry)
+        tries = retry.tries
+        self._adapter.max_retries = retry
         try:
             with self._http.request(
                 method,
@@ -177,17 +190,19 @@ class HubSession:
                     response.status_code,
                     {k.lower(): v for k, v in response.headers.items()},
                     body,
-                    repeated=may_have_reached_the_hub(getattr(response.raw, "retries", None)),
+                    repeated=tries.reached,
                 )
         except requests.exceptions.SSLError as exc:
             raise HubUnreachableError(
                 f"TLS to {_origin(url)} failed (is the hub's certificate from the boarding CA?): "
-                f"{_reason(exc)}"
+                f"{_reason(exc)}",
+                reached_the_hub=tries.reached_or_unknown,
             ) from exc
         except requests.exceptions.RequestException as exc:
             attempts = self._settings.retries + 1
             raise HubUnreachableError(
-                f"cannot reach the hub at {_origin(url)} after {attempts} attempts: {_reason(exc)}"
+                f"cannot reach the hub at {_origin(url)} after {attempts} attempts: {_reason(exc)}",
+                reached_the_hub=tries.reached_or_unknown,
             ) from exc
         self._clock.observe(answer.headers, round_trip=elapsed)
         if answer.status >= 500:
@@ -207,15 +222,52 @@ class HubSession:
         return target
 
 
-def may_have_reached_the_hub(retries: Retry | None) -> bool:
-    """Whether an earlier try of this request may have reached the hub: it got a status, or failed after
-    the connection was up (a read timeout, a dropped connection). A try that failed to connect, to pass
-    the proxy or to set up TLS never did."""
+def try_may_have_reached_the_hub(response: object | None, error: Exception | None) -> bool:
+    """Whether a failed try may have reached the hub: it got an answer (a 5xx), or failed once the
+    connection was up (a read timeout, a dropped connection). A try that could not connect or pass the
+    proxy did not; urllib3 reports some TLS failures as read errors, which count as "may have"."""
     never_sent = (ConnectTimeoutError, ProxyError, SSLError)  # NewConnectionError is a ConnectTimeoutError
-    return any(
-        entry.status is not None or (entry.error is not None and not isinstance(entry.error, never_sent))
-        for entry in (retries.history if retries is not None else ())
-    )
+    return response is not None or (error is not None and not isinstance(error, never_sent))
+
+
+class _Tries:
+    """What the failed tries of one request came to."""
+
+    def __init__(self) -> None:
+        self.failed = 0
+        self.reached = False  # one of them may have reached the hub
+
+    @property
+    def reached_or_unknown(self) -> bool:
+        """For a request that failed in the end: False only when every try is known not to have left."""
+        return self.reached or self.failed == 0
+
+
+class _TrackedRetry(Retry):
+    """The retry policy, noting in `tries` what each failed try came to: urllib3 keeps its history on the
+    last answer, but drops it when the tries run out with an error."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tries = _Tries()
+
+    def new(self, **kw: Any) -> Self:
+        retry = super().new(**kw)
+        retry.tries = self.tries  # one record for all the tries of one request
+        return retry
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: BaseHTTPResponse | None = None,
+        error: Exception | None = None,
+        _pool: ConnectionPool | None = None,
+        _stacktrace: TracebackType | None = None,
+    ) -> Self:
+        self.tries.failed += 1
+        self.tries.reached = self.tries.reached or try_may_have_reached_the_hub(response, error)
+        return super().increment(method, url, response, error, _pool, _stacktrace)
 
 
 class _AnswerCut(Exception):

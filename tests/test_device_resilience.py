@@ -16,7 +16,7 @@ import pytest
 from hub import oauth
 from hub.oauth_form import TokenRequest
 from hub.state import HubState
-from mers.client import RenewalStep
+from mers.client import REGISTRATION_SENT_FILE, RenewalStep
 from mers.clock import HubClock
 from mers.errors import EXIT_UNREACHABLE, HubUnreachableError
 from mers.http import HubSession
@@ -32,7 +32,7 @@ from tests.device_helpers import (
     rat_id,
     redirect_credentials_to,
 )
-from tests.hub_helpers import RunningHub, agent_record
+from tests.hub_helpers import RunningHub, agent_record, running_hub
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -221,6 +221,49 @@ def test_answers_always_cut_short_end_after_bounded_retries(tmp_path: Path) -> N
         session.close()
         assert server.connections == FAST_HTTP.retries + 1
     assert f"kept cutting its answer short ({FAST_HTTP.retries + 1} attempts)" in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    ("mode", "reached"), [("closed", False), ("drop", True), ("500", True), ("cut-once", True)]
+)
+def test_a_request_knows_whether_an_earlier_try_may_have_reached_the_hub(
+    tmp_path: Path, mode: str, reached: bool
+) -> None:
+    """What the registration's diagnosis rests on: a try that never connected did not reach the hub; one
+    whose connection dropped after the request, or that got a 5xx or half an answer, may have."""
+    ca = tmp_path / "ca.pem"
+    with bad_server("drop" if mode == "closed" else mode) as server:
+        ca.write_bytes(server.ca_pem)
+        url = server.url
+    if mode == "closed":  # the server is gone: nothing listens on its port any more
+        session = HubSession(url, ca, HubClock(), settings=FAST_HTTP)
+        with pytest.raises(HubUnreachableError) as failure:
+            session.request("POST", "/api/agentmanagement/v3/register", json={})
+        assert failure.value.reached_the_hub is reached
+        return
+    with bad_server(mode) as server:
+        ca.write_bytes(server.ca_pem)
+        session = HubSession(server.url, ca, HubClock(), settings=FAST_HTTP)
+        try:
+            answer = session.request("POST", "/api/agentmanagement/v3/register", json={})
+        except HubUnreachableError as failure:
+            assert failure.reached_the_hub is reached
+        else:
+            assert answer.repeated is reached
+        finally:
+            session.close()
+
+
+def test_a_registration_that_never_left_the_device_leaves_no_note(hub: RunningHub, tmp_path: Path) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with running_hub(tmp_path / "gone") as gone:
+        elsewhere = make_gateway(gone, tmp_path / "gw-gone")
+    with elsewhere.client() as client, pytest.raises(HubUnreachableError):
+        client.onboard()  # its hub stopped: connection refused on every try
+    assert elsewhere.board.state.read(REGISTRATION_SENT_FILE) is None
+    with gateway.client() as client:
+        client.onboard()
+    assert gateway.board.state.read(REGISTRATION_SENT_FILE) is None
 
 
 def test_the_cli_reports_an_unreachable_hub_on_one_line(hub: RunningHub, tmp_path: Path) -> None:
