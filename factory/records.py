@@ -15,7 +15,7 @@ Tables (SQLAlchemy Core; SQLite by default, PostgreSQL when several stations sha
 - ``boards``: serial number PRIMARY KEY -> the lock digest, written when a board is locked and verified; an
   unlocked board presenting a serial number found here is a duplicate serial, refused.
 - ``serial_claims``: serial number PRIMARY KEY -> the attempt writing a board with that serial right now
-  (its token, station, port, and when it last checked in), taken before the boarding configuration is
+  (its token, station, port, last check-in and expiry), taken before the boarding configuration is
   fetched and released when the attempt ends. Two boards with one serial number on two ports (or two
   stations) at once would otherwise both pass the ``boards`` check, both receive the same IAT and both be
   locked: the second is refused before anything is written. An attempt checks in before each writing step;
@@ -208,8 +208,9 @@ def database_url(text: str) -> str:
 
 
 class Records:
-    """The records database. Safe to share between threads; every method is one transaction, except
-    `append` and `claim_serial`, which try again in a new one when another station got there first."""
+    """The records database. Safe to share between threads. Each method is atomic: one transaction, or
+    (`append`, the claims) a first one and, when another station got there first, another one that
+    reads what it did."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -437,6 +438,13 @@ def _create_schema(connection: Connection) -> None:
     dialect = connection.engine.dialect.name
     if dialect == "postgresql":
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+    existing = sa.inspect(connection)
+    if existing.has_table(serial_claims.name):
+        columns = {column["name"] for column in existing.get_columns(serial_claims.name)}
+        if columns != {column.name for column in serial_claims.columns}:
+            # an earlier shape of the table: it only ever holds claims of attempts under way, so it is
+            # made anew (an attempt under way when the station was upgraded has to be run again)
+            serial_claims.drop(connection)
     metadata.create_all(connection)
     statements = {"sqlite": _APPEND_ONLY_SQLITE, "postgresql": _APPEND_ONLY_POSTGRESQL}.get(dialect, [])
     for statement in statements:

@@ -290,8 +290,9 @@ class Station:
         self.records.check_in(progress.claim)
 
     def _release_claim(self, progress: _Progress) -> None:
-        """Let the serial number go once the attempt is recorded. If the records cannot be reached, the
-        claim stays until its timeout: a later attempt on this serial waits, nothing is lost."""
+        """Let the serial number go once the attempt ended (recorded, or interrupted). If the records cannot
+        be reached, the claim stays until it expires: a later attempt on this serial waits, nothing is
+        lost."""
         if progress.claim is not None:
             with contextlib.suppress(RecordsError):
                 self.records.release_serial(progress.claim)

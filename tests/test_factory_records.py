@@ -270,3 +270,18 @@ def test_concurrent_claims_of_one_serial_let_exactly_one_attempt_win(records: Re
         thread.join(60)
     assert len(winners) == 1
     records.check_in(serial_claim(winners[0]))
+
+
+def test_a_claims_table_of_an_earlier_shape_is_made_anew_when_the_records_open(records: Records) -> None:
+    with records.engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE serial_claims")
+        connection.exec_driver_sql(
+            "CREATE TABLE serial_claims (serial_number VARCHAR(128) PRIMARY KEY, token VARCHAR(64) NOT NULL, "
+            "station VARCHAR(255) NOT NULL, port VARCHAR(1024) NOT NULL, checked_in_at FLOAT NOT NULL)"
+        )
+    reopened = Records.open(records.engine.url.render_as_string(hide_password=False))
+    try:
+        reopened.claim_serial(serial_claim("a" * 32))
+        reopened.check_in(serial_claim("a" * 32))
+    finally:
+        reopened.close()
