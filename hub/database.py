@@ -19,9 +19,10 @@ from .errors import HubSetupError
 from .models import Agent, Base
 
 
-def open_engine(url: str) -> Engine:
+def open_engine(url: str, *, create: bool = True) -> Engine:
     """An engine for `url`, with the SQLite settings above; a bad URL or an unreachable server is a
-    `HubSetupError` naming the database (never its password)."""
+    `HubSetupError` naming the database (never its password). Without `create`, a SQLite file that does
+    not exist is refused rather than created (a mistyped path must not leave an empty database behind)."""
     try:
         engine = create_engine(url, pool_pre_ping=True)
     except (ArgumentError, ImportError) as exc:
@@ -30,6 +31,9 @@ def open_engine(url: str) -> Engine:
         event.listen(engine, "connect", _configure_sqlite)
         database = engine.url.database
         if database and database != ":memory:" and not os.path.exists(database):
+            if not create:
+                engine.dispose()
+                raise HubSetupError(f"the hub's database {database} does not exist: is database_url right?")
             fd = os.open(database, os.O_CREAT | os.O_WRONLY, 0o600)
             os.close(fd)
     return engine
@@ -62,7 +66,7 @@ def create_schema(engine: Engine, *, existing: bool = False) -> None:
             if existing and not inspect(connection).has_table(Agent.__tablename__):
                 raise HubSetupError(
                     f"{where} holds no hub (it has no {Agent.__tablename__} table): is database_url in "
-                    "hub.toml right? `mers-hub init` creates a hub"
+                    "hub.toml right?"
                 )
             Base.metadata.create_all(connection)
     except SQLAlchemyError as exc:

@@ -37,7 +37,9 @@ def load_state(home: HubHome, base_url: str, clock: Clock = time.time) -> HubSta
     settings = home.settings()
     base_url = (settings.public_url or base_url).rstrip("/")
     key = HubKey.from_pem(home.read_secret(home.signing_key), source=str(home.signing_key))
-    engine = open_engine(home.database_url())
+    url_secret = home.read_secret(home.url_secret).strip()
+    admin_token_hash = home.read_secret(home.admin_token_hash).decode("ascii", "replace").strip()
+    engine = open_engine(home.database_url(), create=False)  # the last step: nothing can fail after it
     try:
         create_schema(engine, existing=True)
     except BaseException:
@@ -48,8 +50,8 @@ def load_state(home: HubHome, base_url: str, clock: Clock = time.time) -> HubSta
         settings=settings,
         database=Database(engine),
         issuer=TokenIssuer(key, base_url, clock),
-        url_secret=home.read_secret(home.url_secret).strip(),
-        admin_token_hash=home.read_secret(home.admin_token_hash).decode("ascii", "replace").strip(),
+        url_secret=url_secret,
+        admin_token_hash=admin_token_hash,
         base_url=base_url,
         clock=clock,
     )

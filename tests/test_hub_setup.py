@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -107,7 +108,11 @@ def test_the_database_has_the_hub_tables(made: tuple[HubHome, str]) -> None:
 
 def test_a_database_that_holds_no_hub_is_refused_not_set_up_blank(tmp_path: Path) -> None:
     home = create_hub(tmp_path / "hub").home
-    home.default_database.unlink()  # as a mistyped database_url would name an empty database
+    home.default_database.unlink()  # as a mistyped path would name a file that is not there
+    with pytest.raises(HubSetupError, match="does not exist"):
+        load_state(home, "https://127.0.0.1:8443")
+    assert not home.default_database.exists()  # and none is left behind
+    sqlite3.connect(home.default_database).close()  # an empty database, as a mistyped server URL names
     with pytest.raises(HubSetupError, match="holds no hub"):
         load_state(home, "https://127.0.0.1:8443")
     engine = sqlalchemy.create_engine(home.database_url())
