@@ -8,7 +8,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,3 +309,22 @@ def assert_hub_error(response: requests.Response, status: int, code: str | None 
     if code is not None:
         assert body["error"] == code, body
     return body
+
+
+def at_once(calls: Sequence[Callable[[], requests.Response]]) -> list[int]:
+    """Each of `calls` from a thread of its own, all released together: the statuses, in `calls`' order.
+    For the rules that must hold under concurrent requests (one winner, no lost update)."""
+    start = threading.Barrier(len(calls))
+    statuses: list[int | None] = [None] * len(calls)
+
+    def send(index: int) -> None:
+        start.wait(30)
+        statuses[index] = calls[index]().status_code
+
+    threads = [threading.Thread(target=send, args=(index,)) for index in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert None not in statuses, f"a request did not finish: {statuses}"
+    return [status for status in statuses if status is not None]

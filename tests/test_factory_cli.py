@@ -88,14 +88,20 @@ def test_provision_from_a_batch_prints_json_events_and_records_an_intact_chain(t
     assert shown.returncode == 0 and "provisioned" in shown.stdout and "GW-1" not in shown.stdout
 
 
-def test_records_verify_reports_the_first_altered_row(tmp_path: Path) -> None:
+def records_of_runs(tmp_path: Path, runs: int) -> Path:
+    """A records file holding `runs` attempts: one board provisioned, then re-run."""
     files = station_files(tmp_path / "files")
     batch = batch_for(tmp_path / "batch.jsonl", "GW-1")
     records = tmp_path / "records.db"
     with ConsoleProcess(make_board(tmp_path / "GW-1", "GW-1")) as console:
-        for _ in range(3):
+        for _ in range(runs):
             args = provision_args(files, records, console.port)
             assert factory(*args, "--boarding-batch", batch, "--device-ca", files.device_ca).returncode == 0
+    return records
+
+
+def test_records_verify_reports_the_first_altered_row(tmp_path: Path) -> None:
+    records = records_of_runs(tmp_path, 3)
     import sqlite3
 
     with sqlite3.connect(records) as db:
@@ -107,13 +113,7 @@ def test_records_verify_reports_the_first_altered_row(tmp_path: Path) -> None:
 
 
 def test_records_verify_prints_an_anchor_that_later_catches_removed_rows(tmp_path: Path) -> None:
-    files = station_files(tmp_path / "files")
-    batch = batch_for(tmp_path / "batch.jsonl", "GW-1")
-    records = tmp_path / "records.db"
-    with ConsoleProcess(make_board(tmp_path / "GW-1", "GW-1")) as console:
-        for _ in range(2):
-            args = provision_args(files, records, console.port)
-            assert factory(*args, "--boarding-batch", batch, "--device-ca", files.device_ca).returncode == 0
+    records = records_of_runs(tmp_path, 2)
     verified = factory("records", "verify", "--records", records)
     assert verified.returncode == 0, verified.stderr
     anchor = verified.stdout.split("anchor ")[-1].strip()

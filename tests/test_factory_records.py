@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -180,28 +180,40 @@ def test_an_iat_is_claimed_for_one_serial_only(records: Records) -> None:
     assert records.iat_owner("jti-1") == "GW-1"
 
 
-def test_concurrent_claims_of_one_iat_let_exactly_one_serial_win(records: Records) -> None:
+def contend(records: Records, claims: list[Callable[[Records], None]], lost: type[Exception]) -> list[int]:
+    """Each of `claims` on a connection of its own, all released together; the indices of those that did
+    not fail with `lost`."""
     url = records.engine.url.render_as_string(hide_password=False)
-    barrier = threading.Barrier(6)
-    winners: list[str] = []
+    barrier = threading.Barrier(len(claims))
+    winners: list[int] = []
 
-    def claim(serial: str) -> None:
+    def run(index: int) -> None:
         store = Records.open(url)
         try:
             barrier.wait(60)
-            store.claim_iat("contested", serial)
-            winners.append(serial)
-        except IatError:
+            claims[index](store)
+            winners.append(index)
+        except lost:
             pass
         finally:
             store.close()
 
-    threads = [threading.Thread(target=claim, args=(f"GW-{index}",)) for index in range(6)]
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(claims))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
-    assert len(winners) == 1 and records.iat_owner("contested") == winners[0]
+    return winners
+
+
+def test_concurrent_claims_of_one_iat_let_exactly_one_serial_win(records: Records) -> None:
+    serials = [f"GW-{index}" for index in range(6)]
+
+    def claim(serial: str) -> Callable[[Records], None]:
+        return lambda store: store.claim_iat("contested", serial)
+
+    winners = contend(records, [claim(serial) for serial in serials], IatError)
+    assert len(winners) == 1 and records.iat_owner("contested") == serials[winners[0]]
 
 
 def test_a_second_board_with_a_provisioned_serial_is_a_duplicate(records: Records) -> None:
@@ -248,28 +260,14 @@ def test_a_claim_is_taken_over_only_once_it_expired_without_a_check_in(records: 
 
 
 def test_concurrent_claims_of_one_serial_let_exactly_one_attempt_win(records: Records) -> None:
-    url = records.engine.url.render_as_string(hide_password=False)
-    barrier = threading.Barrier(6)
-    winners: list[str] = []
+    claims = [serial_claim(str(index) * 32, port=f"/dev/ttyUSB{index}") for index in range(6)]
 
-    def claim(token: str) -> None:
-        store = Records.open(url)
-        try:
-            barrier.wait(60)
-            store.claim_serial(serial_claim(token, port=f"/dev/ttyUSB{token[0]}"))
-            winners.append(token)
-        except SerialInProgressError:
-            pass
-        finally:
-            store.close()
+    def claim(attempt: SerialClaim) -> Callable[[Records], None]:
+        return lambda store: store.claim_serial(attempt)
 
-    threads = [threading.Thread(target=claim, args=(str(index) * 32,)) for index in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    winners = contend(records, [claim(attempt) for attempt in claims], SerialInProgressError)
     assert len(winners) == 1
-    records.check_in(serial_claim(winners[0]))
+    records.check_in(claims[winners[0]])
 
 
 def test_a_claims_table_of_an_earlier_shape_is_made_anew_when_the_records_open(records: Records) -> None:

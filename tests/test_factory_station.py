@@ -167,50 +167,9 @@ def test_an_unlocked_board_with_the_serial_of_a_provisioned_one_is_refused(
     assert SimBoard.open(tmp_path / "b").boarding_data() is None
 
 
-class SlowHub:
-    """A boarding source that takes `delay` seconds to hand out a configuration, as a busy hub does: an
-    attempt that asks for one is surely still running when a second board's attempt starts."""
-
-    def __init__(self, source: BoardingSource, delay: float) -> None:
-        self.source, self.delay = source, delay
-
-    def current(self, serial_number: str) -> Boarding | None:
-        return self.source.current(serial_number)
-
-    def fresh(self, serial_number: str, not_before: float) -> Boarding:
-        time.sleep(self.delay)
-        return self.source.fresh(serial_number, not_before)
-
-
 def unwritten(board_dir: Path) -> bool:
     locked, key_hashes, config = board_state(board_dir)
     return not locked and set(key_hashes) == {None} and config is None
-
-
-def test_two_boards_with_one_serial_at_once_are_never_both_provisioned(
-    tmp_path: Path, records: Records
-) -> None:
-    files = station_files(tmp_path / "files")
-    source = SlowHub(
-        BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": boarding_document("GW-1")})), 1
-    )
-    with (
-        ConsoleProcess(make_board(tmp_path / "a", "GW-1")) as first,
-        ConsoleProcess(make_board(tmp_path / "b", "GW-1")) as duplicate,
-    ):
-        results = station(files, source, records).provision_all([first.port, duplicate.port])
-        [won] = [result for result in results if result.error is None]
-        [refused] = [result for result in results if result.error is not None]
-        assert isinstance(refused.error, SerialInProgressError), refused.error
-        assert won.port in str(refused.error)  # the operator learns where the other board is
-        board_dirs = {first.port: tmp_path / "a", duplicate.port: tmp_path / "b"}
-        assert board_state(board_dirs[won.port])[0]
-        assert unwritten(board_dirs[refused.port])  # no key, no IAT, no lock
-        # the claim ended with the first attempt: the duplicate is now refused as a provisioned serial
-        again = station(files, source, records).provision(refused.port)
-    assert isinstance(again.error, SerialAlreadyProvisionedError)
-    assert unwritten(board_dirs[refused.port])
-    assert sorted(row["outcome"] for row in records.rows("GW-1")) == ["failed", "failed", "provisioned"]
 
 
 class HeldHub:
@@ -228,6 +187,38 @@ class HeldHub:
         self.reached.set()
         self.release.wait(60)
         return self.source.fresh(serial_number, not_before)
+
+
+def test_two_boards_with_one_serial_at_once_are_never_both_provisioned(
+    tmp_path: Path, records: Records
+) -> None:
+    files = station_files(tmp_path / "files")
+    held = HeldHub(BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": boarding_document("GW-1")})))
+    with (
+        ConsoleProcess(make_board(tmp_path / "a", "GW-1")) as first,
+        ConsoleProcess(make_board(tmp_path / "b", "GW-1")) as duplicate,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        running = pool.submit(station(files, held, records).provision_all, [first.port, duplicate.port])
+        assert held.reached.wait(60)  # one attempt holds the serial and waits for its hub...
+        deadline = time.monotonic() + 60
+        while not list(records.rows("GW-1")):  # ...while the other one is refused and recorded
+            assert time.monotonic() < deadline, "the second board's attempt did not end"
+            time.sleep(0.02)
+        held.release.set()
+        results = running.result(60)
+        [won] = [result for result in results if result.error is None]
+        [refused] = [result for result in results if result.error is not None]
+        assert isinstance(refused.error, SerialInProgressError), refused.error
+        assert won.port in str(refused.error)  # the operator learns where the other board is
+        board_dirs = {first.port: tmp_path / "a", duplicate.port: tmp_path / "b"}
+        assert board_state(board_dirs[won.port])[0]
+        assert unwritten(board_dirs[refused.port])  # no key, no IAT, no lock
+        # the claim ended with the first attempt: the duplicate is now refused as a provisioned serial
+        again = station(files, held, records).provision(refused.port)
+    assert isinstance(again.error, SerialAlreadyProvisionedError)
+    assert unwritten(board_dirs[refused.port])
+    assert sorted(row["outcome"] for row in records.rows("GW-1")) == ["failed", "failed", "provisioned"]
 
 
 def test_a_stalled_attempt_whose_claim_was_taken_over_writes_nothing(

@@ -3,7 +3,6 @@ each profile, and every refusal leaving the agent exactly as it was."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import jwt
@@ -18,6 +17,7 @@ from tests.hub_helpers import (
     RunningHub,
     agent_record,
     assert_hub_error,
+    at_once,
     b64url,
     boarding_configuration,
     create_agent,
@@ -167,27 +167,17 @@ def test_tokens_of_other_kinds_do_not_register(hub: RunningHub) -> None:
 def test_concurrent_registrations_with_one_iat_make_one_onboarding(hub_on_each_database: RunningHub) -> None:
     hub = hub_on_each_database
     agent_id, iat = new_agent_iat(hub, "gw-1")
-    barrier = threading.Barrier(4)
-    statuses: list[int] = []
-    lock = threading.Lock()
 
-    def attempt() -> None:
-        barrier.wait()
-        response = requests.post(
+    def attempt() -> requests.Response:
+        return requests.post(
             f"{hub.url}{AGENTS}/register",
             json={},
             headers={"Authorization": f"Bearer {iat}"},
             verify=str(hub.ca),
             timeout=30,
         )
-        with lock:
-            statuses.append(response.status_code)
 
-    threads = [threading.Thread(target=attempt) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    statuses = at_once([attempt] * 4)
     assert statuses.count(201) == 1, statuses
     assert all(status in (201, 401, 429) for status in statuses), statuses
     assert status_of(hub, agent_id) == "ONBOARDED"

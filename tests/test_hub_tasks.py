@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from hub import tasks as hub_tasks
 from hub.errors import ConflictError
 from hub.tasks import CLOSED, OPEN, TaskChange, TaskState, TaskStatus, allowed_targets, apply_change
 from tests.firmware_helpers import Published, add_agent, new_task, publish
-from tests.hub_helpers import FIRMWARE, RunningHub, onboard_agent, running_hub
+from tests.hub_helpers import FIRMWARE, RunningHub, at_once, onboard_agent, running_hub
 
 TASKS = f"{FIRMWARE}/installationTasks"
 HAPPY_PATH = ["DOWNLOADING", "DOWNLOADED", "INSTALLING", "INSTALLED", "ACTIVATING", "ACTIVATED"]
@@ -344,26 +344,18 @@ def race_final_reports(hub: RunningHub, published: Published) -> None:
     """From ACTIVATING, ACTIVATED and CANCELED reported at the same moment: exactly one applies."""
     task_id = new_task(hub, add_agent(hub), published.release["id"])["id"]
     walk_to(hub, task_id, "ACTIVATING")
-    start = threading.Barrier(2)
-    answers: dict[str, int] = {}
+    states = ("ACTIVATED", "CANCELED")
 
-    def report(state: str) -> None:
-        start.wait()
-        with requests.Session() as session:
-            response = session.patch(
-                f"{hub.url}{TASKS}/{task_id}",
-                json={"state": state},
-                headers={"Authorization": f"Bearer {hub.admin_token}"},
-                verify=str(hub.ca),
-                timeout=30,
-            )
-        answers[state] = response.status_code
+    def report(state: str) -> Callable[[], requests.Response]:
+        return lambda: requests.patch(
+            f"{hub.url}{TASKS}/{task_id}",
+            json={"state": state},
+            headers={"Authorization": f"Bearer {hub.admin_token}"},
+            verify=str(hub.ca),
+            timeout=30,
+        )
 
-    threads = [threading.Thread(target=report, args=(state,)) for state in ("ACTIVATED", "CANCELED")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = dict(zip(states, at_once([report(state) for state in states]), strict=True))
     assert sorted(answers.values()) == [200, 409], answers
     winner = next(state for state, status in answers.items() if status == 200)
     task = read(hub, task_id)
@@ -409,7 +401,7 @@ def race_task_creations(
     each creation waits before it looks for an open task until all of them are there (or two seconds
     passed, where the database lets only one in at a time), so the race is run, not left to chance."""
     agent_id = add_agent(hub)
-    start, inside = threading.Barrier(count), threading.Barrier(count)
+    inside = threading.Barrier(count)
     check = hub_tasks._check_no_open_task
 
     def check_together(session: Any, device_id: str, besides: str | None = None) -> None:
@@ -419,27 +411,17 @@ def race_task_creations(
         check(session, device_id, besides)
 
     monkeypatch.setattr(hub_tasks, "_check_no_open_task", check_together)
-    statuses: list[int] = []
-    lock = threading.Lock()
 
-    def create() -> None:
-        start.wait(30)
-        with requests.Session() as session:
-            response = session.post(
-                f"{hub.url}{TASKS}",
-                json={"deviceId": agent_id, "softwareType": "FIRMWARE", "softwareReleaseId": release_id},
-                headers={"Authorization": f"Bearer {hub.admin_token}"},
-                verify=str(hub.ca),
-                timeout=60,
-            )
-        with lock:
-            statuses.append(response.status_code)
+    def create() -> requests.Response:
+        return requests.post(
+            f"{hub.url}{TASKS}",
+            json={"deviceId": agent_id, "softwareType": "FIRMWARE", "softwareReleaseId": release_id},
+            headers={"Authorization": f"Bearer {hub.admin_token}"},
+            verify=str(hub.ca),
+            timeout=60,
+        )
 
-    threads = [threading.Thread(target=create) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(90)
+    statuses = at_once([create] * count)
     assert sorted(statuses) == [201] + [409] * (count - 1), statuses
     listed = hub.admin("GET", TASKS, params={"deviceId": agent_id}).json()["content"]
     assert len(listed) == 1

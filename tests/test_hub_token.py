@@ -8,7 +8,6 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import urllib.parse
 from typing import Any
 
@@ -30,6 +29,7 @@ from tests.hub_helpers import (
     RunningHub,
     agent_record,
     assert_hub_error,
+    at_once,
     client_assertion,
     onboard_agent,
     token_form,
@@ -355,23 +355,11 @@ def test_one_assertion_sent_many_times_at_once_buys_one_token(hub_on_each_databa
     hub = hub_on_each_database
     agent = onboard_agent(hub, "gw-1")
     assertion = agent.assertion()
-    barrier = threading.Barrier(6)
-    statuses: list[int] = []
-    lock = threading.Lock()
 
-    def send() -> None:
-        barrier.wait(30)
-        response = requests.post(
-            f"{hub.url}{TOKEN}", data=token_form(assertion), verify=str(hub.ca), timeout=60
-        )
-        with lock:
-            statuses.append(response.status_code)
+    def send() -> requests.Response:
+        return requests.post(f"{hub.url}{TOKEN}", data=token_form(assertion), verify=str(hub.ca), timeout=60)
 
-    threads = [threading.Thread(target=send) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(90)
+    statuses = at_once([send] * 6)
     assert sorted(statuses) == [200] + [400] * 5, statuses
 
 
