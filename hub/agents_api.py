@@ -25,7 +25,8 @@ router = APIRouter(prefix=PREFIX, tags=["agent management"])
 #: printable, no control characters, no surrounding blanks (a name is matched exactly)
 NAME_PATTERN = r"^[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f])?$"
 
-AgentId = Annotated[str, Path(min_length=1, max_length=64)]
+#: no control characters: PostgreSQL's text cannot even hold a NUL to compare with
+AgentId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
 IfMatch = Annotated[str | None, Header(alias="If-Match")]
 
 
@@ -65,7 +66,7 @@ def list_agents(
     state: State,
     page: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     size: Annotated[int, Query(ge=1, le=agents.MAX_PAGE_SIZE)] = 100,
-    name: Annotated[str | None, Query(max_length=128)] = None,
+    name: Annotated[str | None, Query(max_length=128, pattern=NAME_PATTERN)] = None,
 ) -> JSONResponse:
     """Agents, a page at a time; `name` filters by exact name."""
     with state.database.transaction() as session:

@@ -198,6 +198,15 @@ def test_an_out_of_range_page_request_is_a_400(hub: RunningHub, query: dict[str,
     assert_hub_error(hub.admin("GET", f"{AGENTS}/agents", params=query), 400, "invalid_request")
 
 
+def test_control_characters_in_an_agent_id_or_name_are_a_400_on_every_database(
+    hub_on_each_database: RunningHub,
+) -> None:
+    hub = hub_on_each_database
+    for path in (agent_path("gw%00"), agent_path("gw%0A", "/boarding/configuration")):
+        assert_hub_error(hub.admin("GET", path), 400, "invalid_request")
+    assert_hub_error(hub.admin("GET", f"{AGENTS}/agents", params={"name": "gw\x00"}), 400, "invalid_request")
+
+
 def test_an_unknown_agent_is_a_404(hub: RunningHub) -> None:
     assert_hub_error(hub.admin("GET", agent_path("0" * 32)), 404, "not_found")
     assert_hub_error(hub.admin("GET", agent_path("0" * 32, "/boarding/configuration")), 404)
