@@ -130,6 +130,8 @@ def init(
     with show.reported_errors():
         created = create_hub(directory, hostnames, settings)
     home = created.home
+    if created.restarted:
+        click.echo(f"cleared what an interrupted init had left in {home.root} (no hub.toml: never served)")
     click.echo(f"created the hub in {home.root}")
     click.echo(f"admin token (shown once; kept in {home.admin_token}, mode 0600): {created.admin_token}")
     click.echo(f"CA certificate for devices and admin clients: {home.ca_certificate}")

@@ -2,7 +2,8 @@
 
 Every file is created exclusively (an existing hub is never overwritten, even in part), secrets are 0600
 from their first byte, and the admin token is kept in the hub only as its SHA-256: the clear token goes to
-`admin-token` (0600) for the local CLI and is shown once.
+`admin-token` (0600) for the local CLI and is shown once. What an init interrupted half-way left (its own
+files without `hub.toml`, which it writes last) is cleared, so running init again just works.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ PUBLIC_MODE = 0o644
 class InitResult:
     home: HubHome
     admin_token: str
+    #: the directory held what an interrupted init had left, which was cleared first
+    restarted: bool = False
 
 
 def hash_admin_token(token: str) -> str:
@@ -40,8 +43,8 @@ def create_hub(
 ) -> InitResult:
     """Create the hub directory `root` (which must not exist, or be empty)."""
     settings = settings or HubSettings()
-    _prepare_directory(root)
     home = HubHome(root)
+    restarted = _prepare_directory(home)
     # the database first: an unreachable server or a bad URL then leaves the directory as it was (empty),
     # so init can simply run again once the URL is fixed
     engine = open_engine(settings.database_url or f"sqlite:///{home.default_database}")
@@ -67,21 +70,62 @@ def create_hub(
     home.blobs.mkdir(mode=0o700)
     # written last: a directory without hub.toml is an unfinished init, never mistaken for a hub
     _write_new(home.settings_file, settings.to_toml().encode("utf-8"), SECRET_MODE)
-    return InitResult(home, admin_token)
+    return InitResult(home, admin_token, restarted)
 
 
-def _prepare_directory(root: Path) -> None:
+def _prepare_directory(home: HubHome) -> bool:
+    """Make `home` an empty private directory; True when that meant clearing an interrupted init."""
+    root = home.root
     if root.exists():
         if not root.is_dir():
             raise HubSetupError(f"{root} exists and is not a directory")
-        if any(root.iterdir()):
+        leftovers = list(root.iterdir())
+        if leftovers and not _left_by_an_interrupted_init(home, leftovers):
             raise HubSetupError(f"{root} is not empty; mers-hub init never overwrites a hub")
-        os.chmod(root, 0o700)
-        return
+        try:
+            for entry in leftovers:
+                if entry.is_dir():
+                    entry.rmdir()
+                else:
+                    entry.unlink()
+            os.chmod(root, 0o700)
+        except OSError as exc:
+            raise HubSetupError(f"cannot clear the interrupted init in {root}: {exc.strerror}") from exc
+        return bool(leftovers)
     try:
         root.mkdir(mode=0o700, parents=True)
     except OSError as exc:
         raise HubSetupError(f"cannot create {root}: {exc.strerror}") from exc
+    return False
+
+
+def _left_by_an_interrupted_init(home: HubHome, entries: list[Path]) -> bool:
+    """Whether `entries` are only what an init that stopped half-way makes: its files, its database (SQLite
+    with its journal files) and an empty blob directory, without `hub.toml`. Init writes that file last and
+    `serve` needs it, so such a directory was never served and holds nothing worth keeping."""
+    own_files = {
+        path.name
+        for path in (
+            home.signing_key,
+            home.url_secret,
+            home.admin_token,
+            home.admin_token_hash,
+            home.ca_key,
+            home.ca_certificate,
+            home.server_key,
+            home.server_certificate,
+            home.default_database,
+        )
+    }
+    own_files |= {f"{home.default_database.name}-wal", f"{home.default_database.name}-shm"}
+    for entry in entries:
+        if entry.is_symlink():
+            return False
+        if entry.name == home.blobs.name and entry.is_dir() and not any(entry.iterdir()):
+            continue
+        if entry.name not in own_files or not entry.is_file():
+            return False
+    return True
 
 
 def _private_pem(key: rsa.RSAPrivateKey) -> bytes:

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from hub import setup as hub_setup
 from hub.errors import HubSetupError
 from hub.home import HubHome, HubSettings
 from hub.setup import create_hub, hash_admin_token
@@ -223,3 +224,48 @@ def test_a_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(HubSetupError, match="not a directory"):
         create_hub(path)
     assert path.read_text() == "x"
+
+
+@pytest.mark.parametrize("stop_after", [1, 4, 8])
+def test_init_interrupted_half_way_can_simply_be_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_after: int
+) -> None:
+    written: list[Path] = []
+    write_new = hub_setup._write_new
+
+    def power_cut(path: Path, data: bytes, mode: int) -> None:
+        if len(written) == stop_after:
+            raise KeyboardInterrupt  # the operator's Ctrl-C, or the machine going down
+        write_new(path, data, mode)
+        written.append(path)
+
+    root = tmp_path / "hub"
+    with monkeypatch.context() as patched:
+        patched.setattr(hub_setup, "_write_new", power_cut)
+        with pytest.raises(KeyboardInterrupt):
+            create_hub(root)
+    assert not HubHome(root).settings_file.exists() and any(root.iterdir())
+    again = create_hub(root)
+    assert again.restarted
+    assert (root / "admin-token").read_text().strip() == again.admin_token
+    assert again.home.settings().tenant == HubSettings().tenant
+    assert not create_hub(tmp_path / "fresh").restarted
+
+
+def test_an_interrupted_init_beside_anything_else_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "hub"
+
+    def power_cut(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(hub_setup, "_write_new", power_cut)
+        with pytest.raises(KeyboardInterrupt):
+            create_hub(root)  # stopped after its database, before its first file
+    (root / "notes.txt").write_text("someone's file")
+    before = sorted(path.name for path in root.iterdir())
+    with pytest.raises(HubSetupError, match="is not empty"):
+        create_hub(root)
+    assert sorted(path.name for path in root.iterdir()) == before
