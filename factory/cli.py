@@ -3,11 +3,11 @@
 A thin click layer over `station`, `boarding_source` and `records`. Every failure is one line on stderr,
 ``mers-factory: error: ...``, and one of the exit codes of `factory.errors.ExitCode`:
 
-- 0 done; 1 several boards failed in different ways; 2 usage or bad input (options, key file, batch
-  file, network file, CA bundle); 3 refused (IAT expiring or claimed for another serial, a duplicate
-  serial number, board locked over other data, read-back mismatch, a write refused by the board); 4 serial
-  port (busy, gone, no answer); 5 hub (unreachable, TLS, refused); 6 records (database, or a broken chain
-  or anchor for ``records verify``).
+- 0 done; 1 several boards failed in different ways, or the station was stopped (Ctrl-C, SIGTERM); 2 usage
+  or bad input (options, key file, batch file, network file, CA bundle); 3 refused (IAT expiring or
+  claimed for another serial, a duplicate serial number, board locked over other data, read-back mismatch,
+  a write refused by the board); 4 serial port (busy, gone, no answer); 5 hub (unreachable, TLS, refused);
+  6 records (database, or a broken chain or anchor for ``records verify``).
 
 The admin token is read from a file and never printed; records and output keep the IAT's ``jti``, never
 the token.
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -48,8 +50,8 @@ DEFAULT_RECORDS: Final = "factory-records.db"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNIT_SECONDS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 EPILOG: Final = (
-    "Exit codes: 0 ok, 1 boards failed differently, 2 usage or bad input, 3 refused, 4 serial port, "
-    "5 hub, 6 records."
+    "Exit codes: 0 ok, 1 boards failed differently or stopped, 2 usage or bad input, 3 refused, "
+    "4 serial port, 5 hub, 6 records."
 )
 
 
@@ -266,8 +268,10 @@ def provision(
         )
         printer = Printer(as_json)
         records = Records.open(records_url)
+        station_run = Station(config, source, records, printer.event)
         try:
-            results = Station(config, source, records, printer.event).provision_all(list(ports))
+            with _stop_between_steps(station_run.stop):
+                results = station_run.provision_all(list(ports))
         finally:
             records.close()
     for result in results:
@@ -275,6 +279,27 @@ def provision(
         if result.error is not None:
             click.echo(f"mers-factory: error: {result.port}: {_line(result.error)}", err=True)
     sys.exit(int(exit_code_of(results)))
+
+
+@contextmanager
+def _stop_between_steps(stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C or SIGTERM (a supervisor stopping the station) sets `stop`: each board finishes the exchange
+    in hand, is recorded as stopped and lets its serial number go, and the results print as usual. A second
+    Ctrl-C interrupts at once (still recorded, see `Station.provision`)."""
+
+    def request_stop(number: int, frame: object) -> None:
+        if stop.is_set() and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+        # os.write: the main thread may be inside a buffered write to stderr when the signal arrives
+        os.write(2, b"mers-factory: stopping: each board stops before its next step (again: at once)\n")
+
+    previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @cli.group()

@@ -18,7 +18,7 @@ class ExitCode(enum.IntEnum):
 
     OK = 0
     FAILED = 1
-    """Boards failed in different ways (each board's line says why)."""
+    """Boards failed in different ways (each board's line says why), or the station was stopped."""
     USAGE = 2
     """Bad input on the command line: options, key file, batch file, network file, CA bundle."""
     REFUSED = 3
@@ -42,6 +42,13 @@ class FactoryError(Exception):
         super().__init__(message)
         if field:
             self.field = field
+
+
+class StoppedError(FactoryError):
+    """The station was asked to stop (Ctrl-C or SIGTERM) before this board's next step. The board is left
+    unlocked, as an interrupted cable would leave it, and a re-run continues where it stands."""
+
+    field = "stopped"
 
 
 # --- bad input -----------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ irreversible step, and one record per attempt whatever happens.
     -> write_key (slots in order), write_boarding (chunked) -> info: read-back must match
     -> lock {digest} -> info: locked over that digest -> record, claim released
 
+A stop request (`Station.stop`, set by the CLI on Ctrl-C or SIGTERM) takes effect between steps: the
+board's current exchange finishes, the attempt is recorded as stopped and its serial number released. It
+is not honoured once `lock` was sent, so a locked board is always confirmed and recorded.
+
 `lock` is sent only after the read-back matched what the station computed, and the board itself refuses
 a lock over a digest it does not hold, so a board is never sealed over mismatched data. Every write is
 idempotent, so a re-run after any failure (a cut cable, a dead hub) continues where the board is.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +42,7 @@ from .errors import (
     LockedOverOtherDataError,
     RecordsError,
     SerialAlreadyProvisionedError,
+    StoppedError,
     VerificationError,
 )
 from .ports import stable_path
@@ -113,6 +119,7 @@ class _Progress:
     error: FactoryError | None = None
     link: SmpLink | None = None
     claim: SerialClaim | None = None
+    step: str = ""
 
     @property
     def wire_bytes(self) -> int:
@@ -129,6 +136,8 @@ class Station:
     records: Records
     on_event: EventSink = field(default=lambda event: None)
     clock: Callable[[], float] = time.time
+    stop: threading.Event = field(default_factory=threading.Event)
+    """Set to stop every board of the run before its next step (see the module's docstring)."""
 
     def provision_all(self, ports: Sequence[str]) -> list[Result]:
         """Each port concurrently, one board per port; results in the order of `ports`."""
@@ -153,6 +162,11 @@ class Station:
             except FactoryError as error:
                 progress.error = error
                 progress.outcome = Outcome.FAILED
+            except KeyboardInterrupt:  # a stop that did not wait for the step to end: recorded all the same
+                progress.error = StoppedError(f"interrupted during {progress.step or 'open'}")
+                progress.outcome = Outcome.FAILED
+                self._record(progress)
+                raise
             self._record(progress)
         finally:
             self._release_claim(progress)  # after an interruption (Ctrl-C) too: a re-run goes on at once
@@ -199,7 +213,7 @@ class Station:
             )
             if not locked.locked or locked.digest != progress.digest:
                 raise VerificationError("the board's answer to lock does not confirm the digest")
-        with self._step(progress, "confirm"):
+        with self._step(progress, "confirm", stoppable=False):  # locked: confirmed and recorded whatever
             final = _info(link)
             if not final.locked or final.digest != progress.digest:
                 raise VerificationError("after lock, info does not show the board locked over the digest")
@@ -300,9 +314,12 @@ class Station:
     # --- events and records
 
     @contextlib.contextmanager
-    def _step(self, progress: _Progress, step: str) -> Iterator[None]:
+    def _step(self, progress: _Progress, step: str, *, stoppable: bool = True) -> Iterator[None]:
+        progress.step = step
         try:
             try:
+                if stoppable and self.stop.is_set():
+                    raise StoppedError(f"the station was stopped before {step}")
                 yield
             except wire.ProtocolError as error:  # an answer that does not follow the schema
                 raise BoardProtocolError(f"{step}: {error}", field=step) from None

@@ -5,6 +5,7 @@ released and the failed attempt recorded."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -193,6 +194,39 @@ def test_a_busy_port_is_refused_and_recorded(tmp_path: Path) -> None:
         assert "in use" in result.error_line
     [row] = rows(tmp_path / "r.db")
     assert row["outcome"] == "failed" and "in use" in str(row["error"]) and row["port"] == console.port
+
+
+def test_sigterm_stops_the_station_between_steps_with_the_attempt_recorded(tmp_path: Path) -> None:
+    files = station_files(tmp_path / "files")
+    batch = batch_for(tmp_path / "batch.jsonl", "GW-1")
+    records = tmp_path / "records.db"
+    # at 9600 baud the boarding upload takes seconds: the SIGTERM arrives while it runs
+    with ConsoleProcess(make_board(tmp_path / "GW-1", "GW-1"), "--baud", "9600") as console:
+        args = provision_args(files, records, console.port)
+        args += ["--boarding-batch", batch, "--device-ca", files.device_ca, "--baud", "9600", "--json"]
+        station = subprocess.Popen(
+            [BIN_DIR / "mers-factory", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert station.stdout is not None
+        seen = b""
+        while b'"step": "write_key", "status": "ok"' not in seen:
+            line = station.stdout.readline()  # the station flushes each event; it ends within a minute
+            assert line, station.communicate(timeout=60)[1].decode()
+            seen += line
+        station.send_signal(signal.SIGTERM)
+        rest, stderr = station.communicate(timeout=60)
+        assert station.returncode == ExitCode.FAILED, stderr.decode()
+        events = json_events((seen + rest).decode())
+        # stopped at the first step boundary after the signal: before the upload, or just after it
+        stopped_before = events[-1]["detail"].removeprefix("[stopped] the station was stopped before ")
+        assert events[-1]["step"] == "done" and stopped_before in {"write_boarding", "verify"}, events
+        assert b"stopping" in stderr and b"[stopped]" in stderr
+        assert board_state(tmp_path / "GW-1")[0] is False and port_is_free(console.port)
+        [row] = rows(records, "GW-1")
+        assert row["outcome"] == "failed" and str(row["error"]).startswith("[stopped]")
+        rerun = factory(*args[:-1])  # at once: the stopped attempt let its serial number go
+        assert rerun.returncode == 0, rerun.stderr
+    assert board_state(tmp_path / "GW-1")[0] is True
 
 
 def test_a_port_that_does_not_exist_is_a_port_error(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from factory.errors import (
     PortGoneError,
     SerialAlreadyProvisionedError,
     SerialInProgressError,
+    StoppedError,
     VerificationError,
 )
 from factory.records import Outcome, Records
@@ -256,6 +257,59 @@ def test_an_interrupted_attempt_lets_its_serial_go(tmp_path: Path, records: Reco
         with pytest.raises(KeyboardInterrupt):
             station(files, interrupted, records).provision(console.port)
         assert station(files, batch, records).provision(console.port).error is None  # at once
+    stopped, provisioned = records.rows("GW-1")
+    assert stopped["outcome"] == "failed" and stopped["error"] == "[stopped] interrupted during boarding"
+    assert provisioned["outcome"] == "provisioned"
+
+
+def test_a_stop_request_ends_the_attempt_before_its_next_step_recorded_and_released(
+    tmp_path: Path, records: Records
+) -> None:
+    files = station_files(tmp_path / "files")
+    batch = BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": boarding_document("GW-1")}))
+    held = HeldHub(batch)
+    events: list[Event] = []
+    stopping = station(files, held, records, events)
+    with ConsoleProcess(make_board(tmp_path / "a", "GW-1")) as console:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            attempt = pool.submit(stopping.provision, console.port)
+            assert held.reached.wait(60)  # the hub is being asked when the stop comes
+            stopping.stop.set()
+            held.release.set()
+            result = attempt.result(60)
+        assert isinstance(result.error, StoppedError) and "before write_key" in str(result.error)
+        assert unwritten(tmp_path / "a")
+        assert [(event.step, event.status) for event in events][-3:] == [
+            ("boarding", "ok"),
+            ("write_key", "failed"),
+            ("done", "failed"),
+        ]
+        [row] = records.rows("GW-1")
+        assert row["outcome"] == "failed" and str(row["error"]).startswith("[stopped]")
+        assert station(files, batch, records).provision(console.port).error is None  # released at once
+
+
+@pytest.mark.parametrize(
+    ("stop_after", "outcome"), [("verify", Outcome.FAILED), ("lock", Outcome.PROVISIONED)]
+)
+def test_a_stop_request_is_honoured_before_lock_and_never_after(
+    tmp_path: Path, records: Records, stop_after: str, outcome: Outcome
+) -> None:
+    files = station_files(tmp_path / "files")
+    batch = BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": boarding_document("GW-1")}))
+    stopping = station(files, batch, records)
+
+    def stop_after_step(event: Event) -> None:
+        if (event.step, event.status) == (stop_after, "ok"):
+            stopping.stop.set()
+
+    stopping.on_event = stop_after_step
+    with ConsoleProcess(make_board(tmp_path / "a", "GW-1")) as console:
+        result = stopping.provision(console.port)
+    assert result.outcome is outcome
+    locked, _, config = board_state(tmp_path / "a")
+    assert locked is (outcome is Outcome.PROVISIONED) and config is not None
+    assert [row["outcome"] for row in records.rows("GW-1")] == [outcome.value]
 
 
 def test_a_noisy_line_at_a_byte_error_rate_of_1e_3_still_completes(tmp_path: Path, records: Records) -> None:
