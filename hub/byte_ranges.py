@@ -84,6 +84,8 @@ def _suffix(length: int, size: int) -> ByteRange | Unsatisfiable:
 
 
 def _number(digits: str) -> int:
-    if len(digits) > _MAX_DIGITS:
+    """The value of `digits`; leading zeros go before the cap, since `0...02` is 2, not beyond the file."""
+    significant = digits.lstrip("0")
+    if len(significant) > _MAX_DIGITS:
         return _HUGE
-    return int(digits)
+    return int(significant or "0")

@@ -112,7 +112,13 @@ def test_a_large_image_streams_with_memory_that_does_not_grow_with_its_size(
 
 @pytest.mark.parametrize(
     ("header", "start", "stop"),
-    [("bytes=100-199", 100, 200), ("bytes=4000-", 4000, None), ("bytes=-50", -50, None), ("bytes=0-0", 0, 1)],
+    [
+        ("bytes=100-199", 100, 200),
+        ("bytes=4000-", 4000, None),
+        ("bytes=-50", -50, None),
+        ("bytes=0-0", 0, 1),
+        ("bytes=1-" + "0" * 28 + "2", 1, 3),
+    ],
 )
 def test_a_single_range_is_a_partial_response(
     served: Served, header: str, start: int, stop: int | None
@@ -269,6 +275,10 @@ ETAG = '"abc"'
         ("bytes=0-", 0, Unsatisfiable(0)),
         ("bytes=" + "9" * 40 + "-", 10, Unsatisfiable(10)),
         ("bytes=0-" + "9" * 40, 10, ByteRange(0, 10, 10)),
+        ("bytes=1-" + "0" * 40 + "2", 10, ByteRange(1, 3, 10)),
+        ("bytes=" + "0" * 40 + "1-2", 10, ByteRange(1, 3, 10)),
+        ("bytes=-" + "0" * 40 + "3", 10, ByteRange(7, 10, 10)),
+        ("bytes=" + "0" * 40 + "-", 10, ByteRange(0, 10, 10)),
         ("bytes=3-2", 10, None),
         ("bytes=1-2,4-5", 10, None),
         ("bytes=-", 10, None),
@@ -287,6 +297,23 @@ def test_if_range_is_a_strong_comparison_with_the_etag() -> None:
     assert requested_range("bytes=1-2", "W/" + ETAG, ETAG, 10) is None
     assert requested_range("bytes=1-2", '"abd"', ETAG, 10) is None
     assert requested_range(None, ETAG, ETAG, 10) is None
+
+
+@given(
+    size=st.integers(0, 10**6),
+    first=st.integers(0, 2 * 10**6) | st.none(),
+    last=st.integers(0, 2 * 10**6) | st.none(),
+    zeros=st.integers(0, 40),
+)
+def test_leading_zeros_never_change_the_selected_range(
+    size: int, first: int | None, last: int | None, zeros: int
+) -> None:
+    def header(pad: str) -> str:
+        return f"bytes={'' if first is None else pad + str(first)}-{'' if last is None else pad + str(last)}"
+
+    assert requested_range(header("0" * zeros), None, ETAG, size) == requested_range(
+        header(""), None, ETAG, size
+    )
 
 
 @given(
