@@ -146,6 +146,7 @@ def renew(state: HubState, client_id: str, rat: str, request: RenewalRequest) ->
                 code="token_validation_failed",
             )
         profile = SecurityProfile(agent.security_profile)
+        current_rat_jti = agent.rat_jti
     public_key = _public_key_for(profile, request.jwks)
     registration = _new_credentials(state, client_id, profile, public_key)
     with state.database.transaction() as session:
@@ -163,10 +164,16 @@ def renew(state: HubState, client_id: str, rat: str, request: RenewalRequest) ->
                 )
             )
         else:
-            # the previous RAT again: its answer was lost, so the set it produced is replaced unseen
+            # the previous RAT again: its answer was lost, so the set it produced is replaced unseen; only
+            # that set, as read above: a concurrent renewal with the same RAT may have replaced it since,
+            # and its caller holds the answer (overwriting it would leave that caller with a dead set)
             statement = (
                 update(Agent)
-                .where(Agent.id == client_id, Agent.previous_rat_jti == jti)
+                .where(
+                    Agent.id == client_id,
+                    Agent.previous_rat_jti == jti,
+                    Agent.rat_jti == current_rat_jti,
+                )
                 .values(**registration.column_values())
             )
         if rowcount(session.execute(statement)) != 1:

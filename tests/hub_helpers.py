@@ -311,6 +311,38 @@ def assert_hub_error(response: requests.Response, status: int, code: str | None 
     return body
 
 
+@contextmanager
+def writes_held(hub: RunningHub, agent_id: str) -> Iterator[Callable[[str, int], None]]:
+    """Hold a write of agent `agent_id`'s row open in a transaction of our own, as a slow writer would
+    (SQLite: the database's write lock; PostgreSQL: the row's lock), until the block ends. Reads go on;
+    the hub's writes wait. Yields `wait_for(fragment, count)`: returns once `count` statements of the
+    hub containing `fragment` were sent to the database (and are now waiting), or fails after 30 s. For
+    races whose every request must read before any writes."""
+    engine = hub.state.database.engine
+    started: list[str] = []
+    seen = threading.Condition()
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        with seen:
+            started.append(statement)
+            seen.notify_all()
+
+    def wait_for(fragment: str, count: int) -> None:
+        with seen:
+            done = seen.wait_for(lambda: sum(fragment in text for text in started) >= count, timeout=30)
+        assert done, f"{count} statements with {fragment!r} were not sent within 30 s: {started}"
+
+    with engine.connect() as holder:
+        transaction = holder.begin()
+        holder.execute(sqlalchemy.update(Agent).where(Agent.id == agent_id).values(etag=Agent.etag))
+        sqlalchemy.event.listen(engine, "before_cursor_execute", record)
+        try:
+            yield wait_for
+        finally:
+            sqlalchemy.event.remove(engine, "before_cursor_execute", record)
+            transaction.rollback()
+
+
 def at_once(calls: Sequence[Callable[[], requests.Response]]) -> list[int]:
     """Each of `calls` from a thread of its own, all released together: the statuses, in `calls`' order.
     For the rules that must hold under concurrent requests (one winner, no lost update)."""

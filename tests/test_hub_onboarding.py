@@ -3,6 +3,7 @@ each profile, and every refusal leaving the agent exactly as it was."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jwt
@@ -24,6 +25,7 @@ from tests.hub_helpers import (
     onboard_agent,
     register,
     rsa_jwk,
+    writes_held,
 )
 
 DAY = 24 * 3600
@@ -314,6 +316,31 @@ def test_the_previous_rat_still_renews_while_the_new_set_is_unused(hub_on_each_d
     # the set whose answer was lost was replaced unseen
     stale = lost.json()
     assert_hub_error(renew_raw(hub, agent, stale["registration_access_token"], {"client_id": agent.id}), 401)
+
+
+def test_concurrent_renewals_with_the_previous_rat_leave_no_caller_with_a_dead_set(
+    hub_on_each_database: RunningHub,
+) -> None:
+    hub = hub_on_each_database
+    agent = onboard_agent(hub, "gw-1")
+    first_rat = agent.rat
+    assert renew_raw(hub, agent, first_rat, {"client_id": agent.id}).status_code == 200  # answer lost
+    answers: list[requests.Response] = []
+
+    def renew_with_the_previous_rat() -> requests.Response:
+        answer = renew_raw(hub, agent, first_rat, {"client_id": agent.id})
+        answers.append(answer)
+        return answer
+
+    with ThreadPoolExecutor(1) as background, writes_held(hub, agent.id) as wait_for:
+        statuses = background.submit(at_once, [renew_with_the_previous_rat] * 2)
+        wait_for("UPDATE agents", 2)  # both read the agent before either could write
+    assert sorted(statuses.result()) == [200, 401]
+    refused = next(answer for answer in answers if answer.status_code == 401)
+    assert_hub_error(refused, 401, "token_validation_failed")
+    winner = next(answer for answer in answers if answer.status_code == 200)
+    agent.adopt(winner.json())
+    assert agent.request_token().status_code == 200
 
 
 def test_a_rat_is_rejected_once_its_successor_was_used(hub: RunningHub) -> None:
