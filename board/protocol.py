@@ -91,6 +91,8 @@ RECOMMENDED_CHUNK_SIZE: Final = 256
 """A `write_boarding` chunk size that survives a byte error rate of 1e-3 about two times in three."""
 
 KEY_SLOTS: Final = KEY_SLOT_COUNT
+#: a serial number names the board in the records (and in file names on the line): short and printable
+MAX_SERIAL_NUMBER: Final = 128
 SHA256_SIZE: Final = 32
 
 # --- identifiers -----------------------------------------------------------------------------------------
@@ -597,9 +599,16 @@ class InfoResponse:
         slots = _required(body, "slots", list)
         if not all(isinstance(slot, dict) for slot in slots):
             raise ProtocolError("slots must be maps", field="slots")
+        if len(slots) != KEY_SLOTS:  # the lock digest covers every slot: a station cannot skip one
+            raise ProtocolError(f"{len(slots)} key slots, a board has {KEY_SLOTS}", field="slots")
+        serial_number = _required(body, "serial", str)
+        if not 0 < len(serial_number) <= MAX_SERIAL_NUMBER or not serial_number.isprintable():
+            raise ProtocolError(
+                f"the serial number must be 1 to {MAX_SERIAL_NUMBER} printable characters", field="serial"
+            )
         boarding = _optional(body, "boarding", dict)
         return cls(
-            serial_number=_required(body, "serial", str),
+            serial_number=serial_number,
             vendor=_required(body, "vendor", str),
             image_class=_required(body, "class", str),
             hardware_revision=_required(body, "hw_rev", str),

@@ -43,7 +43,7 @@ def info_strategy() -> st.SearchStrategy[InfoResponse]:
     boarding = st.builds(BoardingInfo, hashes_strategy(), st.none() | st.text(), st.none() | uints)
     return st.builds(
         InfoResponse,
-        serial_number=st.text(),
+        serial_number=st.from_regex(r"[ -~]{1,128}", fullmatch=True),
         vendor=st.text(),
         image_class=st.text(),
         hardware_revision=st.text(),
@@ -384,6 +384,24 @@ def test_an_absent_network_configuration_differs_from_one_hashing_to_zeros():
 def test_the_lock_digest_needs_one_hash_per_key_slot():
     with pytest.raises(ProtocolError, match="3 slots"):
         wire.lock_digest("GW-1", [KEY_A], HASHES)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"slots": []}, "slots"),  # a station would index slots it was not told about
+        ({"slots": [{"state": "empty"}] * (wire.KEY_SLOTS + 1)}, "slots"),
+        ({"serial": ""}, "serial"),
+        ({"serial": "GW-1\nGW-2"}, "serial"),
+        ({"serial": "G" * (wire.MAX_SERIAL_NUMBER + 1)}, "serial"),
+    ],
+)
+def test_an_info_answer_with_other_slots_or_an_unusable_serial_is_a_protocol_error(change, field):
+    info = InfoResponse("GW-1", "Acme", "gw-100", "r1", False, (SlotInfo(SlotState.EMPTY),) * 3, None)
+    body = cbor2.loads(info.to_cbor()) | change
+    with pytest.raises(ProtocolError) as caught:
+        InfoResponse.from_cbor(cbor2.dumps(body))
+    assert caught.value.field == field
 
 
 def test_a_station_computes_the_lock_digest_from_an_info_answer():
