@@ -35,6 +35,10 @@ AGENTS: Final = "/api/agentmanagement/v3"
 HUB_TIMEOUT_S: Final = (10.0, 30.0)
 PROFILES: Final = ("SHARED_SECRET", "RSA_3072")
 MAX_BATCH_LINE: Final = 64 * 1024
+# the widths of the records' columns that keep these values (factory.records.attempts)
+MAX_ID: Final = 128
+MAX_JTI: Final = 256
+MAX_EXPIRES: Final = 253402300800  # 10000-01-01T00:00:00Z
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,26 @@ def parse_boarding(serial_number: str, agent_id: str | None, document: object) -
         raise ValueError("the IAT has no jti")
     if isinstance(expires, bool) or not isinstance(expires, int | float):
         raise ValueError("the IAT has no exp")
+    if not 0 <= expires < MAX_EXPIRES:  # NaN fails too: a year beyond 9999 is no expiry the records keep
+        raise ValueError("the IAT's exp is not a time before the year 10000")
     if claims.get("sub") != client_id:
         raise ValueError("the IAT was not issued for the configuration's clientId")
-    return Boarding(serial_number, agent_id, canonical_json(document), client_id, jti, int(expires))
+    # what the records keep must be storable: checked before a board is written, not after it is locked
+    _check_text(serial_number, "the serial number", MAX_ID)
+    _check_text(jti, "the IAT's jti", MAX_JTI)
+    _check_text(client_id, "clientId", MAX_ID)
+    if agent_id is not None:
+        _check_text(agent_id, "agentId", MAX_ID)
+    try:
+        config = canonical_json(document)
+    except UnicodeEncodeError:
+        raise ValueError("the boarding configuration holds text that is not UTF-8") from None
+    return Boarding(serial_number, agent_id, config, client_id, jti, int(expires))
+
+
+def _check_text(value: str, what: str, longest: int) -> None:
+    if not 0 < len(value) <= longest or not value.isprintable():
+        raise ValueError(f"{what} must be 1 to {longest} printable characters")
 
 
 class BoardingSource(Protocol):

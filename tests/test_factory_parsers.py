@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+import jwt
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -50,6 +52,35 @@ def test_a_valid_batch_line_round_trips() -> None:
     line = json.dumps({"serial": "GW-1", "agentId": "a1", "boarding": boarding_document("GW-1")})
     [(serial, entry)] = parse_batch([line, ""]).items()
     assert (serial, entry.agent_id, entry.client_id) == ("GW-1", "a1", "agent-GW-1")
+
+
+def batch_line(claims: dict[str, object], serial: str = "GW-1", agent_id: str = "a1", **content: str) -> str:
+    """A batch line whose IAT carries `claims` (over valid ones) and whose content carries `content`."""
+    document = boarding_document("GW-1")
+    valid = jwt.decode(document["content"]["iat"], options={"verify_signature": False})
+    token = jwt.encode(valid | claims, "a hub secret that is long enough to sign", algorithm="HS256")
+    document["content"] |= {"iat": token, **content}
+    return json.dumps({"serial": serial, "agentId": agent_id, "boarding": document})
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (batch_line({"exp": 10**19}), "exp"),  # an int64 overflow in the records, after the lock
+        (batch_line({"exp": float("inf")}), "exp"),
+        (batch_line({"exp": float("nan")}), "exp"),
+        (batch_line({"exp": -1}), "exp"),
+        (batch_line({"jti": "j\nk"}), "jti"),
+        (batch_line({"jti": "j" * 257}), "jti"),
+        (batch_line({}, agent_id="\ud800"), "agentId"),  # no UTF-8 for the records' hash
+        (batch_line({}, agent_id="a" * 129), "agentId"),
+        (batch_line({}, serial="GW\x00"), "serial"),
+        (batch_line({}, baseUrl="https://hub\udc80.example"), "UTF-8"),
+    ],
+)
+def test_a_value_the_records_could_not_keep_is_refused_with_the_batch(line: str, reason: str) -> None:
+    with pytest.raises(BatchFileError, match=f"line 1: .*{reason}"):
+        parse_batch([line])
 
 
 @given(st.lists(st.binary(max_size=600), min_size=1, max_size=4), st.data())
