@@ -51,6 +51,10 @@ class StoppedError(FactoryError):
     field = "stopped"
 
 
+class UnexpectedError(FactoryError):
+    """What no check foresaw (a defect): recorded as the attempt's failure, then raised as it came."""
+
+
 # --- bad input -----------------------------------------------------------------------------------------
 
 

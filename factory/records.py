@@ -257,6 +257,8 @@ class Records:
                 )  # another station extended the chain first: try the new head
             except SQLAlchemyError as error:
                 raise RecordsError(f"cannot append a record: {_reason(error)}") from None
+            except (ValueError, OverflowError) as error:  # a value the database or the hash cannot hold
+                raise RecordsError(f"cannot append a record: {error}") from None
         raise RecordsError("cannot append a record: the chain head kept moving")
 
     def rows(self, serial_number: str | None = None) -> Iterator[dict[str, Any]]:

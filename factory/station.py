@@ -43,6 +43,7 @@ from .errors import (
     RecordsError,
     SerialAlreadyProvisionedError,
     StoppedError,
+    UnexpectedError,
     VerificationError,
 )
 from .ports import stable_path
@@ -162,8 +163,13 @@ class Station:
             except FactoryError as error:
                 progress.error = error
                 progress.outcome = Outcome.FAILED
-            except KeyboardInterrupt:  # a stop that did not wait for the step to end: recorded all the same
-                progress.error = StoppedError(f"interrupted during {progress.step or 'open'}")
+            except BaseException as error:  # one record per attempt, even for what no check foresaw
+                if isinstance(error, KeyboardInterrupt):  # a stop that did not wait for the step to end
+                    progress.error = StoppedError(f"interrupted during {progress.step or 'open'}")
+                else:
+                    progress.error = UnexpectedError(
+                        f"{progress.step or 'open'}: {type(error).__name__}: {error}", field="unexpected"
+                    )
                 progress.outcome = Outcome.FAILED
                 self._record(progress)
                 raise
@@ -205,7 +211,7 @@ class Station:
         self._write_keys(link, info, progress)
         self._write_boarding(link, info, request, progress)
         with self._step(progress, "verify"):
-            self._check_readback(_info(link), progress.digest, request)
+            self._check_readback(_info(link), progress.digest, request, len(self.config.keys))
         with self._step(progress, "lock"):
             self._check_in(progress)
             locked = wire.LockResponse.from_cbor(
@@ -269,6 +275,11 @@ class Station:
             self._check_in(progress)
             for slot, key in enumerate(self.config.keys):
                 if info.slots[slot].key_hash == key.key_hash:
+                    if info.slots[slot].state is not wire.SlotState.WRITTEN:
+                        raise VerificationError(
+                            f"slot {slot} holds this station's key revoked: the board cannot trust it",
+                            field="write_key",
+                        )
                     continue  # written by an earlier attempt
                 request = wire.WriteKeyRequest.for_key(slot, key.der)
                 answer = wire.WriteKeyResponse.from_cbor(_call(link, wire.WRITE_KEY, request.to_cbor()))
@@ -287,13 +298,18 @@ class Station:
                 raise VerificationError("the board stored boarding data with other hashes than sent")
 
     @staticmethod
-    def _check_readback(info: wire.InfoResponse, digest: bytes, request: wire.WriteBoardingRequest) -> None:
+    def _check_readback(
+        info: wire.InfoResponse, digest: bytes, request: wire.WriteBoardingRequest, key_count: int
+    ) -> None:
         if info.locked:
             raise VerificationError("the board locked before the station asked it to")
         if info.boarding is None or info.boarding.hashes != request.hashes():
             raise VerificationError("the boarding data read back differs from what was written")
         if info.digest != digest:
             raise VerificationError("the key slots read back differ from what was written")
+        # the digest covers the keys' hashes, not their state: a revoked key would pass it
+        if any(slot.state is not wire.SlotState.WRITTEN for slot in info.slots[:key_count]):
+            raise VerificationError("a key slot read back is not in use (revoked)")
 
     # --- the serial number's claim
 

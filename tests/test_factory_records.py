@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from factory.errors import ChainBrokenError, IatError, SerialAlreadyProvisionedError, SerialInProgressError
+from factory.errors import (
+    ChainBrokenError,
+    IatError,
+    RecordsError,
+    SerialAlreadyProvisionedError,
+    SerialInProgressError,
+)
 from factory.records import (
     GENESIS,
     Attempt,
@@ -78,6 +84,15 @@ def test_each_row_links_to_the_previous_and_the_chain_verifies(records: Records)
     assert all(row_hash(row) == row["row_hash"] for row in rows)
     report = records.verify()
     assert (report.rows, report.head) == (5, rows[-1]["row_hash"])
+
+
+@pytest.mark.parametrize(("column", "value"), [("iat_expires", 10**19), ("agent_id", "\ud800")])
+def test_a_value_the_database_or_the_hash_cannot_hold_is_a_records_error(
+    records: Records, column: str, value: object
+) -> None:
+    with pytest.raises(RecordsError, match="cannot append a record"):
+        records.append(attempt("GW-1", Outcome.PROVISIONED, **{column: value}))
+    assert list(records.rows()) == []
 
 
 def test_an_altered_row_is_the_first_broken_row_reported(records: Records) -> None:

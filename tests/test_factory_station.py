@@ -153,6 +153,37 @@ def test_lock_is_never_sent_when_the_read_back_differs(tmp_path: Path, records: 
     assert SimBoard.open(board_dir).is_locked() is False
 
 
+def test_a_board_holding_a_station_key_revoked_is_never_locked(tmp_path: Path, records: Records) -> None:
+    """The lock digest covers the keys' hashes, not their state: the station checks the state itself."""
+    files = station_files(tmp_path / "files", key_count=2)
+    board_dir = make_board(tmp_path / "GW-1", "GW-1")
+    board = SimBoard.open(board_dir)
+    board.write_key(0, files.public_keys[0].der)
+    board.revoke_key(0)
+    source = BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": boarding_document("GW-1")}))
+    with ConsoleProcess(board_dir) as console:
+        result = station(files, source, records).provision(console.port)
+    assert isinstance(result.error, VerificationError) and "revoked" in str(result.error)
+    assert SimBoard.open(board_dir).is_locked() is False
+
+
+def test_what_no_check_foresaw_is_recorded_before_it_is_raised(tmp_path: Path, records: Records) -> None:
+    files = station_files(tmp_path / "files")
+    batch = BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": boarding_document("GW-1")}))
+
+    class Broken(BatchSource):
+        def fresh(self, serial_number: str, not_before: float) -> Boarding:
+            raise RuntimeError("a defect")
+
+    with ConsoleProcess(make_board(tmp_path / "a", "GW-1")) as console:
+        with pytest.raises(RuntimeError):
+            station(files, Broken(batch.entries), records).provision(console.port)
+        assert station(files, batch, records).provision(console.port).error is None  # released
+    failed, provisioned = records.rows("GW-1")
+    assert (failed["outcome"], failed["error"]) == ("failed", "[unexpected] boarding: RuntimeError: a defect")
+    assert provisioned["outcome"] == "provisioned"
+
+
 def test_an_unlocked_board_with_the_serial_of_a_provisioned_one_is_refused(
     tmp_path: Path, records: Records
 ) -> None:
