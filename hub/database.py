@@ -24,7 +24,9 @@ def open_engine(url: str, *, create: bool = True) -> Engine:
     `HubSetupError` naming the database (never its password). Without `create`, a SQLite file that does
     not exist is refused rather than created (a mistyped path must not leave an empty database behind)."""
     try:
-        engine = create_engine(url, pool_pre_ping=True)
+        # a failed statement's error text quotes its parameters unless hidden, and the server logs that
+        # error: a renewal's new client secret or an IAT would land in the log
+        engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
     except (ArgumentError, ImportError) as exc:
         raise HubSetupError(f"unusable database URL: {exc}") from exc
     if engine.dialect.name == "sqlite":

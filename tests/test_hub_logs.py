@@ -11,9 +11,14 @@ of every signed URL, is searched for in the server's whole output. The output mu
 from __future__ import annotations
 
 import base64
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
+import jwt
+import pytest
+import sqlalchemy
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hub.home import HubHome
@@ -100,3 +105,55 @@ def test_serve_logs_requests_but_no_credential_or_signed_url(tmp_path: Path) -> 
         assert line in log, f"{line!r} is not in the server's log"
     leaked = [secret[:12] + "..." for secret in secrets if secret in log]
     assert not leaked, f"the server's log holds {len(leaked)} credentials: {leaked}"
+
+
+#: what every client secret the hub makes looks like (`secrets.token_urlsafe(48)`)
+CLIENT_SECRET_SHAPE = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{64}(?![A-Za-z0-9_-])")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Empty (the hub's own SQLite file), or a fresh PostgreSQL database."""
+    yield "" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+
+
+def refuse_credential_writes(url: str) -> None:
+    """Make the database itself refuse any write of an agent's client secret, with an error of its own,
+    as a locked or failing database would (a trigger: immediate, where a lock would take the busy timeout)."""
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.begin() as connection:
+            if engine.dialect.name == "sqlite":
+                connection.exec_driver_sql(
+                    "CREATE TRIGGER refuse BEFORE UPDATE OF client_secret ON agents "
+                    "BEGIN SELECT RAISE(ABORT, 'the database refuses this write'); END"
+                )
+            else:
+                connection.exec_driver_sql(
+                    "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN RAISE EXCEPTION 'the database refuses this write'; END $$"
+                )
+                connection.exec_driver_sql(
+                    "CREATE TRIGGER refuse BEFORE UPDATE OF client_secret ON agents "
+                    "FOR EACH ROW EXECUTE FUNCTION refuse()"
+                )
+    finally:
+        engine.dispose()
+
+
+def test_a_failed_database_write_is_logged_without_its_parameters(tmp_path: Path, database_url: str) -> None:
+    """The new client secret of a renewal the database refused must not reach the log in the error's
+    text (SQLAlchemy quotes a failed statement's parameters unless told not to)."""
+    root = tmp_path / "hub"
+    succeeded(run_cli("mers-hub", "init", root, *(["--database-url", database_url] if database_url else [])))
+    with serving(root, "--log-level", "debug") as hub:
+        agent = onboard_agent(hub, "gateway-shared")
+        rat_jti = jwt.decode(agent.rat, options={"verify_signature": False})["jti"]
+        refuse_credential_writes(database_url or f"sqlite:///{HubHome(root).default_database}")
+        assert agent.renew().status_code == 500
+        log = hub.stop()
+    assert "the database refuses this write" in log, "the database's error is not in the log"
+    held = {"the RAT": agent.rat, "the RAT's id": rat_jti, "the client secret": agent.client_secret or ""}
+    leaked = [name for name, value in held.items() if value in log]
+    leaked += ["a string shaped like a client secret"] * len(CLIENT_SECRET_SHAPE.findall(log))
+    assert not leaked, f"the server's log holds {leaked}"
