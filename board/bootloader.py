@@ -2,21 +2,24 @@
 
 The model, one call of `boot` per power-on:
 
-1. Read the environment. A missing `bootcount` is 0, a missing `bootlimit` is 3 (DEFAULT_BOOTLIMIT), a
-   missing `upgrade_available` is 0; a missing or unknown `boot_slot`, or a value that is not a number
-   where one belongs, stops the boot with an error (U-Boot would boot something undefined).
+1. Read the environment. A missing `bootcount` is 0, a missing `upgrade_available` is 0, and a missing
+   `bootlimit` is 0, which, as in U-Boot (`bootlimit && bootcount > bootlimit`), turns the limit off: a
+   trial is then booted for ever, never rolled back (the installer sets `bootlimit` when it arms a trial
+   for that reason). A missing or unknown `boot_slot`, or a value that is not a number where one belongs,
+   stops the boot with an error (U-Boot would boot something undefined).
 2. `upgrade_available=0`: the committed slot `boot_slot` is booted and the environment is not written
    (U-Boot saves `bootcount` only while an upgrade is on trial).
-3. `upgrade_available=1`: `bootcount` is incremented. While it is at most `bootlimit`, this is trial boot
-   number `bootcount` of `boot_slot`. Once it passes `bootlimit`, the boot rolls back as U-Boot's
-   `altbootcmd` does: `boot_slot` becomes the other slot and `upgrade_available` 0 (`bootcount` keeps its
-   value, telling `mers confirm` why). Either way the changes are ONE environment write, made before the
-   kernel is loaded, exactly as U-Boot saves the count before it tries.
+3. `upgrade_available=1`: `bootcount` is incremented. While it is at most `bootlimit` (or the limit is
+   off), this is trial boot number `bootcount` of `boot_slot`. Once it passes a positive `bootlimit`, the
+   boot rolls back as U-Boot's `altbootcmd` does: `boot_slot` becomes the other slot and
+   `upgrade_available` 0 (`bootcount` keeps its value, telling `mers confirm` why). Either way the
+   changes are ONE environment write, made before the kernel is loaded, exactly as U-Boot saves the count
+   before it tries.
 4. The chosen slot boots if its content matches its record (or it has none: factory content). If not, the
    boot attempt fails: nothing runs, and what U-Boot does next is up to the watchdog, which resets the
    board, so the caller simply boots again. On trial, the failed attempts count towards `bootlimit` and
-   end in a rollback; on a committed slot nothing counts, so every attempt fails alike (a bricked board
-   stays visibly bricked rather than booting something it was not told to).
+   end in a rollback (never, with the limit off); on a committed slot nothing counts, so every attempt
+   fails alike (a bricked board stays visibly bricked rather than booting something it was not told to).
 
 `decide_boot` is that model as a pure function; `boot` is the thin layer that reads and writes the board.
 """
@@ -30,7 +33,6 @@ from typing import Any
 
 from .errors import BootEnvError
 from .interface import (
-    DEFAULT_BOOTLIMIT,
     ENV_BOOT_SLOT,
     ENV_BOOTCOUNT,
     ENV_BOOTLIMIT,
@@ -39,6 +41,9 @@ from .interface import (
     SlotName,
 )
 from .simboard import SimBoard
+
+#: a `bootlimit` of 0, or none at all, is U-Boot's "no limit": a trial is never rolled back
+NO_BOOTLIMIT = 0
 
 
 class BootOutcome(enum.StrEnum):
@@ -60,7 +65,7 @@ class BootDecision:
     outcome: BootOutcome
     reason: BootReason
     bootcount: int  # after this boot
-    bootlimit: int
+    bootlimit: int  # NO_BOOTLIMIT: the limit is off
     upgrade_available: bool  # after this boot
     env_changes: Mapping[str, str] = field(default_factory=dict)  # one write; empty: nothing written
 
@@ -70,7 +75,7 @@ def decide_boot(env: Mapping[str, str], slot_bootable: Mapping[SlotName, bool]) 
     slot chosen, so a caller can check slots lazily."""
     boot_slot = _slot(env)
     bootcount = _number(env, ENV_BOOTCOUNT, 0)
-    bootlimit = _number(env, ENV_BOOTLIMIT, DEFAULT_BOOTLIMIT)
+    bootlimit = _number(env, ENV_BOOTLIMIT, NO_BOOTLIMIT)
     on_trial = _flag(env)
     changes: dict[str, str] = {}
     reason = BootReason.COMMITTED
@@ -78,7 +83,7 @@ def decide_boot(env: Mapping[str, str], slot_bootable: Mapping[SlotName, bool]) 
         bootcount += 1
         changes[ENV_BOOTCOUNT] = str(bootcount)
         reason = BootReason.TRIAL
-        if bootcount > bootlimit:
+        if bootlimit != NO_BOOTLIMIT and bootcount > bootlimit:
             boot_slot = boot_slot.other
             on_trial = False
             changes[ENV_BOOT_SLOT] = boot_slot.value
@@ -126,6 +131,8 @@ class BootResult:
         slot = decision.slot
         if decision.reason is BootReason.COMMITTED:
             why = "committed"
+        elif decision.reason is BootReason.TRIAL and decision.bootlimit == NO_BOOTLIMIT:
+            why = f"trial boot {decision.bootcount}, no bootlimit: never rolled back"
         elif decision.reason is BootReason.TRIAL:
             why = f"trial boot {decision.bootcount} of {decision.bootlimit}"
         else:

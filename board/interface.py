@@ -44,7 +44,7 @@ ENV_BOOT_SLOT = "boot_slot"  # a | b: the slot the bootloader boots
 ENV_UPGRADE_AVAILABLE = "upgrade_available"  # 1 while the booted slot is on trial, else 0
 ENV_BOOTCOUNT = "bootcount"  # trial boots so far
 ENV_BOOTLIMIT = "bootlimit"  # trial boots allowed before rolling back
-DEFAULT_BOOTLIMIT = 3
+DEFAULT_BOOTLIMIT = 3  # a new simulated board's, and the installer's when a trial finds none
 
 
 class SlotName(enum.StrEnum):

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from board.interface import (
-    DEFAULT_BOOTLIMIT,
     ENV_BOOT_SLOT,
     ENV_BOOTCOUNT,
     ENV_BOOTLIMIT,
@@ -138,7 +137,8 @@ class Confirmer:
 
     def _rolled_back(self, journal: Journal, env: dict[str, str]) -> ConfirmResult:
         """The journal says switched, the board runs the old slot and will not try the new one."""
-        if _number(env.get(ENV_BOOTCOUNT)) > _number(env.get(ENV_BOOTLIMIT), DEFAULT_BOOTLIMIT):
+        limit = _number(env.get(ENV_BOOTLIMIT))  # 0 (or none): U-Boot's limit is off, it never rolls back
+        if limit > 0 and _number(env.get(ENV_BOOTCOUNT)) > limit:
             reason = (
                 f"the bootloader rolled back to slot {journal.previous_slot} after "
                 f"{env.get(ENV_BOOTCOUNT, '?')} boots of slot {journal.slot} (bootlimit "

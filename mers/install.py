@@ -11,7 +11,8 @@ bootable:
 - the download resumes from the journalled offset after hashing the slot's prefix again, so the digest is
   always of what the slot really holds;
 - the slot record and the boot environment are written only after the full hash and signature check,
-  the environment in ONE write (`boot_slot`, `upgrade_available=1`, `bootcount=0`).
+  the environment in ONE write (`boot_slot`, `upgrade_available=1`, `bootcount=0`, and `bootlimit` when
+  the environment has no positive one: without it U-Boot never rolls a failed trial back).
 
 `InstallStep` names the points a hook sees; the power-cut tests SIGKILL the process there.
 """
@@ -24,16 +25,19 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from board.interface import (
+    DEFAULT_BOOTLIMIT,
     ENV_BOOT_SLOT,
     ENV_BOOTCOUNT,
+    ENV_BOOTLIMIT,
     ENV_UPGRADE_AVAILABLE,
     Board,
+    SlotName,
     SlotRecord,
 )
 from board.slots import writable_slot
@@ -60,6 +64,9 @@ from .journal import Journal, Phase, SourceKind, journal_owner, load_journal, sa
 from .tasks import CLOSED_STATES, TaskClient, TaskState
 
 _REHASH_CHUNK = 1 << 20
+#: the trial boots armed with a new slot when the environment has no positive `bootlimit`: U-Boot reads a
+#: missing, zero or non-numeric `bootlimit` as "no limit", and would boot a failing trial for ever
+TRIAL_BOOTLIMIT = DEFAULT_BOOTLIMIT
 log = logging.getLogger("mers.install")
 
 
@@ -353,9 +360,7 @@ class Installer:
         # again, for ever.
         journal = journal.advanced(Phase.SWITCHED)
         save_journal(self.board.state, journal)
-        self.board.boot_env.write(
-            {ENV_BOOT_SLOT: record_slot.value, ENV_UPGRADE_AVAILABLE: "1", ENV_BOOTCOUNT: "0"}
-        )
+        self.board.boot_env.write(trial_env_changes(self.board.boot_env.read(), record_slot))
         self._step(InstallStep.SWITCHED)
         self._report_after_switch(journal, TaskState.INSTALLED, f"{journal.version} in slot {journal.slot}")
         return self._reboot(journal.advanced(Phase.REBOOTING))
@@ -493,6 +498,18 @@ class Installer:
     def _show(self, done: int, total: int) -> None:
         if self._progress is not None:
             self._progress(done, total)
+
+
+def trial_env_changes(env: Mapping[str, str], slot: SlotName) -> dict[str, str]:
+    """The ONE environment write that arms a trial of `slot`. It sets `bootlimit` too when the environment
+    has no positive decimal one (a board whose U-Boot default environment lacks it, or sets 0): U-Boot
+    then never counts a trial out, so a new slot that fails its health check would be booted for ever
+    instead of rolled back. An existing positive value is the integrator's choice and stays."""
+    changes = {ENV_BOOT_SLOT: slot.value, ENV_UPGRADE_AVAILABLE: "1", ENV_BOOTCOUNT: "0"}
+    limit = env.get(ENV_BOOTLIMIT, "")
+    if not (limit.isascii() and limit.isdigit() and int(limit) > 0):
+        changes[ENV_BOOTLIMIT] = str(TRIAL_BOOTLIMIT)
+    return changes
 
 
 def _payload_size(journal: Journal) -> int:

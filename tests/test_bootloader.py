@@ -82,8 +82,24 @@ def test_a_slot_that_fails_its_check_is_a_failed_boot_attempt():
 
 def test_missing_counters_take_u_boot_defaults():
     decision = decide_boot({"boot_slot": "a", "upgrade_available": "1"}, BOTH_GOOD)
-    assert (decision.bootcount, decision.bootlimit) == (1, 3)
+    assert (decision.bootcount, decision.bootlimit) == (1, 0)
     assert decide_boot({"boot_slot": "a"}, BOTH_GOOD).reason is BootReason.COMMITTED
+
+
+@pytest.mark.parametrize("limit", [None, "0"])
+def test_without_a_positive_bootlimit_a_failing_trial_is_booted_for_ever_as_u_boot_does(limit):
+    variables = {"boot_slot": "b", "upgrade_available": "1", "bootcount": "0"}
+    if limit is not None:
+        variables["bootlimit"] = limit
+    for attempt in range(1, 51):
+        decision = decide_boot(variables, {SlotName.A: True, SlotName.B: False})
+        assert (decision.slot, decision.reason, decision.outcome) == (
+            SlotName.B,
+            BootReason.TRIAL,
+            BootOutcome.FAILED,
+        )
+        assert decision.env_changes == {"bootcount": str(attempt)}, "never rolled back"
+        variables = {**variables, **decision.env_changes}
 
 
 @pytest.mark.parametrize(
@@ -124,7 +140,8 @@ def test_every_decision_follows_the_bootcount_rules(variables, valid):
         return
     count = int(variables["bootcount"]) + 1
     assert decision.env_changes["bootcount"] == str(count)
-    if count > int(variables["bootlimit"]):
+    limit = int(variables["bootlimit"])
+    if limit > 0 and count > limit:  # 0 turns the limit off
         assert decision.slot.value != variables["boot_slot"]
         assert decision.env_changes == {
             "bootcount": str(count),
@@ -147,7 +164,7 @@ def _boot_until_committed(variables: dict[str, str], valid: Mapping[SlotName, bo
     return decisions
 
 
-@given(limit=st.integers(0, 8), new_slot_good=st.booleans())
+@given(limit=st.integers(1, 8), new_slot_good=st.booleans())
 def test_an_unconfirmed_trial_ends_on_the_old_slot_after_bootlimit_trial_boots(limit, new_slot_good):
     decisions = _boot_until_committed(
         env("b", "1", "0", str(limit)), {SlotName.A: True, SlotName.B: new_slot_good}
@@ -232,6 +249,16 @@ def test_after_a_rollback_fw_printenv_sees_the_old_slot_committed(upgraded):
         check=True,
     ).stdout
     assert output.split() == ["boot_slot=a", "upgrade_available=0"]
+
+
+def test_a_board_without_bootlimit_never_rolls_a_corrupted_trial_back(upgraded):
+    upgraded.boot_env.write({"bootlimit": None})
+    corrupt(upgraded.slot(SlotName.B).device)
+    for attempt in range(1, 11):
+        result = boot(upgraded)
+        assert result.decision.outcome is BootOutcome.FAILED and result.decision.slot is SlotName.B
+        assert result.message.startswith(f"boot of slot b failed (trial boot {attempt}, no bootlimit")
+    assert upgraded.boot_env.read() == {"boot_slot": "b", "upgrade_available": "1", "bootcount": "10"}
 
 
 def test_a_corrupted_committed_slot_fails_every_boot_without_touching_the_environment(tmp_path):

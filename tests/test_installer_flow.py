@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from board.interface import SlotName
 from mers.errors import EXIT_NOT_CONFIRMED
 from mers.journal import Phase, load_journal
@@ -103,3 +105,35 @@ def test_failed_health_check_is_rolled_back_by_the_bootloader_and_reported_faile
     assert board.boot_env.read()["upgrade_available"] == "0"
     assert load_journal(board.state).phase is Phase.IDLE
     assert rig.mers("confirm").returncode == 0, "nothing left to confirm"
+
+
+@pytest.mark.parametrize(("found", "armed"), [(None, "3"), ("0", "3"), ("three", "3"), ("5", "5")])
+def test_a_trial_is_armed_with_a_bootlimit_so_a_failing_one_is_rolled_back_on_any_board(
+    hub: RunningHub, tmp_path: Path, found: str | None, armed: str
+) -> None:
+    """U-Boot reads a missing, zero or non-numeric bootlimit as "no limit": without the installer setting
+    one, this board would boot the unhealthy image for ever. A positive one is the integrator's and stays."""
+    rig = make_rig(hub, tmp_path)
+    rig.board.boot_env.write({"bootlimit": found})
+    task_id = rig.task_for(rig.image("3.0.0", counter=2))
+    installed = rig.mers("install", "--task", task_id, "--no-progress")
+    assert installed.returncode == 0, installed.stderr
+    env = rig.board.boot_env.read()
+    assert (env["boot_slot"], env["upgrade_available"], env["bootcount"], env["bootlimit"]) == (
+        "b",
+        "1",
+        "0",
+        armed,
+    )
+
+    for trial in range(1, int(armed) + 1):
+        decision = rig.boot().decision
+        assert (decision.slot, decision.bootcount) == (SlotName.B, trial)
+        refused = rig.mers("confirm", "--health-hook", "false")
+        assert refused.returncode == EXIT_NOT_CONFIRMED, refused.stderr
+    rolled_back = rig.boot()
+    assert rolled_back.decision.slot is SlotName.A and rolled_back.decision.reason.value == "rollback"
+    reported = rig.mers("confirm")
+    assert reported.returncode == EXIT_NOT_CONFIRMED and "rolled back to slot a" in reported.error_line
+    assert rig.task(task_id)["state"] == "FAILED"
+    assert rig.board.boot_env.read()["upgrade_available"] == "0"
