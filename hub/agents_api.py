@@ -11,13 +11,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Response, status
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from . import agents, boarding
 from .auth import AdminCaller, AnyCaller, State
 from .datasources import DataSourceDocument, stored_form
 from .etags import etag_header, expected_etag
 from .models import SecurityProfile
+from .texts import storable_text
 
 PREFIX = "/api/agentmanagement/v3"
 router = APIRouter(prefix=PREFIX, tags=["agent management"])
@@ -37,7 +38,7 @@ class AgentDraft(BaseModel):
 
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=NAME_PATTERN)]
     securityProfile: SecurityProfile
-    description: Annotated[str, Field(max_length=2048)] = ""
+    description: Annotated[str, Field(max_length=2048), AfterValidator(storable_text)] = ""
 
 
 def _agent_response(agent_json: dict[str, str], status_code: int = 200) -> JSONResponse:

@@ -10,7 +10,6 @@ with a 5xx.
 
 from __future__ import annotations
 
-import unicodedata
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
@@ -33,39 +32,22 @@ from .tasks import (
     states_for_filter,
     update_task,
 )
+from .texts import checked_name, is_name, storable_text
 from .trust import add_trusted_key, trusted_keys
 
 PREFIX = "/api/firmwaredeployment/v3"
 router = APIRouter(prefix=PREFIX, tags=["firmware deployment"])
 
 
-def _storable(value: str) -> str:
-    """No NUL (PostgreSQL text cannot hold one) and no lone surrogate (not encodable as UTF-8)."""
-    if any(unicodedata.category(char) == "Cs" for char in value) or "\x00" in value:
-        raise ValueError("must be valid text without NUL characters")
-    return value
-
-
-def _is_name(value: str) -> bool:
-    """A display name or an id: not blank, no control characters (no forged lines in logs or listings)."""
-    return bool(value.strip()) and not any(unicodedata.category(char) in ("Cc", "Cs") for char in value)
-
-
-def _name(value: str) -> str:
-    if not _is_name(value):
-        raise ValueError("must be a non-blank name without control characters")
-    return value
-
-
-KeyName = Annotated[str, StringConstraints(max_length=128), AfterValidator(_name)]
-ReleaseName = Annotated[str, StringConstraints(max_length=256), AfterValidator(_name)]
-Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_name)]
-Message = Annotated[str, StringConstraints(max_length=4096), AfterValidator(_storable)]
+KeyName = Annotated[str, StringConstraints(max_length=128), AfterValidator(checked_name)]
+ReleaseName = Annotated[str, StringConstraints(max_length=256), AfterValidator(checked_name)]
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(checked_name)]
+Message = Annotated[str, StringConstraints(max_length=4096), AfterValidator(storable_text)]
 
 
 class NewTrustedKey(BaseModel):
     name: KeyName
-    pem: Annotated[str, StringConstraints(max_length=64 << 10), AfterValidator(_storable)]
+    pem: Annotated[str, StringConstraints(max_length=64 << 10), AfterValidator(storable_text)]
 
 
 class NewTask(BaseModel):
@@ -154,7 +136,7 @@ def get_tasks(
     """The admin lists anyone's tasks; an agent only its own, whether or not it names itself. An empty
     parameter (`?deviceId=&status=`, as a client fills a template) means no filter."""
     device_id, status = device_id or None, status or None
-    if device_id is not None and not _is_name(device_id):
+    if device_id is not None and not is_name(device_id):
         raise InvalidRequestError("deviceId must be an agent id")
     if caller.agent_id is not None:
         if device_id is not None:

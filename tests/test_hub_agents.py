@@ -207,6 +207,20 @@ def test_control_characters_in_an_agent_id_or_name_are_a_400_on_every_database(
     assert_hub_error(hub.admin("GET", f"{AGENTS}/agents", params={"name": "gw\x00"}), 400, "invalid_request")
 
 
+def test_a_description_no_database_can_store_is_a_400_on_every_database(
+    hub_on_each_database: RunningHub,
+) -> None:
+    hub = hub_on_each_database
+    body = {"name": "gw-1", "securityProfile": "SHARED_SECRET", "description": "line\x00"}
+    assert_hub_error(hub.admin("POST", f"{AGENTS}/agents", json=body), 400, "invalid_request")
+    assert hub.admin("GET", f"{AGENTS}/agents").json()["totalElements"] == 0
+    agent = create_agent(hub, "gw-1")
+    before = agent_record(hub, agent["id"])
+    updated = hub.admin("PUT", agent_path(agent["id"]), json=body, headers={"If-Match": "1"})
+    assert_hub_error(updated, 400, "invalid_request")
+    assert agent_record(hub, agent["id"]) == before
+
+
 def test_an_unknown_agent_is_a_404(hub: RunningHub) -> None:
     assert_hub_error(hub.admin("GET", agent_path("0" * 32)), 404, "not_found")
     assert_hub_error(hub.admin("GET", agent_path("0" * 32, "/boarding/configuration")), 404)
