@@ -51,6 +51,7 @@ import enum
 import hashlib
 import io
 import math
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeGuard, TypeVar
@@ -268,13 +269,57 @@ def encode_response(request: smp_header.Header, body: bytes) -> bytes:
     return bytes(header) + body
 
 
+# the header's layout (SMP: res/version/op byte, flags, length, group, sequence, command), read by hand only
+# where the smp library will not represent a header: a command it does not know in a group it knows
+_RAW_HEADER: Final = struct.Struct("!BBHHBB")
+_OP_BITS: Final = 0b111
+
+
+class UnknownCommandError(ProtocolError):
+    """A header naming a command the smp library does not know in a group it knows (OS command 20, say).
+    The library refuses to build such a header, yet Zephyr answers the request ``ENOTSUP``, and a client
+    left unanswered waits out its timeout: `answer` frames that answer from the raw header."""
+
+    field = "header"
+
+    def __init__(self, raw_header: bytes, reason: str) -> None:
+        super().__init__(f"SMP header not understood: {reason}")
+        self.raw_header = raw_header
+
+    @property
+    def is_request(self) -> bool:
+        return Op(self.raw_header[0] & _OP_BITS) in (Op.READ, Op.WRITE)
+
+    def answer(self, body: bytes) -> bytes:
+        """The response message: the request's version, group, sequence and command, op + 1, no flags."""
+        first, _, _, group, sequence, command = _RAW_HEADER.unpack(self.raw_header)
+        response_op = (first & ~_OP_BITS) | ((first & _OP_BITS) + 1)
+        return _RAW_HEADER.pack(response_op, 0, len(body), group, sequence, command) + body
+
+
+def _only_the_command_is_unknown(raw_header: bytes) -> bool:
+    """The library refused a header whose op, version and flags are valid: its command is what it does not
+    know (the one other check it makes)."""
+    first, flags, *_ = _RAW_HEADER.unpack(raw_header)
+    try:
+        Op(first & _OP_BITS)
+        smp_header.Version((first >> 3) & 0b11)
+        smp_header.Flag(flags)
+    except ValueError:
+        return False
+    return True
+
+
 def decode_message(message: bytes) -> tuple[smp_header.Header, bytes]:
     """The header and body of one SMP message; the header's length must match the body exactly."""
     if len(message) < smp_header.Header.SIZE:
         raise ProtocolError(f"{len(message)} bytes are shorter than an SMP header", field="header")
+    raw_header = message[: smp_header.Header.SIZE]
     try:
-        header = smp_header.Header.loads(message[: smp_header.Header.SIZE])
+        header = smp_header.Header.loads(raw_header)
     except ValueError as error:
+        if _only_the_command_is_unknown(raw_header):
+            raise UnknownCommandError(raw_header, str(error)) from None
         raise ProtocolError(f"SMP header not understood: {error}", field="header") from None
     body = message[smp_header.Header.SIZE :]
     if header.length != len(body):

@@ -36,6 +36,8 @@ from .protocol import (
     GenericRc,
     Op,
     ProtocolError,
+    SmpVersion,
+    UnknownCommandError,
     decode_message,
     encode_body,
     encode_response,
@@ -329,6 +331,8 @@ class SmpServer:
             if error.header.op not in _REQUEST_OPS:
                 return None
             return self._error(error.header, ErrorReply(GenericRc.EINVAL, reason=str(error)))
+        except UnknownCommandError as unknown:
+            return self._not_supported(unknown)
         except ProtocolError as error:
             self._count_drop(BadFrameError(str(error)))
             return None
@@ -336,6 +340,15 @@ class SmpServer:
             self._count_drop(BadFrameError(f"op {header.op.name} is not a request"))
             return None
         return self._dispatch(header, body)
+
+    def _not_supported(self, unknown: UnknownCommandError) -> Reply | None:
+        """``ENOTSUP`` to a request the smp library cannot represent, as Zephyr answers it."""
+        if not unknown.is_request:
+            return None
+        self.stats.requests += 1
+        self.stats.errors += 1
+        reply = ErrorReply(GenericRc.ENOTSUP, reason="command not supported")
+        return Reply(b"".join(frame_lines(unknown.answer(encode_body(reply.to_map(SmpVersion.V2))))))
 
     def _dispatch(self, header: smp_header.Header, body: bytes) -> Reply:
         self.stats.requests += 1

@@ -276,6 +276,22 @@ def test_an_unsupported_request_is_answered_enotsup(server, op, group, command):
     assert header.sequence == 3
 
 
+@pytest.mark.parametrize(("group", "command"), [(0, 20), (1, 9), (8, 9), (9, 1), (11, 9)])
+def test_a_command_the_smp_library_does_not_know_in_a_group_it_knows_is_answered_enotsup(
+    server, group, command
+):
+    """The library will not build such a header: the request and the answer are read by hand here."""
+    layout = struct.Struct("!BBHHBB")
+    body = b"\xa0"
+    first = (smp_header.Version.V2 << 3) | wire.Op.WRITE
+    (reply,) = server.feed(framed(layout.pack(first, 0, len(body), group, 7, command) + body))
+    [message] = received(FrameReassembler().feed(reply.wire))
+    answer_first, flags, length, answer_group, sequence, answer_command = layout.unpack(message[:8])
+    assert (answer_first & 0b111, answer_first >> 3, flags) == (wire.Op.WRITE_RSP, smp_header.Version.V2, 0)
+    assert (answer_group, sequence, answer_command, length) == (group, 7, command, len(message) - 8)
+    assert cbor2.loads(message[8:])["rc"] == wire.GenericRc.ENOTSUP
+
+
 def test_a_body_that_does_not_follow_the_schema_is_answered_einval(server):
     _, body = ask(server, raw_request(wire.Op.WRITE, 0, 0, cbor2.dumps({"d": 5})))
     assert body["rc"] == wire.GenericRc.EINVAL
@@ -304,10 +320,13 @@ def test_a_handler_that_crashes_costs_one_request_not_the_server(server):
 
 def test_responses_and_unreadable_headers_are_not_answered(server):
     assert server.feed(framed(raw_request(wire.Op.WRITE_RSP, 0, 0, b"\xa0"))) == []
-    unknown_os_command = bytearray(raw_request(wire.Op.WRITE, 0, 0, b"\xa0"))
-    unknown_os_command[7] = 200  # a command id the smp package does not know for the OS group
-    assert server.feed(framed(bytes(unknown_os_command))) == []
-    assert server.stats.dropped_frames == 2
+    unknown_op = bytearray(raw_request(wire.Op.WRITE, 0, 0, b"\xa0"))
+    unknown_op[0] = (unknown_op[0] & ~0b111) | 6  # ops are 0 to 3
+    assert server.feed(framed(bytes(unknown_op))) == []
+    unknown_os_answer = bytearray(raw_request(wire.Op.WRITE_RSP, 0, 0, b"\xa0"))
+    unknown_os_answer[7] = 200  # an answer is never answered, whatever its command
+    assert server.feed(framed(bytes(unknown_os_answer))) == []
+    assert server.stats.dropped_frames == 2  # the answer to an unknown command is not counted as a drop
     assert ask(server, echo_message("after"))[1] == {"r": "after"}
 
 
