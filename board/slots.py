@@ -127,7 +127,12 @@ def verify_slot_content(record: SlotRecord, fd: int, slot_size: int) -> bytes:
     header = _parse_header(record.header_and_tlvs)
 
     def payload(offset: int, length: int) -> bytes:
-        data = _pread_all(fd, length, offset)
+        try:
+            data = _pread_all(fd, length, offset)
+        except OSError as exc:  # a read error is the device's failure, not a content mismatch
+            raise StorageError(
+                f"cannot read the slot at byte {offset}: {exc.strerror or exc}", field="slot"
+            ) from exc
         if len(data) != length:
             raise SlotContentMismatchError(
                 f"the slot ends before the recorded payload's end at {offset + len(data)}"
@@ -356,7 +361,14 @@ class _BoundedSlotFile(io.FileIO):
             )
         done = 0
         while done < len(view):  # a raw write may be short; the caller gets all or an error
-            written = super().write(view[done:])
+            try:
+                written = super().write(view[done:])
+            except OSError as exc:  # worn flash (EIO), a file-size limit (EFBIG): typed, naming the slot
+                raise StorageError(
+                    f"cannot write slot {self._slot_name} at byte {position + done} ({self.name}): "
+                    f"{exc.strerror or exc}",
+                    field=f"slots.{self._slot_name}",
+                ) from exc
             done += written or 0
         return done
 

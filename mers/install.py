@@ -24,12 +24,14 @@ import enum
 import hashlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from board.errors import StorageError as BoardStorageError
 from board.interface import (
     DEFAULT_BOOTLIMIT,
     ENV_BOOT_SLOT,
@@ -272,7 +274,7 @@ class Installer:
         head = stored_image_head(journal.header_and_tlvs, journal.image_size, trust)
         hasher = hashlib.sha256(head.head)
         with self.board.slot(journal.slot).open_for_reading() as slot:
-            _rehash_prefix(slot.fileno(), head.payload_size, hasher)
+            _rehash_prefix(slot.fileno(), head.payload_size, hasher, journal.slot)
         hasher.update(head.protected_tail)
         try:
             finish_verification(head.manifest, hasher.digest(), trust)
@@ -289,11 +291,12 @@ class Installer:
         size = head.payload_size
         with self._open_slot(journal) as slot:
             fd = slot.fileno()
-            offset = _rehash_prefix(fd, journal.offset, hasher)
+            offset = _rehash_prefix(fd, journal.offset, hasher, journal.slot)
             slot.seek(offset)
             self._show(offset, size)
             stream = source.stream(head.payload_offset + offset, head.payload_offset + size)
-            journal, stopped = self._pump(stream, _SlotWriter(slot, hasher), journal, offset, size)
+            writer = _SlotWriter(slot, hasher, journal.slot)
+            journal, stopped = self._pump(stream, writer, journal, offset, size)
             if stopped:
                 return None, journal
         hasher.update(head.protected_tail)
@@ -516,11 +519,12 @@ def _payload_size(journal: Journal) -> int:
     return journal.image_size - len(journal.header_and_tlvs)
 
 
-def _rehash_prefix(fd: int, length: int, hasher: hashlib._Hash) -> int:
+def _rehash_prefix(fd: int, length: int, hasher: hashlib._Hash, slot: SlotName | None) -> int:
     """Hash the first `length` bytes the slot already holds (a resumed download), one chunk at a time."""
     offset = 0
     while offset < length:
-        chunk = os.pread(fd, min(_REHASH_CHUNK, length - offset), offset)
+        with _slot_io(slot, f"read byte {offset} of"):
+            chunk = os.pread(fd, min(_REHASH_CHUNK, length - offset), offset)
         if not chunk:
             raise StorageError(f"the slot ends at {offset}, before the journalled offset {length}")
         hasher.update(chunk)
@@ -537,21 +541,39 @@ def describe_install(journal: Journal) -> str:
     return f"file {journal.location}"
 
 
+@contextlib.contextmanager
+def _slot_io(slot: SlotName | None, action: str) -> Iterator[None]:
+    """A slot that fails to read, write or sync (worn flash: EIO; a file-size limit: EFBIG) is the
+    board's storage failing: one `StorageError` naming the slot, so the CLI and the daemon stop with exit
+    4 and one line (an operator must look at the device) instead of a traceback. The journal is unharmed:
+    it is written only after a sync succeeded, so it still names a durable offset, and the next run
+    re-hashes the slot from there."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"cannot {action} slot {slot}: {exc.strerror or exc}") from exc
+    except BoardStorageError as exc:
+        raise StorageError(str(exc)) from exc
+
+
 class _SlotWriter:
     """Writes the payload's chunks into the slot and hashes them as written, so the digest is of what
     the slot holds; `sync` makes every chunk so far durable (before the journal may say so)."""
 
-    def __init__(self, slot: BinaryIO, hasher: hashlib._Hash) -> None:
+    def __init__(self, slot: BinaryIO, hasher: hashlib._Hash, name: SlotName | None) -> None:
         self._slot = slot
         self._hasher = hasher
+        self._name = name
 
     def put(self, chunk: bytes) -> None:
-        self._slot.write(chunk)
+        with _slot_io(self._name, "write"):
+            self._slot.write(chunk)
         self._hasher.update(chunk)
 
     def sync(self) -> None:
-        self._slot.flush()
-        os.fsync(self._slot.fileno())
+        with _slot_io(self._name, "sync"):
+            self._slot.flush()
+            os.fsync(self._slot.fileno())
 
 
 class _HttpSource:
@@ -590,26 +612,41 @@ class _FileSource:
 
     def __init__(self, path: Path) -> None:
         self.stats = DownloadStats()
+        self._path = path
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise InputError(f"cannot open the image {path}: {exc.strerror}") from exc
-        info = os.fstat(self._fd)
+        try:
+            info = os.fstat(self._fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise InputError(f"the image {path} is not a regular file")
+        except BaseException:
+            os.close(self._fd)
+            raise
         self.size = info.st_size
         self.etag = f"file:{info.st_size}:{info.st_mtime_ns}"
 
     def read(self, start: int, stop: int) -> bytes:
-        return os.pread(self._fd, stop - start, start)
+        return self._pread(stop - start, start)
 
     def stream(self, start: int, stop: int) -> Iterator[bytes]:
         offset = start
         while offset < stop:
-            chunk = os.pread(self._fd, min(1 << 20, stop - offset), offset)
+            chunk = self._pread(min(1 << 20, stop - offset), offset)
             if not chunk:
                 raise InputError(f"the image file ended at byte {offset}, before {stop}")
             offset += len(chunk)
             self.stats.received += len(chunk)
             yield chunk
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        """A USB stick pulled or failing mid-read (EIO) is the operator's input failing: an `InputError`
+        (exit 2) with the journal kept at its durable offset, to resume or `mers abandon`."""
+        try:
+            return os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise InputError(f"cannot read the image {self._path} at byte {offset}: {exc.strerror}") from exc
 
     def close(self) -> None:
         os.close(self._fd)

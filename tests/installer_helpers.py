@@ -175,6 +175,34 @@ def mers_peak_rss_kib(rig: Rig, *args: str | Path) -> int:
     return int(completed.stdout)
 
 
+#: sets RLIMIT_FSIZE, then becomes the command (no preexec_fn in a threaded pytest process)
+_FSIZE_LAUNCHER = """
+import os, resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def mers_with_file_size_limit(rig: Rig, limit: int, *args: str | Path) -> CliResult:
+    """`mers ARGS --board BOARD` as a real process whose writes past byte `limit` of any file fail with
+    EFBIG (RLIMIT_FSIZE: the kernel's own failure, like a device that stops taking writes; Python ignores
+    SIGXFSZ, so the write returns the error). The journal and state files are far smaller."""
+    program = Path(sys.executable).parent / "mers"
+    argv = [str(program), *map(str, args), "--board", str(rig.gateway.path), "--retries", "2"]
+    completed = subprocess.run(
+        [sys.executable, "-c", _FSIZE_LAUNCHER, str(limit), *argv],
+        capture_output=True,
+        check=False,
+        timeout=300,
+    )
+    return CliResult(
+        completed.returncode,
+        completed.stdout.decode("utf-8", "replace"),
+        completed.stderr.decode("utf-8", "replace"),
+    )
+
+
 # --- power cuts in-process ----------------------------------------------------------------------------
 
 

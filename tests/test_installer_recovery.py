@@ -5,6 +5,7 @@ ends, and nothing is armed twice."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,18 @@ import pytest
 from board.interface import SlotName
 from mers.confirm import Confirmer
 from mers.daemon import Daemon, DaemonSettings
-from mers.errors import ImageRejectedError, NotConfirmedError, TaskClosedError
+from mers.errors import EXIT_STORAGE, ImageRejectedError, InputError, NotConfirmedError, TaskClosedError
 from mers.install import Installer, InstallOutcome, InstallStep
 from mers.journal import Phase, load_journal, save_journal
 from tests.hub_helpers import FIRMWARE, RunningHub, running_hub
-from tests.installer_helpers import TEST_INSTALL, Rig, interrupted_task_install, make_rig
+from tests.installer_helpers import (
+    TEST_INSTALL,
+    Rig,
+    interrupted_task_install,
+    make_rig,
+    mers_with_file_size_limit,
+    slot_files,
+)
 
 
 def cancel(hub: RunningHub, task_id: str) -> None:
@@ -146,3 +154,71 @@ def test_a_slot_altered_while_the_device_was_down_is_not_activated(hub: RunningH
     assert env["boot_slot"] == "a" and env["upgrade_available"] == "0"
     assert load_journal(rig.board.state).phase is Phase.IDLE
     assert rig.task(task_id)["state"] == "FAILED"
+
+
+def test_a_slot_that_stops_taking_writes_is_one_storage_error_and_the_install_resumes_once_it_does(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """A write error of the slot (here EFBIG from the kernel's file-size limit; EIO on worn flash) is
+    exit 4 with one line, from `mers install` and from the daemon alike (it used to escape as a traceback
+    and crash the daemon), nothing is armed, and the journal still resumes."""
+    rig = make_rig(hub, tmp_path)
+    image = rig.image("2.0.0", counter=3)
+    active, env = slot_files(rig.board, SlotName.A), rig.board.boot_env.read()
+    limit = 512 << 10
+
+    failed = mers_with_file_size_limit(rig, limit, "install", "--file", image, "--no-progress")
+    assert failed.returncode == EXIT_STORAGE, failed.stderr
+    assert "cannot write slot b" in failed.error_line and "File too large" in failed.error_line
+    journal = load_journal(rig.board.state)
+    assert journal.phase is Phase.DOWNLOADING and journal.offset <= limit
+    daemon = mers_with_file_size_limit(rig, limit, "run", "--once")
+    assert daemon.returncode == EXIT_STORAGE, daemon.stderr
+    assert "cannot write slot b" in daemon.error_line
+    assert rig.board.boot_env.read() == env and slot_files(rig.board, SlotName.A) == active
+
+    resumed = rig.mers("install", "--file", image, "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    rig.boot()
+    assert rig.mers("confirm").returncode == 0
+    assert rig.board.slot(SlotName.B).record().version == "2.0.0+0"  # type: ignore[union-attr]
+
+
+def test_an_image_file_that_fails_to_read_mid_install_is_an_input_error_and_the_install_resumes(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """The stick fails under the installer: from the first checkpoint on, the descriptor it reads the
+    image through is a directory's, so every read fails in the kernel (EISDIR, as EIO would from a pulled
+    stick). That is the operator's input failing: `InputError`, the journal kept at a durable offset."""
+    rig = make_rig(hub, tmp_path)
+    image = rig.image("2.0.0", counter=3)
+    env = rig.board.boot_env.read()
+    directory = tmp_path / "not-an-image"
+    directory.mkdir()
+    failed: list[int] = []
+
+    def stick_fails(step: InstallStep) -> None:
+        if step is InstallStep.CHECKPOINT and not failed:
+            descriptors = [int(name) for name in os.listdir("/proc/self/fd")]
+            held = [fd for fd in descriptors if _target(fd) == str(image)]
+            assert len(held) == 1, held
+            replacement = os.open(directory, os.O_RDONLY)
+            os.dup2(replacement, held[0])
+            os.close(replacement)
+            failed.append(held[0])
+
+    with pytest.raises(InputError, match=r"cannot read the image .* at byte"):
+        Installer(rig.board, None, settings=TEST_INSTALL, hook=stick_fails).install_file(image)
+    journal = load_journal(rig.board.state)
+    assert journal.phase is Phase.DOWNLOADING and journal.offset > 0
+    assert rig.board.boot_env.read() == env
+
+    result = Installer(rig.board, None, settings=TEST_INSTALL).install_file(image)
+    assert result.outcome is InstallOutcome.REBOOTING
+
+
+def _target(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # the descriptor listdir itself used, closed since
+        return ""
