@@ -21,6 +21,7 @@ from board.errors import BoardError
 
 from .client import DeviceClient
 from .confirm import Confirmer, ConfirmOutcome
+from .credentials import load_credentials
 from .errors import (
     HubUnreachableError,
     IatExpiredError,
@@ -98,7 +99,13 @@ class Daemon:
         when the hub is out of reach, which may be exactly what the new firmware broke. A switched but
         not yet rebooted install (PENDING) is resumed below: the installer requests the reboot."""
         board = self.client.board
-        confirmer = Confirmer(board, self.client, health_command=self.settings.health_command)
+        # a device installed from a file or URL before it was ever onboarded has no hub to ask: its health
+        # is the hook's alone (as `mers confirm` decides), not "hub unreachable", which would roll back a
+        # healthy trial
+        onboarded = load_credentials(board.state) is not None
+        confirmer = Confirmer(
+            board, self.client if onboarded else None, health_command=self.settings.health_command
+        )
         confirmed = confirmer.confirm()
         if confirmed.outcome is not ConfirmOutcome.NOTHING:
             log.info("confirm: %s", confirmed.message)

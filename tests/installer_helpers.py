@@ -119,8 +119,9 @@ class Rig:
         return run_cli("mers", *args, "--board", self.gateway.path, "--retries", "2", "--timeout", "10")
 
 
-def make_rig(hub: RunningHub, directory: Path, *, slot_size: int = SLOT_SIZE) -> Rig:
-    """A board whose slot a holds release 1.0.0 (counter 1), key slot 0 the release key, onboarded."""
+def make_rig(hub: RunningHub, directory: Path, *, slot_size: int = SLOT_SIZE, onboard: bool = True) -> Rig:
+    """A board whose slot a holds release 1.0.0 (counter 1), key slot 0 the release key, and boarding
+    data for `hub`; onboarded unless `onboard` is False."""
     directory.mkdir(parents=True, exist_ok=True)
     signer = signer_for(KeyAlgorithm.ED25519)
     trust(hub, signer)
@@ -139,8 +140,9 @@ def make_rig(hub: RunningHub, directory: Path, *, slot_size: int = SLOT_SIZE) ->
     board.write_key(0, signer.public_key.der)
     board.write_boarding_data(boarding_data(hub, agent["id"]))
     gateway = Gateway(board, agent["id"], hub)
-    with gateway.client(settings=FAST) as client:
-        client.onboard()
+    if onboard:
+        with gateway.client(settings=FAST) as client:
+            client.onboard()
     return Rig(hub, gateway, signer, directory)
 
 

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 from board.interface import SlotName
+from mers.credentials import load_credentials
+from mers.daemon import Daemon, DaemonSettings
 from mers.install import Installer, InstallOutcome, InstallStep
 from mers.journal import Phase, load_journal
 from tests.conftest import BIN_DIR
@@ -76,3 +78,20 @@ def test_stop_request_mid_download_journals_the_offset_and_resume_finishes(
     assert resumed is not None and resumed.outcome is InstallOutcome.REBOOTING
     assert resumed.stats.received == PAYLOAD_SIZE - journal.offset, "resumed at the journalled offset"
     assert rig.boot().decision.slot is SlotName.B
+
+
+def test_a_device_never_onboarded_commits_a_healthy_trial_from_a_file_instead_of_blaming_the_hub(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """Installed from a USB stick before onboarding, the device has no credentials to reach the hub
+    with: that is no failed health check (as `mers confirm` already knew), so the daemon commits."""
+    rig = make_rig(hub, tmp_path, onboard=False)
+    assert Installer(rig.board, None, settings=TEST_INSTALL).install_file(rig.image("2.0.0", counter=3))
+    rig.boot()
+    with rig.client() as client:
+        assert Daemon(client, DaemonSettings(install=TEST_INSTALL)).cycle() is False
+    board = rig.board
+    assert board.boot_env.read()["upgrade_available"] == "0" and not board.reboot_requested()
+    assert board.active_slot() is SlotName.B and board.security_counter_floor() == 3
+    assert load_journal(board.state).message.startswith("ACTIVATED")
+    assert load_credentials(board.state) is not None, "then it onboarded, in the same pass"
