@@ -129,8 +129,19 @@ class Daemon:
         return result.outcome is InstallOutcome.REBOOTING
 
     def _delay(self) -> float:
-        """The poll interval, doubled for each failure in a row up to `backoff_max`, with jitter so a
-        fleet that lost its hub together does not come back together."""
-        base: float = min(self.settings.poll_interval * (2**self._failures), self.settings.backoff_max)
-        jitter: float = random.uniform(0.8, 1.2)  # noqa: S311 - spreading a fleet, not a secret
-        return base * jitter
+        return backoff_delay(self.settings, self._failures)
+
+
+#: doublings beyond this change nothing (2**64 times any poll interval passes any `backoff_max`), and
+#: 2**1024 no longer fits a float: after 1024 failures in a row (42 days without the hub at a 1 h cap)
+#: the uncapped product raised OverflowError and crashed the daemon
+_MAX_DOUBLINGS = 64
+
+
+def backoff_delay(settings: DaemonSettings, failures: int) -> float:
+    """The poll interval, doubled for each failure in a row up to `backoff_max`, with jitter so a fleet
+    that lost its hub together does not come back together. Defined for any number of failures."""
+    doublings = min(failures, _MAX_DOUBLINGS)
+    base: float = min(settings.poll_interval * (2**doublings), settings.backoff_max)
+    jitter: float = random.uniform(0.8, 1.2)  # noqa: S311 - spreading a fleet, not a secret
+    return base * jitter

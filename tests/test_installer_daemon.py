@@ -10,9 +10,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from board.interface import SlotName
 from mers.credentials import load_credentials
-from mers.daemon import Daemon, DaemonSettings
+from mers.daemon import Daemon, DaemonSettings, backoff_delay
 from mers.install import Installer, InstallOutcome, InstallStep
 from mers.journal import Phase, load_journal
 from tests.conftest import BIN_DIR
@@ -95,3 +97,12 @@ def test_a_device_never_onboarded_commits_a_healthy_trial_from_a_file_instead_of
     assert board.active_slot() is SlotName.B and board.security_counter_floor() == 3
     assert load_journal(board.state).message.startswith("ACTIVATED")
     assert load_credentials(board.state) is not None, "then it onboarded, in the same pass"
+
+
+@pytest.mark.parametrize("failures", [0, 1, 3, 4, 1023, 1024, 5000, 10**9])
+def test_the_backoff_stays_within_its_cap_however_long_the_hub_is_gone(failures: int) -> None:
+    """1024 failures in a row is 42 days without the hub at a 1 h cap: the delay must still be one."""
+    settings = DaemonSettings(poll_interval=300.0, backoff_max=3600.0)
+    expected = min(300.0 * 2 ** min(failures, 4), 3600.0)
+    delay = backoff_delay(settings, failures)
+    assert 0.8 * expected <= delay <= 1.2 * expected
