@@ -27,7 +27,7 @@ def open_engine(url: str, *, create: bool = True) -> Engine:
         # a failed statement's error text quotes its parameters unless hidden, and the server logs that
         # error: a renewal's new client secret or an IAT would land in the log
         engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
-    except (ArgumentError, ImportError) as exc:
+    except (ArgumentError, ImportError, ValueError) as exc:  # ValueError: a port that is not a number
         raise HubSetupError(f"unusable database URL: {exc}") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _configure_sqlite)
@@ -36,7 +36,11 @@ def open_engine(url: str, *, create: bool = True) -> Engine:
             if not create:
                 engine.dispose()
                 raise HubSetupError(f"the hub's database {database} does not exist: is database_url right?")
-            fd = os.open(database, os.O_CREAT | os.O_WRONLY, 0o600)
+            try:
+                fd = os.open(database, os.O_CREAT | os.O_WRONLY, 0o600)
+            except OSError as exc:
+                engine.dispose()
+                raise HubSetupError(f"cannot create the hub's database {database}: {exc.strerror}") from exc
             os.close(fd)
     return engine
 

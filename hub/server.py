@@ -74,6 +74,7 @@ def build_server(
     for path in (home.server_certificate, home.server_key):
         if not path.is_file():
             raise HubSetupError(f"{path} is missing; is {home.root} a hub directory made by mers-hub init?")
+    _check_tls_files(home)
     url = url_for(sock)
     state = load_state(home, url, clock)
     swept = sweep_upload_leftovers(home.blobs, clock())
@@ -91,6 +92,19 @@ def build_server(
         lifespan="off",  # the hub has no startup or shutdown hooks
     )
     return HubServer(config, state, url)
+
+
+def _check_tls_files(home: HubHome) -> None:
+    """Load the certificate and key as uvicorn will: a damaged or mismatched file is then a one-line
+    setup error before anything starts, rather than an `ssl.SSLError` traceback from inside uvicorn."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(home.server_certificate, home.server_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise HubSetupError(
+            f"cannot use {home.server_certificate} with {home.server_key} for TLS (is one of them damaged "
+            f"or replaced?): {exc.strerror or exc}"
+        ) from exc
 
 
 def serve(home: HubHome, host: str, port: int, *, log_level: str = "info") -> None:

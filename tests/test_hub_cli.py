@@ -171,6 +171,24 @@ def test_init_with_an_unreachable_database_says_so_in_one_line_and_can_simply_ru
 
 
 @pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("sqlite:///{tmp}/no/such/directory/hub.db", "cannot create the hub's database"),
+        ("postgresql+psycopg://mers:hunter2@127.0.0.1:abc/hub", "unusable database URL"),
+    ],
+)
+def test_init_with_an_unusable_database_url_says_so_in_one_line(
+    tmp_path: Path, url: str, reason: str
+) -> None:
+    root = tmp_path / "hub"
+    result = mers_hub("init", root, "--database-url", url.format(tmp=tmp_path))
+    assert result.returncode == EXIT_SETUP, result.stderr
+    assert reason in result.error_line
+    assert "hunter2" not in result.stderr
+    assert list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize(
     "options",
     [
         ["--public-url", "http://hub.example.com"],
@@ -222,6 +240,30 @@ def test_serve_refuses_a_directory_that_is_not_a_hub_with_one_line(tmp_path: Pat
     assert result.returncode == EXIT_SETUP
     assert "hub directory" in result.error_line
     assert not HubHome(tmp_path).url_file.exists()
+
+
+def test_serve_refuses_a_database_url_in_hub_toml_that_is_no_url_with_one_line(tmp_path: Path) -> None:
+    root = tmp_path / "hub"
+    succeeded(mers_hub("init", root))
+    settings = HubSettings(database_url="postgresql+psycopg://mers:hunter2@127.0.0.1:abc/hub")
+    HubHome(root).settings_file.write_text(settings.to_toml())
+    result = mers_hub("serve", root, "--port", "0")
+    assert result.returncode == EXIT_SETUP, result.stderr
+    assert "unusable database URL" in result.error_line
+    assert "hunter2" not in result.stderr
+    assert not HubHome(root).url_file.exists()
+
+
+@pytest.mark.parametrize("damaged", ["server_key", "server_certificate"])
+def test_serve_refuses_a_damaged_tls_key_or_certificate_with_one_line(tmp_path: Path, damaged: str) -> None:
+    root = tmp_path / "hub"
+    succeeded(mers_hub("init", root))
+    path: Path = getattr(HubHome(root), damaged)
+    path.write_bytes(path.read_bytes()[:200])  # cut short, as a failed copy leaves it
+    result = mers_hub("serve", root, "--port", "0")
+    assert result.returncode == EXIT_SETUP, result.stderr
+    assert f"cannot use {HubHome(root).server_certificate}" in result.error_line
+    assert not HubHome(root).url_file.exists()
 
 
 def test_serve_refuses_a_port_in_use_with_one_line(served: ServedHub, tmp_path: Path) -> None:
