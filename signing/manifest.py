@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .errors import BadTlvError, MissingHashError, MissingKeyHashError, UnsupportedImageError
 from .image_format import (
+    CUSTOM_TLV_MAX,
     CUSTOM_TLV_MIN,
     REFUSED_FLAGS,
     SIGNATURE_TLV_TYPES,
@@ -128,7 +129,7 @@ def _read_protected(entries: Iterable[TlvEntry]) -> _Protected:
         elif entry.type == TlvType.UUID_CID:
             _expect_length(entry, _UUID_SIZE)
             image_class = uuid.UUID(bytes=entry.value)
-        elif entry.type >= CUSTOM_TLV_MIN:
+        elif CUSTOM_TLV_MIN <= entry.type <= CUSTOM_TLV_MAX:  # 0xffff is reserved, as imgtool has it
             custom.append((entry.type, entry.value))
         elif entry.type not in _OPAQUE_PROTECTED:
             raise BadTlvError(f"{name} is not allowed in the protected TLV area", field=name)

@@ -617,6 +617,14 @@ CASES = (
         verify_image(lambda kit: with_tlv_length(kit.rsa_image, kit.rsa_image.protected, TLV_CUSTOM, 5)),
     ),
     Case(
+        # DESIGN section 3 and imgtool give custom TLVs 0x00a0-0xfffe; 0xffff is reserved
+        "protected TLV of the reserved type 0xffff",
+        "protected TLV type refused",
+        EXIT_REJECTED,
+        ("[TLV 0xffff]", "not allowed in the protected TLV area"),
+        verify_image(lambda kit: with_tlv_type(kit.rsa_image, kit.rsa_image.protected, TLV_CUSTOM, 0xFFFF)),
+    ),
+    Case(
         "two SHA256 TLVs", "SHA256 count", EXIT_REJECTED, ("[SHA256]", "2 SHA256"), verify_image(two_sha256)
     ),
     Case("no SHA256 TLV", "SHA256 count", EXIT_REJECTED, ("[SHA256]", "0 SHA256"), verify_image(no_sha256)),
