@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,17 +20,51 @@ CHUNK_SIZE = 1 << 20
 
 @contextmanager
 def open_input(path: Path, what: str = "input") -> Iterator[BinaryIO]:
-    """Open `path` for reading, or raise an `InputFileError` that says which file and why."""
+    """Open `path` for reading, or raise an `InputFileError` that says which file and why.
+
+    Only a regular file is accepted: every reader here takes the input's length from `st_size`, which is
+    0 for a pipe, /dev/stdin or a character device and meaningless for a block device, so `sign` would
+    wrap an empty payload and exit 0. The file is opened with O_NONBLOCK, so a FIFO is refused at once
+    instead of blocking until some writer opens it."""
     try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed below
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise InputFileError(f"{what} {path} does not exist", field=what) from exc
     except IsADirectoryError as exc:
         raise InputFileError(f"{what} {path} is a directory", field=what) from exc
     except OSError as exc:
         raise InputFileError(f"cannot read {what} {path}: {exc.strerror}", field=what) from exc
+    try:
+        kind = _non_regular_kind(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise InputFileError(
+                f"{what} {path} is {kind}, not a regular file: its size cannot be known in advance",
+                field=what,
+            )
+        os.set_blocking(fd, True)
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
     with handle:
         yield handle
+
+
+#: how each kind of file that is not a regular one is named in the error
+_SPECIAL_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _non_regular_kind(mode: int) -> str | None:
+    """How to name a file that is not a regular one, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _SPECIAL_KINDS if test(mode)), "a special file")
 
 
 def file_size(handle: BinaryIO) -> int:

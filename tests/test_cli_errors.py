@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import stat
 import struct
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -920,6 +922,61 @@ def test_a_pin_file_that_is_not_text_fails_with_one_line_not_a_traceback(
     assert "pin.bin" in result.error_line  # one line, no traceback
     assert result.returncode == EXIT_KEY
     assert list(out.iterdir()) == []
+
+
+# --- inputs that are not regular files ---------------------------------------------------------------
+
+
+#: what a pipe holds before anyone reads it (Linux's default pipe capacity): `fifo_holding` writes no more
+PIPE_CAPACITY = 65536
+
+
+@contextmanager
+def fifo_holding(path: Path, data: bytes) -> Iterator[Path]:
+    """A named pipe at `path` with `data` waiting in it and a writer holding it open, as behind
+    `cat FILE > PIPE`: a reader finds the data at once, and opening it blocks nobody."""
+    assert len(data) <= PIPE_CAPACITY, "the write below would block with nobody reading"
+    os.mkfifo(path)
+    writer = os.open(path, os.O_RDWR)  # Linux: a FIFO opened read-write needs no reader yet
+    try:
+        os.write(writer, data)
+        yield path
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.parametrize("command", ["sign", "digest"])
+@pytest.mark.parametrize("source", ["named pipe", "/dev/stdin", "/dev/null"])
+def test_sign_and_digest_refuse_an_input_that_is_not_a_regular_file(
+    kit: Kit, mers_sign: MersSign, tmp_path: Path, command: str, source: str
+) -> None:
+    """`cat payload | mers-sign sign ... /dev/stdin out` used to exit 0 with an image of an empty payload:
+    a pipe's or a device's st_size is 0. Such an input is refused, naming it, and nothing is written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    payload = kit.payload.read_bytes()
+    options: Argv = ["--key", kit.rsa.private] if command == "sign" else ["-o", out / "digest.bin"]
+    with fifo_holding(tmp_path / "payload.pipe", payload) as pipe:
+        given = pipe if source == "named pipe" else Path(source)
+        result = mers_sign(command, *options, "--version", "1.0", given, out / "image", input_bytes=payload)
+    assert result.returncode == EXIT_FILE, result.stdout + result.stderr
+    assert f"{given} is a " in result.error_line
+    assert "not a regular file" in result.error_line
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("source", ["named pipe", "/dev/stdin"])
+def test_verify_and_info_refuse_an_image_that_is_not_a_regular_file(
+    kit: Kit, mers_sign: MersSign, tmp_path: Path, source: str
+) -> None:
+    """Reading a pipe at offsets, with a size of 0, misreads it (or fails with a traceback)."""
+    image = kit.rsa_image.data
+    with fifo_holding(tmp_path / "image.pipe", image) as pipe:
+        given = pipe if source == "named pipe" else Path(source)
+        for args in (("verify", "--key", kit.rsa.public), ("info",)):
+            result = mers_sign(*args, given, input_bytes=image)
+            assert result.returncode == EXIT_FILE, (args, result.stdout + result.stderr)
+            assert f"{given} is a pipe, not a regular file" in result.error_line
 
 
 # --- keygen ------------------------------------------------------------------------------------------
