@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -386,8 +388,9 @@ def verify(
         trust = Trust(
             keys=tuple(load_public_key(Path(spec)) for spec in keys),
             min_security_counter=min_security_counter,
-            vendor_uuid=vendor_uuid(vendor) if vendor else None,
-            class_uuid=class_uuid(vendor, image_class) if vendor and image_class else None,
+            vendor_uuid=_required_uuid("--vendor", vendor_uuid, vendor),
+            # vendor is None only when image_class is too (refused above), so "" is never derived from
+            class_uuid=_required_uuid("--class", partial(class_uuid, vendor or ""), image_class),
             slot_size=slot_size,
         )
         verified = verify_open_image(handle, hasher, trust)
@@ -399,6 +402,19 @@ def verify(
             f"OK {image}: version {verified.version}, security counter {verified.security_counter}, "
             f"payload {verified.img_size} bytes, signed by {signers}"
         )
+
+
+def _required_uuid(option: str, derive: Callable[[str], uuid.UUID], name: str | None) -> uuid.UUID | None:
+    """The UUID an option requires, or None when the option was not given. An empty or unprintable name
+    is a usage error, never "no requirement": `--vendor "$VENDOR"` with the variable unset must not
+    silently turn off the hardware check."""
+    if name is None:
+        return None
+    try:
+        return derive(name)
+    except InvalidArgumentError as exc:
+        message = f"{option} {name!r} is not a printable name or a UUID"
+        raise InvalidArgumentError(message, field=option) from exc
 
 
 def _verified_json(verified: VerifiedImage) -> dict[str, Any]:

@@ -979,6 +979,25 @@ def test_verify_and_info_refuse_an_image_that_is_not_a_regular_file(
             assert f"{given} is a pipe, not a regular file" in result.error_line
 
 
+# --- hardware constraints given to verify -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("constraint", "option"),
+    [(("--vendor", ""), "--vendor"), (("--vendor", VENDOR, "--class", ""), "--class")],
+    ids=["empty vendor", "empty class"],
+)
+def test_an_empty_vendor_or_class_given_to_verify_is_a_usage_error_not_a_skipped_check(
+    kit: Kit, mers_sign: MersSign, constraint: tuple[str, ...], option: str
+) -> None:
+    """`--vendor "$VENDOR"` with the variable unset used to turn the hardware check off and exit 0; `sign`
+    refuses an empty name, and so must `verify`."""
+    result = mers_sign("verify", "--key", kit.rsa.public, *constraint, kit.rsa_image.path)
+    assert result.returncode == EXIT_USAGE, result.stdout + result.stderr
+    assert f"[{option}]" in result.error_line
+    assert result.stdout == ""
+
+
 # --- keygen ------------------------------------------------------------------------------------------
 
 
