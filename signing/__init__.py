@@ -1,7 +1,7 @@
 """Firmware image signing and strict verification in MCUboot's image format.
 
-The safe calls are `sign_image` and `verify_image`; detached signing uses `prepare_unsigned` and
-`attach_signature`. Everything raises `SigningError` subclasses on bad input.
+The safe calls are `sign_image` and `verify_image`; detached signing uses `prepare_detached` (or
+`prepare_unsigned`) and `attach_signature`. Everything raises `SigningError` subclasses on bad input.
 
 Names are imported on first use (PEP 562) so that a command-line call loads only the modules it needs:
 start-up time is a visible share of verifying an image on a gateway.
@@ -13,7 +13,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .build import ImageOptions, SignedImage, attach_signature, prepare_unsigned, sign_image
+    from .build import (
+        ImageOptions,
+        SignedImage,
+        attach_signature,
+        prepare_detached,
+        prepare_unsigned,
+        sign_image,
+    )
     from .errors import SigningError
     from .image_format import ImageVersion, class_uuid, vendor_uuid
     from .key_sources import KeyAccess, load_any_public_key, load_signer
@@ -37,6 +44,7 @@ _LAZY = {
     "load_private_key": ".keys",
     "load_public_key": ".keys",
     "load_signer": ".key_sources",
+    "prepare_detached": ".build",
     "prepare_unsigned": ".build",
     "sign_image": ".build",
     "vendor_uuid": ".image_format",
@@ -71,6 +79,7 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "load_signer",
+    "prepare_detached",
     "prepare_unsigned",
     "sign_image",
     "vendor_uuid",

@@ -196,6 +196,28 @@ def prepare_unsigned(input_path: Path, output_path: Path, options: ImageOptions)
         return builder.finish([])
 
 
+def prepare_detached(
+    input_path: Path, unsigned_path: Path, digest_path: Path, options: ImageOptions
+) -> bytes:
+    """`prepare_unsigned`, plus the digest written to `digest_path`: both files or neither, so a failed
+    `mers-sign digest` leaves no unsigned image for a pipeline to pick up without its digest.
+
+    The digest's temporary file is made first, so a missing or unwritable directory fails before
+    anything is streamed; the image is published next and the digest last, and if publishing the digest
+    fails the image just published is removed again."""
+    image_published = False
+    try:
+        with atomic_output(digest_path) as digest_output:
+            digest = prepare_unsigned(input_path, unsigned_path, options)
+            image_published = True
+            digest_output.write(digest)
+    except BaseException:
+        if image_published:
+            unsigned_path.unlink(missing_ok=True)
+        raise
+    return digest
+
+
 def attach_signature(image_path: Path, output_path: Path, signature: bytes, public_key: PublicKey) -> bytes:
     """Add one KEYHASH + signature to an image, after checking that the image's hash is intact and that
     the signature is `public_key`'s over it: a wrong or corrupted signature never reaches a release."""

@@ -472,13 +472,10 @@ def digest(input_path: Path, unsigned_path: Path, digest_path: Path, **image: An
     openssl pkeyutl -sign -inkey k.pem -pkeyopt digest:sha256 -pkeyopt rsa_padding_mode:pss
     -pkeyopt rsa_pss_saltlen:32 -in DIGEST -out SIG ; then run `mers-sign attach`.
     """
-    from .build import prepare_unsigned
-    from .output import atomic_output
+    from .build import prepare_detached
 
     with reported_errors():
-        value = prepare_unsigned(input_path, unsigned_path, _options(**image))
-        with atomic_output(digest_path) as handle:
-            handle.write(value)
+        value = prepare_detached(input_path, unsigned_path, digest_path, _options(**image))
     click.echo(f"wrote {unsigned_path} and {digest_path}: sha256 {value.hex()}")
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from signing import ImageOptions, ImageVersion, prepare_detached
+from signing.errors import OutputFileError
 from tests.conftest import CliResult, require_tool
 from tests.signing_helpers import KeyPair, MersSign, image_info, imgtool, key_hash, succeeded
 
@@ -376,3 +378,31 @@ def test_unsigned_image_and_digest_are_byte_identical_to_imgtools(
 
     assert prepared.unsigned.read_bytes() == theirs_unsigned.read_bytes()
     assert prepared.digest.read_bytes() == theirs_digest.read_bytes()
+
+
+def test_digest_that_cannot_write_its_digest_file_leaves_no_unsigned_image(
+    mers_sign: MersSign, payload: Path, tmp_path: Path
+) -> None:
+    """The unsigned image and its digest are one result: a pipeline must not find the image alone."""
+    unsigned = tmp_path / "unsigned.img"
+    before = listing(tmp_path)
+    result = mers_sign(
+        "digest", "--version", VERSION, payload, unsigned, "-o", tmp_path / "missing" / "digest.bin"
+    )
+    assert result.returncode == 4
+    assert_refused_leaving_nothing(result, unsigned, before, "missing")
+
+
+def test_prepare_detached_removes_the_published_image_when_the_digest_cannot_be_published(
+    payload: Path, tmp_path: Path
+) -> None:
+    """The digest's file can be created but not given its name (a directory holds it): the image, already
+    renamed into place by then, is removed again."""
+    unsigned = tmp_path / "unsigned.img"
+    in_the_way = tmp_path / "digest.bin"
+    in_the_way.mkdir()
+    (in_the_way / "keep").write_bytes(b"")
+    with pytest.raises(OutputFileError, match=r"digest\.bin"):
+        prepare_detached(payload, unsigned, in_the_way, ImageOptions(ImageVersion.parse(VERSION)))
+    assert listing(tmp_path) == {"digest.bin"}
+    assert listing(in_the_way) == {"keep"}
