@@ -23,6 +23,7 @@ from .image_format import (
     IMAGE_MAGIC,
     MAX_TLV_AREA,
     PROTECTED_TLV_INFO_MAGIC,
+    TLV_HEADER_SIZE,
     TLV_INFO_MAGIC,
     TLV_INFO_SIZE,
     ImageHeader,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 _MAX_IMG_SIZE = 0xFFFFFFFF
 _MAX_HEADER_SIZE = 0xFFFF
+_MAX_TLV_VALUE = 0xFFFF  # a TLV's length is a u16
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,25 @@ class ImageOptions:
                 )
         if len(set(tags)) != len(tags):
             raise InvalidArgumentError("a custom TLV tag is given twice", field="custom_tlv")
+        self._check_protected_area()
+
+    def _check_protected_area(self) -> None:
+        """Refuse here what the format cannot hold, before any output exists: a TLV length and an area
+        total are u16s, and construct would otherwise fail with its own exception half-way through."""
+        for tag, value in self.custom_tlvs:
+            if len(value) > _MAX_TLV_VALUE:
+                raise InvalidArgumentError(
+                    f"custom TLV 0x{tag:04x} holds {len(value)} bytes; a TLV holds at most {_MAX_TLV_VALUE}",
+                    field="custom_tlv",
+                )
+        # also derives the UUIDs, so an empty or unprintable vendor or class name is refused now
+        tlvs = self.protected_tlvs()
+        total = TLV_INFO_SIZE + sum(TLV_HEADER_SIZE + len(value) for _, value in tlvs)
+        if total > MAX_TLV_AREA:
+            raise InvalidArgumentError(
+                f"the protected TLVs need {total} bytes; an area holds at most {MAX_TLV_AREA}",
+                field="custom_tlv",
+            )
 
     def protected_tlvs(self) -> list[tuple[int, bytes]]:
         """In imgtool's order: SEC_CNT, UUID_VID, UUID_CID, then the custom TLVs."""
