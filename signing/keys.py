@@ -108,12 +108,36 @@ class PublicKey:
             if isinstance(self.key, rsa.RSAPublicKey):
                 self.key.verify(signature, digest, _pss(), utils.Prehashed(hashes.SHA256()))
             elif isinstance(self.key, ec.EllipticCurvePublicKey):
-                self.key.verify(signature, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+                der = _unpadded_ecdsa_der(signature)
+                if der is None:
+                    return False
+                self.key.verify(der, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
             else:
                 self.key.verify(signature, digest)
         except (InvalidSignature, ValueError):
             return False
         return True
+
+
+#: DER tags of an ECDSA-Sig-Value: SEQUENCE { INTEGER r, INTEGER s }
+_DER_SEQUENCE = 0x30
+_DER_SHORT_LENGTH_MAX = 0x7F
+
+
+def _unpadded_ecdsa_der(signature: bytes) -> bytes | None:
+    """The DER signature inside an ECDSASIG TLV value, without the zero bytes `imgtool sign --pad-sig`
+    appends to reach a fixed 72 bytes (for MCUboot before 1.5), which MCUboot and imgtool verify accept.
+
+    Unlike imgtool, which cuts at the SEQUENCE length and ignores the rest, anything but zeros after the
+    SEQUENCE is refused (None): the unprotected area is not covered by the hash, and a verifier that
+    ignored bytes there would let anyone hide data in a signed image. A P-256 signature's SEQUENCE holds
+    at most 70 bytes, so its length is always in DER's short form."""
+    if len(signature) < 2 or signature[0] != _DER_SEQUENCE or signature[1] > _DER_SHORT_LENGTH_MAX:
+        return None
+    end = 2 + signature[1]
+    if end > len(signature) or any(signature[end:]):
+        return None
+    return signature[:end]
 
 
 class Signer(Protocol):

@@ -138,3 +138,43 @@ def test_a_passphrase_file_loses_only_its_trailing_newline(tmp_path):
     path.write_bytes(b"\n")
     with pytest.raises(KeyFileError, match="empty"):
         read_passphrase_file(path)
+
+
+# --- ECDSA signatures padded by `imgtool sign --pad-sig` ----------------------------------------------
+
+ECDSA_PADDED_SIZE = 72  # what imgtool pads to
+
+
+def short_ecdsa_signature(digest: bytes) -> bytes:
+    """An ECDSA signature of `digest` shorter than 72 bytes, so padding it adds bytes (3 in 4 are)."""
+    signer = signer_for(KeyAlgorithm.ECDSA_P256)
+    for _ in range(64):
+        signature = signer.sign_digest(digest)
+        if len(signature) < ECDSA_PADDED_SIZE:
+            return signature
+    raise AssertionError("64 ECDSA signatures in a row were 72 bytes long")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda der: der.ljust(ECDSA_PADDED_SIZE - 1, b"\0") + b"\x01", id="a non-zero pad byte"),
+        pytest.param(
+            lambda der: der[:1] + bytes([der[1] + 2]) + der[2:] + b"\0\0",
+            id="a SEQUENCE length over the padding",
+        ),
+        pytest.param(
+            lambda der: der[:1] + bytes([der[1] + 4]) + der[2:], id="a SEQUENCE longer than the signature"
+        ),
+        pytest.param(lambda der: der[:1] + b"\x81" + der[1:], id="a long-form SEQUENCE length"),
+    ],
+)
+def test_an_ecdsa_signature_padded_with_zeros_verifies_and_with_anything_else_does_not(damage):
+    """`imgtool sign --pad-sig` appends zeros up to 72 bytes, which MCUboot accepts. imgtool verify cuts at
+    the SEQUENCE length and ignores the rest; bytes in the unhashed area that no check covers would make
+    signatures malleable, so ours accepts zeros only."""
+    digest = hashlib.sha256(b"image").digest()
+    public = signer_for(KeyAlgorithm.ECDSA_P256).public_key
+    signature = short_ecdsa_signature(digest)
+    assert public.verifies(signature.ljust(ECDSA_PADDED_SIZE, b"\0"), digest)
+    assert not public.verifies(damage(signature), digest)
