@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -210,7 +211,10 @@ def write_key_pair(
     private_path: Path, algorithm: KeyAlgorithm, passphrase: bytes | None = None
 ) -> tuple[Path, Path]:
     """Generate a key pair: the private PEM at mode 0600 (encrypted with `passphrase` if given) and its
-    public PEM beside it. Refuses to overwrite either file: a release key is never lost to a typo."""
+    public PEM beside it. Refuses to overwrite either file: a release key is never lost to a typo.
+
+    Both halves appear or neither: a failure or a Ctrl-C between them removes what this call created,
+    since a private key without its public half looks made but cannot be handed to the devices."""
     public_path = public_key_path_for(private_path)
     for path in (private_path, public_path):
         if os.path.lexists(path):  # lexists: a dangling symlink is in the way too
@@ -222,29 +226,78 @@ def write_key_pair(
     private_pem = private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
-    _write_new_file(private_path, private_pem, mode=0o600)
+    public_pem = PublicKey(private_key.public_key()).pem()
+    published: list[_Published] = []
     try:
-        _write_new_file(public_path, PublicKey(private_key.public_key()).pem(), mode=0o644)
-    except KeyFileError:
-        private_path.unlink()  # a private key without its public half is a half-made key pair
+        _publish_new_file(private_path, private_pem, mode=0o600, published=published)
+        _publish_new_file(public_path, public_pem, mode=0o644, published=published)
+    except BaseException:
+        for entry in published:
+            entry.remove_if_ours()
         raise
     return private_path, public_path
 
 
-def _write_new_file(path: Path, data: bytes, *, mode: int) -> None:
-    """Create `path` exclusively with `mode` from the start, so a secret is never briefly world-readable."""
+@dataclass(frozen=True)
+class _Published:
+    """A name `_publish_new_file` may have given a file, and that file's identity: the name is removed
+    on failure only if it still is that file, never a key someone else put there."""
+
+    path: Path
+    device: int
+    inode: int
+
+    def remove_if_ours(self) -> None:
+        try:
+            found = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (found.st_dev, found.st_ino) == (self.device, self.inode):
+            self.path.unlink()
+            _fsync_directory(self.path.parent)
+
+
+def _publish_new_file(path: Path, data: bytes, *, mode: int, published: list[_Published]) -> None:
+    """Write `data` to a temporary file beside `path` (0600 from the start, so a secret is never briefly
+    world-readable), fsync it, and give it its name with link(2), which refuses an existing name (a file
+    made since the caller looked). The final name so never holds a partial key, even after a crash.
+
+    The file's identity is added to `published` before the link, so an interrupt arriving just after
+    it still lets the caller find and remove exactly what was linked."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise KeyFileError(f"cannot create {path}: {exc.strerror}") from exc
+    temp_path = Path(temporary)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fchmod(handle.fileno(), mode)
+                os.fsync(handle.fileno())
+                identity = os.fstat(handle.fileno())
+            published.append(_Published(path, identity.st_dev, identity.st_ino))
+            os.link(temp_path, path)
+        except FileExistsError as exc:
+            raise KeyFileError(f"{path} already exists; refusing to overwrite a key") from exc
+        except OSError as exc:
+            raise KeyFileError(f"cannot write {path}: {exc.strerror}") from exc
+    finally:
+        temp_path.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a new (or removed) name in `directory` durable, not only the file's content."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as exc:
-        path.unlink(missing_ok=True)
-        raise KeyFileError(f"cannot write {path}: {exc.strerror}") from exc
+        raise KeyFileError(f"cannot sync directory {directory}: {exc.strerror}") from exc
 
 
 def read_key_file(path: Path) -> bytes:

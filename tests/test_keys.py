@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
 
 import pytest
@@ -178,3 +179,51 @@ def test_an_ecdsa_signature_padded_with_zeros_verifies_and_with_anything_else_do
     signature = short_ecdsa_signature(digest)
     assert public.verifies(signature.ljust(ECDSA_PADDED_SIZE, b"\0"), digest)
     assert not public.verifies(damage(signature), digest)
+
+
+# --- keygen interrupted ---------------------------------------------------------------------------
+
+
+def interrupt_fsync_of(monkeypatch, name_part: str) -> None:
+    """Fault injection at the system-call boundary: Ctrl-C arrives while a file whose name contains
+    `name_part` (its final name or a temporary one beside it) is being made durable."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if name_part in os.readlink(f"/proc/self/fd/{fd}"):
+            raise KeyboardInterrupt
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize(
+    "interrupted",
+    ["release.pem", "release.pub.pem"],
+    ids=["writing the private half", "writing the public half"],
+)
+def test_keygen_interrupted_leaves_neither_half_nor_a_temporary_file(tmp_path, monkeypatch, interrupted):
+    """A private key without its public half (or a partial one at the key's name) looks like a made key;
+    whatever keygen created is removed when it is interrupted, and the interrupt still propagates."""
+    interrupt_fsync_of(monkeypatch, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_key_pair(tmp_path / "release.pem", KeyAlgorithm.ED25519)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keygen_refuses_a_name_taken_while_it_ran_and_removes_only_what_it_made(tmp_path, monkeypatch):
+    """The public half's name taken by someone else after keygen looked: link(2) refuses it, and the
+    cleanup removes only this keygen's private half, never the other file."""
+    theirs = tmp_path / "release.pub.pem"
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if "release.pub.pem" in os.readlink(f"/proc/self/fd/{fd}") and not theirs.exists():
+            theirs.write_bytes(b"someone else's key\n")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(KeyFileError, match="already exists"):
+        write_key_pair(tmp_path / "release.pem", KeyAlgorithm.ED25519)
+    assert list(tmp_path.iterdir()) == [theirs]
+    assert theirs.read_bytes() == b"someone else's key\n"
