@@ -207,6 +207,10 @@ def public_key_path_for(private_path: Path) -> Path:
     return private_path.with_name(f"{stem}.pub.pem")
 
 
+#: the longest passphrase cryptography's PEM encryption takes (OpenSSL's PEM_BUFSIZE less the NUL)
+MAX_PASSPHRASE_BYTES = 1023
+
+
 def write_key_pair(
     private_path: Path, algorithm: KeyAlgorithm, passphrase: bytes | None = None
 ) -> tuple[Path, Path]:
@@ -219,6 +223,11 @@ def write_key_pair(
     for path in (private_path, public_path):
         if os.path.lexists(path):  # lexists: a dangling symlink is in the way too
             raise KeyFileError(f"{path} already exists; refusing to overwrite a key")
+    if passphrase is not None and len(passphrase) > MAX_PASSPHRASE_BYTES:
+        raise KeyFileError(
+            f"the passphrase is {len(passphrase)} bytes; at most {MAX_PASSPHRASE_BYTES} can encrypt a key",
+            field="passphrase",
+        )
     private_key = generate_private_key(algorithm)
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
@@ -383,15 +392,25 @@ def load_public_key(path: Path) -> PublicKey:
 
 
 def read_passphrase_file(path: Path) -> bytes:
-    """The passphrase in `path`, without the one trailing newline editors add."""
+    """The passphrase in `path`, without the one trailing newline editors add.
+
+    The read is bounded, so a wrong path such as /dev/zero or an endless pipe is an error, not a process
+    that eats memory until it is killed; a pipe (`--passphrase-file <(pass show release)`) is fine."""
+    limit = MAX_PASSPHRASE_BYTES + len(b"\r\n")
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
     except OSError as exc:
         raise KeyFileError(f"cannot read passphrase file {path}: {exc.strerror}") from exc
     if data.endswith(b"\r\n"):
         data = data[:-2]
     elif data.endswith(b"\n"):
         data = data[:-1]
+    if len(data) > MAX_PASSPHRASE_BYTES:
+        raise KeyFileError(
+            f"passphrase file {path} holds more than {MAX_PASSPHRASE_BYTES} bytes, the longest passphrase "
+            "a PEM key can be encrypted with"
+        )
     if not data:
         raise KeyFileError(f"passphrase file {path} is empty")
     return data

@@ -1040,6 +1040,21 @@ def test_keygen_leaves_no_private_key_when_the_public_half_cannot_be_written(
     assert sorted(tmp_path.iterdir()) == [public], "keygen failed but left files behind"
 
 
+def test_keygen_refuses_a_passphrase_too_long_to_encrypt_a_key_with_one_line(
+    mers_sign: MersSign, tmp_path: Path
+) -> None:
+    """cryptography encrypts with at most 1023 bytes of passphrase; a longer one was a traceback."""
+    passphrase = tmp_path / "passphrase.txt"
+    passphrase.write_bytes(b"x" * 1024 + b"\n")
+    result = mers_sign(
+        "keygen", "--type", "ed25519", "-o", tmp_path / "release.pem", "--passphrase-file", passphrase
+    )
+    assert "passphrase.txt" in result.error_line
+    assert "1023" in result.error_line
+    assert result.returncode == EXIT_KEY
+    assert list(tmp_path.iterdir()) == [passphrase]
+
+
 def test_keygen_in_a_missing_directory_fails_with_one_line(mers_sign: MersSign, tmp_path: Path) -> None:
     result = mers_sign("keygen", "--type", "ed25519", "-o", tmp_path / "missing" / "release.pem")
     assert "No such file or directory" in result.error_line

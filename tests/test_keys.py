@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -227,3 +228,51 @@ def test_keygen_refuses_a_name_taken_while_it_ran_and_removes_only_what_it_made(
         write_key_pair(tmp_path / "release.pem", KeyAlgorithm.ED25519)
     assert list(tmp_path.iterdir()) == [theirs]
     assert theirs.read_bytes() == b"someone else's key\n"
+
+
+# --- passphrases --------------------------------------------------------------------------------------
+
+
+def test_keygen_refuses_a_passphrase_longer_than_a_pem_key_can_be_encrypted_with(tmp_path):
+    with pytest.raises(KeyFileError, match="1023"):
+        write_key_pair(tmp_path / "k.pem", KeyAlgorithm.ED25519, b"x" * 1024)
+    assert list(tmp_path.iterdir()) == []
+    private, _ = write_key_pair(tmp_path / "k.pem", KeyAlgorithm.ED25519, b"x" * 1023)
+    assert load_private_key(private, b"x" * 1023).public_key.algorithm is KeyAlgorithm.ED25519
+
+
+def test_a_passphrase_file_longer_than_a_passphrase_can_be_is_refused(tmp_path):
+    path = tmp_path / "pass"
+    path.write_bytes(b"x" * 1023 + b"\r\n")
+    assert read_passphrase_file(path) == b"x" * 1023
+    path.write_bytes(b"x" * 1024 + b"\n")
+    with pytest.raises(KeyFileError, match="more than 1023 bytes"):
+        read_passphrase_file(path)
+
+
+def test_a_passphrase_read_from_an_endless_pipe_stops_at_the_bound(tmp_path):
+    """/dev/zero or a pipe that never ends must be an error, not a read that never returns: the pipe here
+    holds 4 KiB and stays open, so only a bounded read can finish while it does."""
+    pipe = tmp_path / "pass.pipe"
+    os.mkfifo(pipe)
+    writer = os.open(pipe, os.O_RDWR)  # Linux: a FIFO opened read-write needs no reader yet
+    outcome: list[BaseException | bytes] = []
+
+    def read() -> None:
+        try:
+            outcome.append(read_passphrase_file(pipe))
+        except KeyFileError as error:
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    try:
+        os.write(writer, b"x" * 4096)
+        reader.start()
+        reader.join(timeout=30)
+        finished_while_open = not reader.is_alive()
+    finally:
+        os.close(writer)  # ends an unbounded read too, so no thread outlives the test
+        reader.join(timeout=30)
+    assert finished_while_open, "the passphrase read waited for the end of an endless pipe"
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], KeyFileError)
