@@ -70,8 +70,32 @@ class RemoteImage:
 
 def redacted(url: str) -> str:
     """The URL's origin only: its path and query (the signature) are the credential."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # a bracket never closed: nothing of it is safe to show
+        return "(an unparsable URL)"
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/…"
+
+
+def check_image_url(url: str) -> None:
+    """Refuse, before any request, a URL that is not https (a signed URL is a credential, never sent in
+    clear) or that cannot be parsed (a bracket never closed, a port that is not a number): that is the
+    operator's input, exit 2, and no retry cures it. Applied to every URL, the refreshed ones too, which
+    come from the hub's answer and get no more trust than the first. No part of the URL is shown but its
+    origin."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - parses the port, raising ValueError for one that is not a number
+    except ValueError as exc:
+        raise InputError(f"the image URL is not a URL ({exc})") from None
+    if parts.scheme != "https":
+        raise InputError(f"an image URL must be https, not {redacted(url)}")
+    if not parts.hostname:
+        raise InputError(f"the image URL {redacted(url)} names no host")
+    try:
+        requests.Request("GET", url).prepare()
+    except requests.RequestException:  # its message holds the URL: not shown
+        raise InputError(f"the image URL {redacted(url)} is not a valid URL") from None
 
 
 class BlobFetcher:
@@ -86,8 +110,7 @@ class BlobFetcher:
         refresh: UrlRefresher | None = None,
         proxy_url: str | None = None,
     ) -> None:
-        if urllib.parse.urlsplit(url).scheme != "https":
-            raise InputError(f"an image URL must be https, not {redacted(url)}")
+        check_image_url(url)
         self.url = url
         self.settings = settings or DownloadSettings()
         self.stats = DownloadStats()
@@ -156,7 +179,9 @@ class BlobFetcher:
         """A new signed URL for the same image, after a 403 (expired)."""
         if self._refresh is None:
             raise HubRefusedError(f"the image URL was refused (403): {reason}", status=403, code="forbidden")
-        self.url = self._refresh()
+        url = self._refresh()
+        check_image_url(url)
+        self.url = url
         self.stats.refreshes += 1
 
     def _chunks(self, start: int, stop: int) -> Iterator[bytes]:
@@ -175,14 +200,17 @@ class BlobFetcher:
         if pin and self._etag:
             headers["If-Range"] = self._etag
         self.stats.requests += 1
-        response = self._http.get(
-            self.url,
-            headers=headers,
-            timeout=(self.settings.connect_timeout, self.settings.read_timeout),
-            verify=self._ca_file,
-            allow_redirects=False,
-            stream=True,
-        )
+        try:
+            response = self._http.get(
+                self.url,
+                headers=headers,
+                timeout=(self.settings.connect_timeout, self.settings.read_timeout),
+                verify=self._ca_file,
+                allow_redirects=False,
+                stream=True,
+            )
+        except _UNUSABLE_URL:  # a URL `check_image_url` let through; retrying it would fail alike
+            raise InputError(f"the image URL {redacted(self.url)} is not a valid URL") from None
         if response.status_code == 206:
             if pin and self._etag and response.headers.get("etag") != self._etag:
                 response.close()
@@ -249,6 +277,12 @@ class _Expired(Exception):
         self.reason = reason
 
 
+#: what no retry cures: the URL itself is wrong (these are `RequestException`s, caught before `_RETRIABLE`)
+_UNUSABLE_URL = (
+    requests.exceptions.InvalidURL,
+    requests.exceptions.InvalidSchema,
+    requests.exceptions.MissingSchema,
+)
 #: what a retry can cure: an expired URL, a broken or timed-out connection
 _RETRIABLE = (_Expired, requests.RequestException, Urllib3Error, OSError)
 

@@ -49,7 +49,7 @@ from signing.verify import Trust, finish_verification
 from .boarding import current_boarding, parse_network
 from .client import DeviceClient
 from .credentials import load_credentials
-from .download import BlobFetcher, DownloadSettings, DownloadStats, redacted
+from .download import BlobFetcher, DownloadSettings, DownloadStats, check_image_url, redacted
 from .errors import (
     HubUnreachableError,
     ImageChangedError,
@@ -63,7 +63,7 @@ from .errors import (
 )
 from .image_check import ImageHead, board_trust, read_image_head, stored_image_head
 from .journal import Journal, Phase, SourceKind, journal_owner, load_journal, save_journal
-from .tasks import CLOSED_STATES, TaskClient, TaskState
+from .tasks import CLOSED_STATES, Artifact, InstallationTask, TaskClient, TaskState
 
 _REHASH_CHUNK = 1 << 20
 #: the trial boots armed with a new slot when the environment has no positive `bootlimit`: U-Boot reads a
@@ -151,6 +151,7 @@ class Installer:
         return self._install(Journal(source=SourceKind.TASK, task_id=task_id))
 
     def install_url(self, url: str) -> InstallResult:
+        check_image_url(url)  # the operator's typo is exit 2 at once, not a retried network error
         return self._install(Journal(source=SourceKind.URL, location=url))
 
     def install_file(self, path: Path) -> InstallResult:
@@ -416,10 +417,7 @@ class Installer:
         artifact = task.artifacts[0]
 
         def refresh() -> str:
-            fresh = tasks.task(journal.task_id).artifacts[0]
-            if (fresh.sha256, fresh.size) != (artifact.sha256, artifact.size):
-                raise ImageChangedError(f"task {journal.task_id} now names another image")
-            return fresh.uri
+            return refreshed_uri(tasks.task(journal.task_id), artifact)
 
         fetcher = BlobFetcher(artifact.uri, ca_file, settings=settings, refresh=refresh, proxy_url=proxy)
         return _HttpSource(fetcher, expected_sha256=artifact.sha256, expected_size=artifact.size)
@@ -501,6 +499,23 @@ class Installer:
     def _show(self, done: int, total: int) -> None:
         if self._progress is not None:
             self._progress(done, total)
+
+
+def refreshed_uri(task: InstallationTask, artifact: Artifact) -> str:
+    """The new signed URL of `artifact` from `task` fetched again after a 403. The task may have changed
+    while the URL was in use: a task the operator closed meanwhile ends the install (`TaskClosedError`,
+    the journal abandoned), and a task that no longer names exactly this image (other checksum or size, or
+    no artifact at all) is `ImageChangedError`, never bytes of two images spliced into one slot."""
+    if task.state in CLOSED_STATES:
+        raise TaskClosedError(f"installation task {task.id} is {task.state}")
+    if len(task.artifacts) != 1:
+        raise ImageChangedError(
+            f"task {task.id} now has {len(task.artifacts)} artifacts instead of the image being downloaded"
+        )
+    fresh = task.artifacts[0]
+    if (fresh.sha256, fresh.size) != (artifact.sha256, artifact.size):
+        raise ImageChangedError(f"task {task.id} now names another image")
+    return fresh.uri
 
 
 def trial_env_changes(env: Mapping[str, str], slot: SlotName) -> dict[str, str]:

@@ -19,11 +19,12 @@ import pytest
 from board.interface import SlotName
 from hub.home import HubSettings
 from mers.download import BlobFetcher
-from mers.errors import DownloadError
-from mers.install import Installer, InstallOutcome, InstallStep
+from mers.errors import DownloadError, ImageChangedError, InputError, TaskClosedError
+from mers.install import Installer, InstallOutcome, InstallStep, refreshed_uri
 from mers.journal import Phase, load_journal
+from mers.tasks import Artifact, InstallationTask, TaskState
 from signing.layout import parse_header
-from tests.hub_helpers import RunningHub, running_hub
+from tests.hub_helpers import FIRMWARE, RunningHub, running_hub
 from tests.installer_helpers import PAYLOAD_SIZE, TEST_DOWNLOAD, TEST_INSTALL, cutting_proxy, make_rig
 
 #: TLS records (16 KiB) and socket buffers: what may be in flight beyond the chunk being read
@@ -158,3 +159,73 @@ def test_a_credential_in_the_url_path_stays_out_of_errors_and_logs(
     assert "kept failing" in str(failure.value) and "ConnectionError" in str(failure.value)
     for secret in {token, as_sent, "7f3a"}:
         assert secret not in str(failure.value) and secret not in caplog.text
+
+
+def test_a_task_cancelled_while_its_url_expired_ends_the_install_at_the_refresh(
+    short_url_hub: RunningHub, tmp_path: Path
+) -> None:
+    hub = short_url_hub
+    rig = make_rig(hub, tmp_path / "rig")
+    task_id = rig.task_for(rig.image("2.0.0", counter=2))
+    window = 256 << 10
+    # no progress reports: the refresh is the first the installer hears of the task again
+    settings = replace(
+        TEST_INSTALL, report_seconds=3600.0, download=replace(TEST_DOWNLOAD, request_bytes=window)
+    )
+    seen: list[InstallStep] = []
+
+    def cancel_and_expire(step: InstallStep) -> None:
+        seen.append(step)
+        if step is InstallStep.CHECKPOINT and seen.count(step) == 1:
+            answer = hub.admin("PATCH", f"{FIRMWARE}/installationTasks/{task_id}", json={"state": "CANCELED"})
+            assert answer.status_code == 200, answer.text
+            hub.clock.advance(120)
+
+    with rig.client() as client, pytest.raises(TaskClosedError, match="CANCELED"):
+        Installer(rig.board, client, settings=settings, hook=cancel_and_expire).install_task(task_id)
+    assert InstallStep.DOWNLOADED not in seen, "not a byte more of a cancelled task's image"
+    journal = load_journal(rig.board.state)
+    assert journal.phase is Phase.IDLE and journal.message.startswith("abandoned")
+    assert rig.board.boot_env.read()["boot_slot"] == "a"
+
+
+def test_a_refreshed_url_that_is_not_https_is_refused_before_it_is_used(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    rig = make_rig(hub, tmp_path)
+    url = rig.task(rig.task_for(rig.image("2.0.0", counter=2)))["artifacts"][0]["uri"]
+    expired = url[: url.index("sig=") + 4] + "0" * 64  # the hub answers 403, as to an expired URL
+    in_clear = "http://" + url.removeprefix("https://")
+    fetcher = BlobFetcher(expired, hub.ca, settings=TEST_DOWNLOAD, refresh=lambda: in_clear)
+    with fetcher, pytest.raises(InputError, match="must be https") as refused:
+        fetcher.probe()
+    assert fetcher.stats.requests == 1, "the signed URL never went out in clear"
+    assert "sig=" not in str(refused.value)
+
+
+def _task(state: TaskState, *artifacts: Artifact) -> InstallationTask:
+    return InstallationTask("t-1", state, 0.1, "", "r-1", "2.0.0", "3", artifacts)
+
+
+IMAGE = Artifact("rootfs.signed", "https://hub.example/blobs/x?sig=1", "ab" * 32, 1000, "")
+
+
+@pytest.mark.parametrize(
+    ("task", "error"),
+    [
+        (_task(TaskState.CANCELED, IMAGE), TaskClosedError),
+        (_task(TaskState.FAILED, IMAGE), TaskClosedError),
+        (_task(TaskState.DOWNLOADING), ImageChangedError),
+        (_task(TaskState.DOWNLOADING, IMAGE, IMAGE), ImageChangedError),
+        (_task(TaskState.DOWNLOADING, replace(IMAGE, size=1001)), ImageChangedError),
+        (_task(TaskState.DOWNLOADING, replace(IMAGE, sha256="cd" * 32)), ImageChangedError),
+    ],
+    ids=["cancelled", "failed", "no artifact", "two artifacts", "other size", "other checksum"],
+)
+def test_a_refresh_from_a_task_that_changed_meanwhile_is_a_typed_refusal(
+    task: InstallationTask, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        refreshed_uri(task, IMAGE)
+    fresh = replace(IMAGE, uri="https://hub.example/blobs/x?sig=2")
+    assert refreshed_uri(_task(TaskState.DOWNLOADING, fresh), IMAGE) == fresh.uri

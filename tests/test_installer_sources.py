@@ -3,7 +3,10 @@ CLIs; and a task the operator cancels in the middle of its download."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+
+import pytest
 
 from board.interface import SlotName
 from mers.errors import TaskClosedError
@@ -116,3 +119,28 @@ def test_a_second_process_never_drives_the_same_journal(hub: RunningHub, tmp_pat
     assert confirm.returncode == 6 and "another mers process" in confirm.error_line
     assert rig.task(task_id)["state"] == "CREATED"
     assert rig.mers("install", "--task", task_id, "--no-progress").returncode == 0, "free again"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("https://[::1/rootfs.signed?sig=5ec4e7", "not a URL"),
+        ("https://127.0.0.1:99x/rootfs.signed?sig=5ec4e7", "not a URL"),
+        ("https://127.0.0.1:70000/rootfs.signed?sig=5ec4e7", "not a URL"),
+        ("https:///rootfs.signed?sig=5ec4e7", "names no host"),
+        ("http://127.0.0.1/rootfs.signed?sig=5ec4e7", "must be https"),
+    ],
+    ids=["unclosed bracket", "port not a number", "port out of range", "no host", "not https"],
+)
+def test_an_image_url_that_cannot_be_used_is_bad_input_at_once_and_changes_nothing(
+    hub: RunningHub, tmp_path: Path, url: str, says: str
+) -> None:
+    rig = make_rig(hub, tmp_path)
+    before = (slot_files(rig.board, SlotName.B), rig.board.boot_env.read())
+    started = time.monotonic()
+    refused = rig.mers("install", "--url", url, "--no-progress")
+    assert refused.returncode == 2, refused.stderr
+    assert says in refused.error_line and "5ec4e7" not in refused.stderr
+    assert time.monotonic() - started < 10, "no retries: no network can cure a URL"
+    assert (slot_files(rig.board, SlotName.B), rig.board.boot_env.read()) == before
+    assert load_journal(rig.board.state).phase is Phase.IDLE
