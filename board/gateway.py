@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 import subprocess
 import time
 import tomllib
@@ -241,10 +242,31 @@ def parse_config(document: dict[str, Any], base: Path) -> GatewayConfig:
         table.done()
     if not _PARAMETER_RE.fullmatch(config.slot_parameter):
         raise ConfigError("boot.slot_parameter is not a kernel parameter name", field="boot.slot_parameter")
-    if config.slot_a.device == config.slot_b.device or config.slot_a.record == config.slot_b.record:
+    if _same_storage(config.slot_a.device, config.slot_b.device) or _same_storage(
+        config.slot_a.record, config.slot_b.record
+    ):
         raise ConfigError("slots a and b must use different devices and records", field="slots.b")
     _refuse_files_in_state_dir(config)
     return config
+
+
+def _same_storage(first: Path, second: Path) -> bool:
+    """Whether two configured paths reach the same bytes: equal once resolved (`/dev/../dev/mmcblk0p2`,
+    a `/dev/disk/by-partlabel/` symlink), the same block device (two nodes of one major:minor) or the same
+    file (a hard link). Slots a and b on one device would make the "inactive" slot the running rootfs,
+    and the installer would overwrite the system under its own feet."""
+    try:
+        if first.resolve() == second.resolve():
+            return True
+    except (OSError, RuntimeError):  # a symlink loop: the stat below fails on it too
+        pass
+    try:
+        one, other = first.stat(), second.stat()
+    except OSError:  # one is not there (yet): its resolved path decided
+        return False
+    if stat.S_ISBLK(one.st_mode) and stat.S_ISBLK(other.st_mode):
+        return one.st_rdev == other.st_rdev
+    return (one.st_dev, one.st_ino) == (other.st_dev, other.st_ino)
 
 
 def _refuse_files_in_state_dir(config: GatewayConfig) -> None:

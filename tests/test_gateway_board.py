@@ -3,6 +3,8 @@ slot from the kernel command line, the boot environment's errors in the board's 
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 import tomllib
 from pathlib import Path
@@ -270,3 +272,44 @@ def test_files_the_installer_must_not_reach_are_refused_inside_the_state_directo
     config.write_text(text)
     with pytest.raises(ConfigError, match="inside storage"):
         GatewayBoard.from_toml(config)
+
+
+def _slot_b_device(config: Path, device: str) -> None:
+    text = config.read_text()
+    assert 'device = "slot-b"' in text
+    config.write_text(text.replace('device = "slot-b"', f'device = "{device}"'))
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["sub/../slot-a", "link-to-a", "hard-link-of-a"],
+    ids=["dot-dot", "symlink", "hard link"],
+)
+def test_slot_b_on_slot_a_under_another_name_is_refused(tmp_path, spelling):
+    """Else the inactive slot would be the running rootfs, and the installer would write over it."""
+    config = write_gateway(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link-to-a").symlink_to(tmp_path / "slot-a")
+    (tmp_path / "hard-link-of-a").hardlink_to(tmp_path / "slot-a")
+    _slot_b_device(config, spelling)
+    with pytest.raises(ConfigError, match="different devices") as caught:
+        load_config(config)
+    assert caught.value.field == "slots.b"
+
+
+def test_two_block_device_nodes_of_one_partition_are_one_slot(tmp_path):
+    config = write_gateway(tmp_path)
+    partition = os.makedev(179, 2)  # mmcblk0p2, as a by-partlabel link or a copied node reaches it
+    try:
+        os.mknod(tmp_path / "mmcblk0p2", stat.S_IFBLK | 0o600, partition)
+        os.mknod(tmp_path / "rootfs-a", stat.S_IFBLK | 0o600, partition)
+        os.mknod(tmp_path / "mmcblk0p3", stat.S_IFBLK | 0o600, os.makedev(179, 3))
+    except PermissionError:
+        pytest.skip("creating device nodes needs CAP_MKNOD")
+    text = config.read_text().replace('device = "slot-a"', 'device = "mmcblk0p2"')
+    config.write_text(text)
+    _slot_b_device(config, "rootfs-a")
+    with pytest.raises(ConfigError, match="different devices"):
+        load_config(config)
+    config.write_text(config.read_text().replace('device = "rootfs-a"', 'device = "mmcblk0p3"'))
+    assert load_config(config).slot_b.device == tmp_path / "mmcblk0p3", "another partition is another slot"
