@@ -5,7 +5,8 @@
 - Every response has `Server-Time` (epoch seconds): gateways often boot with a wrong clock and correct
   it from there.
 - Request bodies are bounded (`RequestLimits`); only a release upload may be large.
-- Access logs are ours: method, path without the query (a signed URL's signature is a credential), status.
+- Access logs are ours: method, path without the query (a signed URL's signature is a credential) and
+  with its control characters escaped (no forged log lines), status.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import agents_api, blobs_api, firmware_api, onboarding_api
 from .errors import HubError, PayloadTooLargeError
 from .state import HubState
+from .texts import escaped
 
 access_log = logging.getLogger("mers.hub.access")
 
@@ -103,7 +105,8 @@ class RequestLimits:
             await _send_error(send_with_time, PayloadTooLargeError(f"the body exceeds {limit} bytes"))
         else:
             await self.app(scope, _bounded(receive, limit), send_with_time)
-        access_log.info("%s %s %s", scope["method"], path, status_seen[0] if status_seen else "-")
+        # the path is percent-decoded: escaped, `/x%0A<a line>` would forge a line of the log
+        access_log.info("%s %s %s", scope["method"], escaped(path), status_seen[0] if status_seen else "-")
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -2,7 +2,9 @@
 failure as one line on stderr with an exit code that says which kind it was (see `hub.cli`).
 
 People get what they act on; secrets stay out of the human views: a boarding configuration's IAT and an
-artifact's signed URL are credentials, shown only by `--json`, which a script asks for on purpose.
+artifact's signed URL are credentials, shown only by `--json`, which a script asks for on purpose. Free
+text in them (a task's message comes from the device) is shown with its control characters escaped, so
+it can neither forge a line of a listing nor send escape sequences to the operator's terminal.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import click
 
 from .admin_client import HubUnreachableError, JsonObject, LocalFileError
 from .errors import HubError, HubSetupError
+from .texts import escaped
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -55,7 +58,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def _cell(value: object) -> str:
     if value is None or value == "":
         return "-"
-    return str(value)
+    return escaped(str(value))
 
 
 def when(value: Any) -> str:
@@ -96,7 +99,7 @@ def agent_text(agent: JsonObject, status: JsonObject) -> str:
         f"eTag {agent.get('eTag')}",
     ]
     if agent.get("description"):
-        lines.append(f"description: {agent['description']}")
+        lines.append(f"description: {escaped(str(agent['description']))}")
     return "\n".join(lines)
 
 
@@ -184,7 +187,7 @@ def task_text(task: JsonObject) -> str:
         f"eTag {task.get('eTag')}",
     ]
     if task.get("message"):
-        lines.append(f"message: {task['message']}")
+        lines.append(f"message: {escaped(str(task['message']))}")
     for artifact in task.get("artifacts", []):
         lines.append(
             f"artifact {artifact.get('name')}: {artifact.get('size')} bytes, {artifact.get('checksum')}, "
@@ -202,5 +205,5 @@ def _history_entry(entry: JsonObject) -> str:
     moved = f"{entry.get('from') or 'new'} -> {entry.get('to')}"
     parts = [when(entry.get("at")), moved, percent(entry.get("progress")), f"by {entry.get('actor')}"]
     if entry.get("message"):
-        parts.append(str(entry["message"]))
+        parts.append(escaped(str(entry["message"])))
     return "  ".join(parts)

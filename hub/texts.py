@@ -2,7 +2,8 @@
 
 PostgreSQL's text cannot hold a NUL (it answers with an error, a 5xx, where SQLite stores it), and a lone
 surrogate cannot be encoded as UTF-8; both are refused with a 4xx on every database. A name or an id also
-has no control characters, so it cannot forge a line in a log or a listing.
+has no control characters, so it cannot forge a line in a log or a listing; free text may have them, and
+is `escaped` wherever it is printed for people (a log line, a terminal).
 """
 
 from __future__ import annotations
@@ -27,3 +28,15 @@ def checked_name(value: str) -> str:
     if not is_name(value):
         raise ValueError("must be a non-blank name without control characters")
     return value
+
+
+def escaped(value: str) -> str:
+    """`value` with every character that is not printable (newlines, ANSI escape sequences' ESC, other
+    controls, lone surrogates) and every backslash written as a Python escape, so what a client sent can
+    neither forge a log line nor drive the terminal of the person reading it, and stays unambiguous."""
+    if value.isprintable() and "\\" not in value:
+        return value
+    return "".join(
+        char if char.isprintable() and char != "\\" else char.encode("unicode_escape").decode("ascii")
+        for char in value
+    )

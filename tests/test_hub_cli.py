@@ -430,6 +430,21 @@ def test_agent_show_takes_an_id_or_a_name_and_shows_the_boarding_status(hub: Run
     assert api_json("agent", "show", "gw-show", *flags(hub)) == agent_document(hub, agent["id"])
 
 
+def test_an_agent_description_with_control_characters_is_shown_escaped(hub: RunningHub) -> None:
+    description = "line 3\nagent gw-other (0000)\x1b]0;title\x07"
+    created = hub.admin(
+        "POST",
+        f"{AGENTS}/agents",
+        json={"name": "gw-1", "securityProfile": "RSA_3072", "description": description},
+    )
+    assert created.status_code == 201, created.text
+    for command in (["agent", "list"], ["agent", "show", "gw-1"]):
+        shown = succeeded(mers_hub(*command, *flags(hub))).stdout
+        assert "\x1b" not in shown and "\x07" not in shown, command
+        assert not [line for line in shown.splitlines() if line.startswith("agent gw-other")], command
+        assert "line 3\\nagent gw-other (0000)\\x1b]0;title\\x07" in shown, command
+
+
 def test_a_name_that_is_another_agents_id_is_refused_as_ambiguous(hub: RunningHub) -> None:
     first = create_agent(hub, "gw-first")
     create_agent(hub, first["id"])
@@ -677,6 +692,19 @@ def test_task_show_gives_history_and_checksum_and_leaves_the_signed_url_to_json(
     assert "/blobs/" in shown["artifacts"][0]["uri"]
     current = hub.admin("GET", f"{FIRMWARE}/installationTasks/{task['id']}").json()
     assert without_fresh_urls(shown) == without_fresh_urls(current)
+
+
+def test_a_task_message_with_control_characters_is_shown_escaped(hub: RunningHub, release_id: str) -> None:
+    agent = create_agent(hub, "gw-noisy")
+    task = api_json("task", "create", "--device", agent["id"], "--release", release_id, *flags(hub))
+    message = "disk full\nstate ACTIVATED (forged)\x1b[2J\x07"
+    reported = hub.admin("PATCH", f"{FIRMWARE}/installationTasks/{task['id']}", json={"message": message})
+    assert reported.status_code == 200, reported.text
+    for command in (["task", "list"], ["task", "show", task["id"]]):
+        shown = succeeded(mers_hub(*command, *flags(hub))).stdout
+        assert "\x1b" not in shown and "\x07" not in shown, command
+        assert not [line for line in shown.splitlines() if line.startswith("state ACTIVATED")], command
+        assert "disk full\\nstate ACTIVATED (forged)\\x1b[2J\\x07" in shown, command
 
 
 def test_task_cancel_cancels_an_open_task_and_is_refused_once_it_is_closed(

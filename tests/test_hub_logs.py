@@ -157,3 +157,17 @@ def test_a_failed_database_write_is_logged_without_its_parameters(tmp_path: Path
     leaked = [name for name, value in held.items() if value in log]
     leaked += ["a string shaped like a client secret"] * len(CLIENT_SECRET_SHAPE.findall(log))
     assert not leaked, f"the server's log holds {leaked}"
+
+
+def test_a_path_with_control_characters_cannot_forge_a_log_line(tmp_path: Path) -> None:
+    root = tmp_path / "hub"
+    succeeded(run_cli("mers-hub", "init", root))
+    forged = "mers.hub.access GET /api/agentmanagement/v3/agents 200"
+    with serving(root) as hub:
+        response = hub.request("GET", "/nope%0D%0A" + forged.replace(" ", "%20") + "%1B%5B2J")
+        assert response.status_code == 404
+        log = hub.stop()
+    lines = log.splitlines()
+    assert not [line for line in lines if line.startswith(forged)], log
+    assert "\x1b" not in log and "\r" not in log
+    assert "GET /nope\\r\\n" + forged + "\\x1b[2J 404" in log
