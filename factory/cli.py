@@ -270,7 +270,7 @@ def provision(
         records = Records.open(records_url)
         station_run = Station(config, source, records, printer.event)
         try:
-            with _stop_between_steps(station_run.stop):
+            with _stop_between_steps(station_run, len(ports)):
                 results = station_run.provision_all(list(ports))
         finally:
             records.close()
@@ -282,17 +282,26 @@ def provision(
 
 
 @contextmanager
-def _stop_between_steps(stop: threading.Event) -> Iterator[None]:
-    """Ctrl-C or SIGTERM (a supervisor stopping the station) sets `stop`: each board finishes the exchange
-    in hand, is recorded as stopped and lets its serial number go, and the results print as usual. A second
-    Ctrl-C interrupts at once (still recorded, see `Station.provision`)."""
+def _stop_between_steps(station: Station, ports: int) -> Iterator[None]:
+    """Ctrl-C or SIGTERM (a supervisor stopping the station) sets `station.stop`: each board finishes the
+    step in hand, is recorded as stopped and lets its serial number go, and the results print as usual.
+
+    With one port, a second Ctrl-C interrupts at once (still recorded, see `Station.provision`), except
+    while the board is being locked: that ends first, so a locked board is always recorded. With several
+    ports the boards run in worker threads that an interruption of the main thread would not reach (it
+    would only lose the results), so there a second Ctrl-C changes nothing."""
+    at_once = ports == 1
 
     def request_stop(number: int, frame: object) -> None:
-        if stop.is_set() and number == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop.set()
         # os.write: the main thread may be inside a buffered write to stderr when the signal arrives
-        os.write(2, b"mers-factory: stopping: each board stops before its next step (again: at once)\n")
+        if station.stop.is_set() and number == signal.SIGINT and at_once:
+            if station.sealing:
+                os.write(2, b"mers-factory: the board is being locked: it is confirmed and recorded first\n")
+                return
+            raise KeyboardInterrupt
+        station.stop.set()
+        again = b" (Ctrl-C again: at once)" if at_once else b""
+        os.write(2, b"mers-factory: stopping: each board stops before its next step" + again + b"\n")
 
     previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:

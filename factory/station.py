@@ -121,6 +121,7 @@ class _Progress:
     link: SmpLink | None = None
     claim: SerialClaim | None = None
     step: str = ""
+    sealing: bool = False
 
     @property
     def wire_bytes(self) -> int:
@@ -139,6 +140,19 @@ class Station:
     clock: Callable[[], float] = time.time
     stop: threading.Event = field(default_factory=threading.Event)
     """Set to stop every board of the run before its next step (see the module's docstring)."""
+    _sealing: int = field(default=0, init=False, repr=False)
+    _sealing_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def sealing(self) -> bool:
+        """A board is between sending `lock` and the end of its attempt (confirmed, marked provisioned,
+        recorded). An interruption there would leave a locked board that the records do not know, so an
+        "at once" interruption must wait for this to be False."""
+        return self._sealing > 0
+
+    def _count_sealing(self, change: int) -> None:
+        with self._sealing_lock:
+            self._sealing += change
 
     def provision_all(self, ports: Sequence[str]) -> list[Result]:
         """Each port concurrently, one board per port; results in the order of `ports`."""
@@ -176,6 +190,9 @@ class Station:
             self._record(progress)
         finally:
             self._release_claim(progress)  # after an interruption (Ctrl-C) too: a re-run goes on at once
+            if progress.sealing:
+                progress.sealing = False
+                self._count_sealing(-1)
         self._emit(progress, "done", progress.outcome.value, _describe(progress.error))
         return Result(
             progress.port,
@@ -214,6 +231,9 @@ class Station:
             self._check_readback(_info(link), progress.digest, request, len(self.config.keys))
         with self._step(progress, "lock"):
             self._check_in(progress)
+            # counted first: once counted, the CLI's "at once" interruption waits, so the flag gets set
+            self._count_sealing(+1)
+            progress.sealing = True  # until the attempt's end (`provision`): see `sealing`
             locked = wire.LockResponse.from_cbor(
                 _call(link, wire.LOCK, wire.LockRequest(progress.digest).to_cbor())
             )

@@ -4,6 +4,7 @@ released and the failed attempt recorded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -12,12 +13,15 @@ import time
 from pathlib import Path
 
 import jwt
+import pytest
 import serial
 
+from factory.boarding_source import BatchSource
+from factory.cli import _stop_between_steps
 from factory.errors import ExitCode
 from factory.records import Records
 from tests.conftest import BIN_DIR
-from tests.console_helpers import ConsoleProcess
+from tests.console_helpers import ConsoleProcess, read_line
 from tests.factory_helpers import (
     DAY,
     batch_for,
@@ -28,6 +32,7 @@ from tests.factory_helpers import (
     make_board,
     provision_args,
     served_boards,
+    station,
     station_files,
     write_batch,
 )
@@ -200,33 +205,60 @@ def test_sigterm_stops_the_station_between_steps_with_the_attempt_recorded(tmp_p
     files = station_files(tmp_path / "files")
     batch = batch_for(tmp_path / "batch.jsonl", "GW-1")
     records = tmp_path / "records.db"
-    # at 9600 baud the boarding upload takes seconds: the SIGTERM arrives while it runs
+    # at 9600 baud the rest of the sequence takes seconds; the board is paused while the signal lands
     with ConsoleProcess(make_board(tmp_path / "GW-1", "GW-1"), "--baud", "9600") as console:
         args = provision_args(files, records, console.port)
         args += ["--boarding-batch", batch, "--device-ca", files.device_ca, "--baud", "9600", "--json"]
-        station = subprocess.Popen(
+        running = subprocess.Popen(
             [BIN_DIR / "mers-factory", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
-        assert station.stdout is not None
+        assert running.stdout is not None and running.stderr is not None
         seen = b""
         while b'"step": "write_key", "status": "ok"' not in seen:
-            line = station.stdout.readline()  # the station flushes each event; it ends within a minute
-            assert line, station.communicate(timeout=60)[1].decode()
+            line = running.stdout.readline()  # the station flushes each event; it ends within a minute
+            assert line, running.communicate(timeout=60)[1].decode()
             seen += line
-        station.send_signal(signal.SIGTERM)
-        rest, stderr = station.communicate(timeout=60)
-        assert station.returncode == ExitCode.FAILED, stderr.decode()
+        console.process.send_signal(signal.SIGSTOP)  # no step can end while the board is silent...
+        try:
+            running.send_signal(signal.SIGTERM)
+            stopping = read_line(running.stderr, time.monotonic() + 30)  # ...until the station took it
+            assert stopping.startswith(b"mers-factory: stopping"), stopping
+        finally:
+            console.process.send_signal(signal.SIGCONT)
+        rest, stderr = running.communicate(timeout=60)
+        assert running.returncode == ExitCode.FAILED, stderr.decode()
         events = json_events((seen + rest).decode())
-        # stopped at the first step boundary after the signal: before the upload, or just after it
         stopped_before = events[-1]["detail"].removeprefix("[stopped] the station was stopped before ")
-        assert events[-1]["step"] == "done" and stopped_before in {"write_boarding", "verify"}, events
-        assert b"stopping" in stderr and b"[stopped]" in stderr
+        assert events[-1]["step"] == "done" and stopped_before in {"write_boarding", "verify", "lock"}, events
+        assert b"[stopped]" in stderr
         assert board_state(tmp_path / "GW-1")[0] is False and port_is_free(console.port)
         [row] = rows(records, "GW-1")
         assert row["outcome"] == "failed" and str(row["error"]).startswith("[stopped]")
         rerun = factory(*args[:-1])  # at once: the stopped attempt let its serial number go
         assert rerun.returncode == 0, rerun.stderr
     assert board_state(tmp_path / "GW-1")[0] is True
+
+
+@pytest.mark.parametrize(("ports", "at_once"), [(1, True), (2, False)])
+def test_a_second_ctrl_c_interrupts_one_board_at_once_but_never_while_it_is_locked(
+    tmp_path: Path, ports: int, at_once: bool
+) -> None:
+    files = station_files(tmp_path / "files")
+    batch = BatchSource.load(batch_for(tmp_path / "batch.jsonl", "GW-1"))
+    store = Records.open(str(tmp_path / "records.db"))
+    try:
+        run = station(files, batch, store)
+        with _stop_between_steps(run, ports):
+            signal.raise_signal(signal.SIGINT)  # the first: stop between steps
+            assert run.stop.is_set()
+            run._count_sealing(+1)  # a board between its lock and its record
+            signal.raise_signal(signal.SIGINT)  # not now
+            run._count_sealing(-1)
+            with pytest.raises(KeyboardInterrupt) if at_once else contextlib.nullcontext():
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        store.close()
 
 
 def test_a_port_that_does_not_exist_is_a_port_error(tmp_path: Path) -> None:

@@ -343,6 +343,24 @@ def test_a_stop_request_is_honoured_before_lock_and_never_after(
     assert [row["outcome"] for row in records.rows("GW-1")] == [outcome.value]
 
 
+def test_the_station_is_sealing_from_lock_until_the_attempt_is_recorded(
+    tmp_path: Path, records: Records
+) -> None:
+    files = station_files(tmp_path / "files")
+    batch = BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": boarding_document("GW-1")}))
+    watched = station(files, batch, records)
+    sealing: dict[str, bool] = {}
+
+    def note(event: Event) -> None:
+        sealing.setdefault(event.step, watched.sealing)
+
+    watched.on_event = note
+    with ConsoleProcess(make_board(tmp_path / "a", "GW-1")) as console:
+        assert watched.provision(console.port).outcome is Outcome.PROVISIONED
+    assert [step for step, on in sealing.items() if on] == ["lock", "confirm"]  # "done": recorded
+    assert not watched.sealing
+
+
 def test_a_noisy_line_at_a_byte_error_rate_of_1e_3_still_completes(tmp_path: Path, records: Records) -> None:
     files = station_files(tmp_path / "files")
     serials = [f"GW-{index}" for index in range(3)]
