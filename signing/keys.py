@@ -7,10 +7,12 @@ module is the one place that knows those conventions; everything else deals in `
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
 import hashlib
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -123,6 +125,8 @@ class PublicKey:
 #: DER tags of an ECDSA-Sig-Value: SEQUENCE { INTEGER r, INTEGER s }
 _DER_SEQUENCE = 0x30
 _DER_SHORT_LENGTH_MAX = 0x7F
+#: the one length `imgtool sign --pad-sig` pads an ECDSA P-256 signature to
+ECDSA_PADDED_SIZE = 72
 
 
 def _unpadded_ecdsa_der(signature: bytes) -> bytes | None:
@@ -138,6 +142,8 @@ def _unpadded_ecdsa_der(signature: bytes) -> bytes | None:
     end = 2 + signature[1]
     if end > len(signature) or any(signature[end:]):
         return None
+    if end != len(signature) and len(signature) != ECDSA_PADDED_SIZE:
+        return None  # imgtool pads to exactly 72: other lengths would make one image many files
     return signature[:end]
 
 
@@ -242,7 +248,9 @@ def write_key_pair(
         _publish_new_file(public_path, public_pem, mode=0o644, published=published)
     except BaseException:
         for entry in published:
-            entry.remove_if_ours()
+            # best effort: what went wrong first (a Ctrl-C, a full disk) is what the caller must see
+            with contextlib.suppress(OSError, KeyFileError):
+                entry.remove_if_ours()
         raise
     return private_path, public_path
 
@@ -256,6 +264,12 @@ class _Published:
     device: int
     inode: int
 
+    @classmethod
+    def of(cls, path: Path, made: Path) -> _Published:
+        """`path`, to be removed if it is (or becomes) the file now at `made`."""
+        identity = os.lstat(made)
+        return cls(path, identity.st_dev, identity.st_ino)
+
     def remove_if_ours(self) -> None:
         try:
             found = os.lstat(self.path)
@@ -266,28 +280,32 @@ class _Published:
             _fsync_directory(self.path.parent)
 
 
-def _publish_new_file(path: Path, data: bytes, *, mode: int, published: list[_Published]) -> None:
-    """Write `data` to a temporary file beside `path` (0600 from the start, so a secret is never briefly
-    world-readable), fsync it, and give it its name with link(2), which refuses an existing name (a file
-    made since the caller looked). The final name so never holds a partial key, even after a crash.
+#: link(2) errors of filesystems that have no hard links (vfat and exFAT sticks, many CIFS and FUSE mounts)
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EXDEV})
 
-    The file's identity is added to `published` before the link, so an interrupt arriving just after
-    it still lets the caller find and remove exactly what was linked."""
-    try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise KeyFileError(f"cannot create {path}: {exc.strerror}") from exc
-    temp_path = Path(temporary)
+
+def _publish_new_file(path: Path, data: bytes, *, mode: int, published: list[_Published]) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, and give it its name with link(2), which
+    refuses an existing name (a file made since the caller looked). The final name so never holds a
+    partial key, even after a crash. The temporary file is created with `mode` (and the umask), so a secret
+    is never briefly readable by others.
+
+    On a filesystem without hard links (a vfat USB stick), the file is created at its final name with
+    O_EXCL instead: still never overwriting, but a crash mid-write can leave a partial file there.
+
+    The file's identity is added to `published` before it gets its name, so an interrupt arriving just
+    after still lets the caller find and remove exactly what was published."""
+    temp_path = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fchmod(handle.fileno(), mode)
-                os.fsync(handle.fileno())
-                identity = os.fstat(handle.fileno())
-            published.append(_Published(path, identity.st_dev, identity.st_ino))
-            os.link(temp_path, path)
+            _write_new(temp_path, data, mode, published=None)
+            published.append(_Published.of(path, temp_path))
+            try:
+                os.link(temp_path, path)
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                _write_new(path, data, mode, published=published)
         except FileExistsError as exc:
             raise KeyFileError(f"{path} already exists; refusing to overwrite a key") from exc
         except OSError as exc:
@@ -295,6 +313,18 @@ def _publish_new_file(path: Path, data: bytes, *, mode: int, published: list[_Pu
     finally:
         temp_path.unlink(missing_ok=True)
     _fsync_directory(path.parent)
+
+
+def _write_new(path: Path, data: bytes, mode: int, *, published: list[_Published] | None) -> None:
+    """Create `path` (never an existing one) with `data`, durable; its identity goes to `published`
+    before any byte is written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as handle:
+        if published is not None:
+            published.append(_Published.of(path, path))
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -148,13 +149,14 @@ ECDSA_PADDED_SIZE = 72  # what imgtool pads to
 
 
 def short_ecdsa_signature(digest: bytes) -> bytes:
-    """An ECDSA signature of `digest` shorter than 72 bytes, so padding it adds bytes (3 in 4 are)."""
+    """An ECDSA signature of `digest` at most 70 bytes long, so padding it adds at least two bytes (1 in 4
+    signatures are that short)."""
     signer = signer_for(KeyAlgorithm.ECDSA_P256)
     for _ in range(64):
         signature = signer.sign_digest(digest)
-        if len(signature) < ECDSA_PADDED_SIZE:
+        if len(signature) <= ECDSA_PADDED_SIZE - 2:
             return signature
-    raise AssertionError("64 ECDSA signatures in a row were 72 bytes long")
+    raise AssertionError("64 ECDSA signatures in a row were over 70 bytes long")
 
 
 @pytest.mark.parametrize(
@@ -169,6 +171,8 @@ def short_ecdsa_signature(digest: bytes) -> bytes:
             lambda der: der[:1] + bytes([der[1] + 4]) + der[2:], id="a SEQUENCE longer than the signature"
         ),
         pytest.param(lambda der: der[:1] + b"\x81" + der[1:], id="a long-form SEQUENCE length"),
+        pytest.param(lambda der: der + b"\0", id="zeros up to another length than 72"),
+        pytest.param(lambda der: der.ljust(ECDSA_PADDED_SIZE + 1, b"\0"), id="zeros past 72"),
     ],
 )
 def test_an_ecdsa_signature_padded_with_zeros_verifies_and_with_anything_else_does_not(damage):
@@ -228,6 +232,52 @@ def test_keygen_refuses_a_name_taken_while_it_ran_and_removes_only_what_it_made(
         write_key_pair(tmp_path / "release.pem", KeyAlgorithm.ED25519)
     assert list(tmp_path.iterdir()) == [theirs]
     assert theirs.read_bytes() == b"someone else's key\n"
+
+
+def test_keygen_on_a_filesystem_without_hard_links_creates_each_half_exclusively(tmp_path, monkeypatch):
+    """vfat and exFAT sticks, many CIFS and FUSE mounts answer link(2) with EPERM or EOPNOTSUPP."""
+
+    def no_link(source: object, target: object) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", no_link)
+    private, public = write_key_pair(tmp_path / "release.pem", KeyAlgorithm.ED25519)
+    assert sorted(tmp_path.iterdir()) == [private, public]  # no temporary file left
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert load_public_key(public) == load_private_key(private).public_key
+    with pytest.raises(KeyFileError, match="already exists"):
+        write_key_pair(tmp_path / "release.pem", KeyAlgorithm.ED25519)
+
+
+def test_keygen_gives_the_public_half_the_umask_s_mode(tmp_path):
+    previous = os.umask(0o077)
+    try:
+        _, public = write_key_pair(tmp_path / "release.pem", KeyAlgorithm.ED25519)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(public.stat().st_mode) == 0o600
+
+
+def test_keygen_interrupted_still_raises_the_interrupt_when_its_cleanup_fails(tmp_path, monkeypatch):
+    interrupted = threading.Event()
+    real_fsync, real_open = os.fsync, os.open
+
+    def fsync(fd: int) -> None:  # Ctrl-C while the public half is made durable
+        if "release.pub.pem" in os.readlink(f"/proc/self/fd/{fd}"):
+            interrupted.set()
+            raise KeyboardInterrupt
+        real_fsync(fd)
+
+    def open_(path, flags, *args, **kwargs):  # ...then the cleanup's directory sync fails
+        if interrupted.is_set() and flags & os.O_DIRECTORY:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "open", open_)
+    with pytest.raises(KeyboardInterrupt):
+        write_key_pair(tmp_path / "release.pem", KeyAlgorithm.ED25519)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- passphrases --------------------------------------------------------------------------------------
