@@ -35,6 +35,7 @@ __all__ = [
     "SlotRecord",
     "SlotStatus",
     "StateStore",
+    "uboot_number",
 ]
 
 KEY_SLOT_COUNT = 3
@@ -45,6 +46,24 @@ ENV_UPGRADE_AVAILABLE = "upgrade_available"  # 1 while the booted slot is on tri
 ENV_BOOTCOUNT = "bootcount"  # trial boots so far
 ENV_BOOTLIMIT = "bootlimit"  # trial boots allowed before rolling back
 DEFAULT_BOOTLIMIT = 3  # a new simulated board's, and the installer's when a trial finds none
+
+
+def uboot_number(value: str | None) -> int:
+    """An environment number as U-Boot reads `bootlimit` and `bootcount` (``env_get_ulong(name, 10, 0)``,
+    i.e. ``simple_strtoul``): missing is 0; a ``0x`` prefix switches to hexadecimal; digits are read up to
+    the first character that is not one (``5abc`` is 5, ``abc`` and `` 5`` are 0). The installer and
+    `mers confirm` must judge a limit as the bootloader will, or they would overwrite a limit it honours
+    (``0x5``) or trust one it ignores."""
+    if value is None:
+        return 0
+    text, base = value, 10
+    if text[:2].lower() == "0x":
+        text, base = text[2:], 16
+    digits = "0123456789abcdef"[:base]
+    length = 0
+    while length < len(text) and text[length].lower() in digits:
+        length += 1
+    return int(text[:length], base) if length else 0
 
 
 class SlotName(enum.StrEnum):

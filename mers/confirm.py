@@ -25,6 +25,7 @@ from board.interface import (
     ENV_BOOTLIMIT,
     ENV_UPGRADE_AVAILABLE,
     Board,
+    uboot_number,
 )
 
 from .client import DeviceClient
@@ -137,8 +138,8 @@ class Confirmer:
 
     def _rolled_back(self, journal: Journal, env: dict[str, str]) -> ConfirmResult:
         """The journal says switched, the board runs the old slot and will not try the new one."""
-        limit = _number(env.get(ENV_BOOTLIMIT))  # 0 (or none): U-Boot's limit is off, it never rolls back
-        if limit > 0 and _number(env.get(ENV_BOOTCOUNT)) > limit:
+        limit = uboot_number(env.get(ENV_BOOTLIMIT))  # 0: U-Boot's limit is off, it never rolls back
+        if limit > 0 and uboot_number(env.get(ENV_BOOTCOUNT)) > limit:
             reason = (
                 f"the bootloader rolled back to slot {journal.previous_slot} after "
                 f"{env.get(ENV_BOOTCOUNT, '?')} boots of slot {journal.slot} (bootlimit "
@@ -192,11 +193,3 @@ class Confirmer:
     def _step(self, step: ConfirmStep) -> None:
         if self._hook is not None:
             self._hook(step)
-
-
-def _number(value: str | None, default: int = 0) -> int:
-    """A boot environment counter; a missing or garbled one counts as `default`."""
-    try:
-        return int(value) if value is not None else default
-    except ValueError:
-        return default

@@ -41,6 +41,7 @@ from board.interface import (
     Board,
     SlotName,
     SlotRecord,
+    uboot_number,
 )
 from board.slots import writable_slot
 from signing.errors import SigningError
@@ -519,13 +520,12 @@ def refreshed_uri(task: InstallationTask, artifact: Artifact) -> str:
 
 
 def trial_env_changes(env: Mapping[str, str], slot: SlotName) -> dict[str, str]:
-    """The ONE environment write that arms a trial of `slot`. It sets `bootlimit` too when the environment
-    has no positive decimal one (a board whose U-Boot default environment lacks it, or sets 0): U-Boot
-    then never counts a trial out, so a new slot that fails its health check would be booted for ever
-    instead of rolled back. An existing positive value is the integrator's choice and stays."""
+    """The ONE environment write that arms a trial of `slot`. It sets `bootlimit` too when U-Boot would
+    read none (`uboot_number` is 0: missing, 0, or no digits): U-Boot then never counts a trial out, so a
+    new slot that fails its health check would be booted for ever instead of rolled back. A limit U-Boot
+    honours (``3``, ``0x5``) is the integrator's choice and stays."""
     changes = {ENV_BOOT_SLOT: slot.value, ENV_UPGRADE_AVAILABLE: "1", ENV_BOOTCOUNT: "0"}
-    limit = env.get(ENV_BOOTLIMIT, "")
-    if not (limit.isascii() and limit.isdigit() and int(limit) > 0):
+    if uboot_number(env.get(ENV_BOOTLIMIT)) == 0:
         changes[ENV_BOOTLIMIT] = str(TRIAL_BOOTLIMIT)
     return changes
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from board.interface import SlotName
+from board.interface import SlotName, uboot_number
 from mers.errors import EXIT_NOT_CONFIRMED
+from mers.install import trial_env_changes
 from mers.journal import Phase, load_journal
 from tests.conftest import run_cli
 from tests.hub_helpers import RunningHub
@@ -105,6 +106,39 @@ def test_failed_health_check_is_rolled_back_by_the_bootloader_and_reported_faile
     assert board.boot_env.read()["upgrade_available"] == "0"
     assert load_journal(board.state).phase is Phase.IDLE
     assert rig.mers("confirm").returncode == 0, "nothing left to confirm"
+
+
+@pytest.mark.parametrize(
+    ("value", "number"),
+    [
+        (None, 0),
+        ("", 0),
+        ("0", 0),
+        ("00", 0),
+        ("three", 0),
+        (" 5", 0),
+        ("-1", 0),
+        ("5", 5),
+        ("5abc", 5),
+        ("0x5", 5),
+        ("0X1f", 31),
+        ("0x", 0),
+        ("0xg", 0),
+        ("012", 12),  # base 10 given: no octal
+    ],
+)
+def test_an_environment_number_is_read_as_u_boot_reads_it(value: str | None, number: int) -> None:
+    assert uboot_number(value) == number
+
+
+@pytest.mark.parametrize(
+    ("found", "kept"),
+    [(None, False), ("0", False), ("three", False), ("5", True), ("0x5", True), ("4x", True)],
+)
+def test_arming_a_trial_keeps_any_bootlimit_u_boot_honours(found: str | None, kept: bool) -> None:
+    env = {} if found is None else {"bootlimit": found}
+    changes = trial_env_changes(env, SlotName.B)
+    assert changes.get("bootlimit", found) == (found if kept else "3")
 
 
 @pytest.mark.parametrize(("found", "armed"), [(None, "3"), ("0", "3"), ("three", "3"), ("5", "5")])
