@@ -118,7 +118,12 @@ def parse_network(raw: bytes) -> NetworkConfig:
     proxy = document.get("proxy")
     if not isinstance(proxy, str):
         raise BoardingDataError("network configuration: proxy must be a URL string like http://host:3128")
-    parts = urllib.parse.urlsplit(proxy)
+    try:
+        parts = urllib.parse.urlsplit(proxy)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number or out of range
+    except ValueError:
+        # not quoted: a proxy URL may carry a password
+        raise BoardingDataError("network configuration: the proxy is not a URL with a valid port") from None
     if parts.scheme != "http" or not parts.hostname:
         raise BoardingDataError(f"network configuration: proxy {proxy!r} must be an http://host:port URL")
     username, password = document.get("username"), document.get("password")

@@ -36,6 +36,9 @@ def test_proxy_credentials_are_folded_into_the_url_and_hidden_from_display() -> 
         b'{"proxy": "socks5://p:1"}',
         b'{"proxy": "http://p:1", "user": "x"}',
         b'{"proxy": "http://p:1", "username": "x"}',
+        b'{"proxy": "http://p:31x8"}',
+        b'{"proxy": "http://p:99999"}',
+        b'{"proxy": "http://[::1:3128"}',
         b"nope",
     ],
 )
