@@ -3,7 +3,6 @@ CLIs; and a task the operator cancels in the middle of its download."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -137,10 +136,9 @@ def test_an_image_url_that_cannot_be_used_is_bad_input_at_once_and_changes_nothi
 ) -> None:
     rig = make_rig(hub, tmp_path)
     before = (slot_files(rig.board, SlotName.B), rig.board.boot_env.read())
-    started = time.monotonic()
     refused = rig.mers("install", "--url", url, "--no-progress")
+    # exit 2, not the 5 of a download whose retries ran out: no network can cure a URL, none was tried
     assert refused.returncode == 2, refused.stderr
     assert says in refused.error_line and "5ec4e7" not in refused.stderr
-    assert time.monotonic() - started < 10, "no retries: no network can cure a URL"
     assert (slot_files(rig.board, SlotName.B), rig.board.boot_env.read()) == before
     assert load_journal(rig.board.state).phase is Phase.IDLE
