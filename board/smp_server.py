@@ -344,6 +344,7 @@ class SmpServer:
     def _not_supported(self, unknown: UnknownCommandError) -> Reply | None:
         """``ENOTSUP`` to a request the smp library cannot represent, as Zephyr answers it."""
         if not unknown.is_request:
+            self._count_drop(BadFrameError("a response is never answered"))
             return None
         self.stats.requests += 1
         self.stats.errors += 1
