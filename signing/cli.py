@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .keys import PublicKey
     from .verify import VerifiedImage
 
+MAX_SIGNATURE_BYTES = 0xFFFF  # a TLV's length is a u16
 KEY_TYPES = ("rsa-3072", "ecdsa-p256", "ed25519")  # KeyAlgorithm's values, without importing cryptography
 
 EXIT_REJECTED = 1  # the image is malformed or must not be trusted
@@ -505,11 +506,17 @@ def attach(signature: Path, pubkey: Path, image: Path, output_path: Path) -> Non
     with reported_errors():
         public = load_public_key(pubkey)
         try:
-            signature_bytes = signature.read_bytes()
+            with signature.open("rb") as handle:  # bounded: /dev/zero given by mistake is an error
+                signature_bytes = handle.read(MAX_SIGNATURE_BYTES + 1)
         except OSError as exc:
             raise InputFileError(
                 f"cannot read signature {signature}: {exc.strerror}", field="signature"
             ) from exc
+        if len(signature_bytes) > MAX_SIGNATURE_BYTES:
+            raise InputFileError(
+                f"signature {signature} holds more than {MAX_SIGNATURE_BYTES} bytes, more than a TLV can",
+                field="signature",
+            )
         value = attach_signature(image, output_path, signature_bytes, public)
     click.echo(f"wrote {output_path}: signature by {public.key_hash.hex()[:16]} over sha256 {value.hex()}")
 

@@ -339,13 +339,22 @@ def _fsync_directory(directory: Path) -> None:
         raise KeyFileError(f"cannot sync directory {directory}: {exc.strerror}") from exc
 
 
+#: far beyond any PEM key (an encrypted RSA-4096 private key is about 3.4 KiB): the read stops here, so a
+#: mistyped path such as /dev/zero is an error, not a process that eats memory until it is killed
+MAX_KEY_FILE_BYTES = 1 << 20
+
+
 def read_key_file(path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        with path.open("rb") as handle:
+            data = handle.read(MAX_KEY_FILE_BYTES + 1)
     except FileNotFoundError as exc:
         raise KeyFileError(f"key file {path} does not exist") from exc
     except OSError as exc:
         raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from exc
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"key file {path} holds more than {MAX_KEY_FILE_BYTES} bytes: it is no key")
+    return data
 
 
 def load_private_key(path: Path, passphrase: bytes | None = None) -> SoftwareSigner:

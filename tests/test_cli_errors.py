@@ -998,6 +998,36 @@ def test_an_empty_vendor_or_class_given_to_verify_is_a_usage_error_not_a_skipped
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("command", "field"),
+    [
+        (lambda kit, out: ["sign", "--key", "/dev/zero", "--version", "1.0.0", kit.payload, out], "key"),
+        (lambda kit, out: ["verify", "--key", "/dev/zero", kit.rsa_image.path], "key"),
+        (
+            lambda kit, out: [
+                "attach",
+                "--signature",
+                "/dev/zero",
+                "--pubkey",
+                kit.rsa.public,
+                kit.rsa_image.path,
+                out,
+            ],
+            "signature",
+        ),
+    ],
+    ids=["sign key", "verify key", "attach signature"],
+)
+def test_an_endless_key_or_signature_file_is_an_error_not_a_read_without_end(
+    kit: Kit, mers_sign: MersSign, tmp_path: Path, command: Callable[[Kit, Path], list[Any]], field: str
+) -> None:
+    """/dev/zero given by mistake: the read stops at a bound far beyond any key or signature."""
+    result = mers_sign(*command(kit, tmp_path / "out.img"))
+    assert result.returncode not in (0, 1), result.stderr
+    assert "holds more than" in result.error_line and field in result.error_line
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- keygen ------------------------------------------------------------------------------------------
 
 
