@@ -222,6 +222,16 @@ def cut_at(step: InstallStep) -> Callable[[InstallStep], None]:
     return hook
 
 
+def install_file_and_confirm(rig: Rig, image: Path, version: str) -> None:
+    """`mers install --file`, a simulated boot and `mers confirm`: `version` runs, committed."""
+    installed = rig.mers("install", "--file", image, "--no-progress")
+    assert installed.returncode == 0, installed.stderr
+    rig.boot()
+    assert rig.mers("confirm").returncode == 0
+    record = rig.board.slot(rig.board.active_slot()).record()
+    assert record is not None and record.version == version
+
+
 def interrupted_task_install(rig: Rig, step: InstallStep, version: str = "2.0.0") -> str:
     """A task for a new release (counter 3) whose install lost power at `step`; its id."""
     task_id = rig.task_for(rig.image(version, counter=3))

@@ -167,23 +167,6 @@ def test_a_board_holding_a_station_key_revoked_is_never_locked(tmp_path: Path, r
     assert SimBoard.open(board_dir).is_locked() is False
 
 
-def test_what_no_check_foresaw_is_recorded_before_it_is_raised(tmp_path: Path, records: Records) -> None:
-    files = station_files(tmp_path / "files")
-    batch = BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": boarding_document("GW-1")}))
-
-    class Broken(BatchSource):
-        def fresh(self, serial_number: str, not_before: float) -> Boarding:
-            raise RuntimeError("a defect")
-
-    with ConsoleProcess(make_board(tmp_path / "a", "GW-1")) as console:
-        with pytest.raises(RuntimeError):
-            station(files, Broken(batch.entries), records).provision(console.port)
-        assert station(files, batch, records).provision(console.port).error is None  # released
-    failed, provisioned = records.rows("GW-1")
-    assert (failed["outcome"], failed["error"]) == ("failed", "[unexpected] boarding: RuntimeError: a defect")
-    assert provisioned["outcome"] == "provisioned"
-
-
 def test_an_unlocked_board_with_the_serial_of_a_provisioned_one_is_refused(
     tmp_path: Path, records: Records
 ) -> None:
@@ -275,21 +258,30 @@ def test_a_stalled_attempt_whose_claim_was_taken_over_writes_nothing(
     assert board_state(tmp_path / "b")[0]
 
 
-def test_an_interrupted_attempt_lets_its_serial_go(tmp_path: Path, records: Records) -> None:
+@pytest.mark.parametrize(
+    ("raised", "recorded"),
+    [
+        (KeyboardInterrupt(), "[stopped] interrupted during boarding"),  # the operator's Ctrl-C
+        (RuntimeError("a defect"), "[unexpected] boarding: RuntimeError: a defect"),  # what no check foresaw
+    ],
+    ids=["Ctrl-C", "a defect"],
+)
+def test_an_attempt_ended_by_what_no_step_catches_is_recorded_and_lets_its_serial_go(
+    tmp_path: Path, records: Records, raised: BaseException, recorded: str
+) -> None:
     files = station_files(tmp_path / "files")
     batch = BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": boarding_document("GW-1")}))
 
-    class Interrupted(BatchSource):
+    class Raising(BatchSource):
         def fresh(self, serial_number: str, not_before: float) -> Boarding:
-            raise KeyboardInterrupt  # the operator's Ctrl-C while the hub is asked
+            raise raised  # while the hub is asked
 
-    interrupted = Interrupted(batch.entries)
     with ConsoleProcess(make_board(tmp_path / "a", "GW-1")) as console:
-        with pytest.raises(KeyboardInterrupt):
-            station(files, interrupted, records).provision(console.port)
+        with pytest.raises(type(raised)):
+            station(files, Raising(batch.entries), records).provision(console.port)
         assert station(files, batch, records).provision(console.port).error is None  # at once
-    stopped, provisioned = records.rows("GW-1")
-    assert stopped["outcome"] == "failed" and stopped["error"] == "[stopped] interrupted during boarding"
+    ended, provisioned = records.rows("GW-1")
+    assert (ended["outcome"], ended["error"]) == ("failed", recorded)
     assert provisioned["outcome"] == "provisioned"
 
 

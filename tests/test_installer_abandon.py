@@ -23,6 +23,7 @@ from tests.installer_helpers import (
     PowerCut,
     Rig,
     cut_at,
+    install_file_and_confirm,
     interrupted_task_install,
     make_rig,
     slot_files,
@@ -68,11 +69,7 @@ def test_an_install_whose_usb_stick_was_removed_is_abandoned_and_the_next_one_st
     assert slot_files(rig.board, SlotName.A) == active
     assert "abandoned by the operator: USB stick removed" in rig.mers("status").stdout
 
-    installed = rig.mers("install", "--file", replacement, "--no-progress")
-    assert installed.returncode == 0, installed.stderr
-    rig.boot()
-    assert rig.mers("confirm").returncode == 0
-    assert rig.board.slot(SlotName.B).record().version == "2.1.0+0"  # type: ignore[union-attr]
+    install_file_and_confirm(rig, replacement, "2.1.0+0")
 
 
 def test_an_abandoned_task_is_reported_failed_and_the_daemon_takes_the_next_one(

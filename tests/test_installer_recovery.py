@@ -20,6 +20,7 @@ from tests.hub_helpers import FIRMWARE, RunningHub, running_hub
 from tests.installer_helpers import (
     TEST_INSTALL,
     Rig,
+    install_file_and_confirm,
     interrupted_task_install,
     make_rig,
     mers_with_file_size_limit,
@@ -177,11 +178,7 @@ def test_a_slot_that_stops_taking_writes_is_one_storage_error_and_the_install_re
     assert "cannot write slot b" in daemon.error_line
     assert rig.board.boot_env.read() == env and slot_files(rig.board, SlotName.A) == active
 
-    resumed = rig.mers("install", "--file", image, "--no-progress")
-    assert resumed.returncode == 0, resumed.stderr
-    rig.boot()
-    assert rig.mers("confirm").returncode == 0
-    assert rig.board.slot(SlotName.B).record().version == "2.0.0+0"  # type: ignore[union-attr]
+    install_file_and_confirm(rig, image, "2.0.0+0")  # resumed
 
 
 def test_an_image_file_that_fails_to_read_mid_install_is_an_input_error_and_the_install_resumes(
