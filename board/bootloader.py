@@ -2,11 +2,12 @@
 
 The model, one call of `boot` per power-on:
 
-1. Read the environment. A missing `bootcount` is 0, a missing `upgrade_available` is 0, and a missing
-   `bootlimit` is 0, which, as in U-Boot (`bootlimit && bootcount > bootlimit`), turns the limit off: a
-   trial is then booted for ever, never rolled back (the installer sets `bootlimit` when it arms a trial
-   for that reason). A missing or unknown `boot_slot`, or a value that is not a number where one belongs,
-   stops the boot with an error (U-Boot would boot something undefined).
+1. Read the environment. `bootcount` and `bootlimit` are read as U-Boot reads them (`uboot_number`:
+   missing or no digits is 0, ``0x`` is hexadecimal); a missing `upgrade_available` is 0. A `bootlimit`
+   of 0, as in U-Boot (`bootlimit && bootcount > bootlimit`), turns the limit off: a trial is then booted
+   for ever, never rolled back (the installer sets `bootlimit` when it arms a trial for that reason). A
+   missing or unknown `boot_slot`, or an `upgrade_available` other than 0 or 1, stops the boot with an
+   error (U-Boot would boot something undefined).
 2. `upgrade_available=0`: the committed slot `boot_slot` is booted and the environment is not written
    (U-Boot saves `bootcount` only while an upgrade is on trial).
 3. `upgrade_available=1`: `bootcount` is incremented. While it is at most `bootlimit` (or the limit is
@@ -39,6 +40,7 @@ from .interface import (
     ENV_UPGRADE_AVAILABLE,
     SlotCheck,
     SlotName,
+    uboot_number,
 )
 from .simboard import SimBoard
 
@@ -74,8 +76,8 @@ def decide_boot(env: Mapping[str, str], slot_bootable: Mapping[SlotName, bool]) 
     """One boot attempt of the model in the module docstring. `slot_bootable` is consulted only for the
     slot chosen, so a caller can check slots lazily."""
     boot_slot = _slot(env)
-    bootcount = _number(env, ENV_BOOTCOUNT, 0)
-    bootlimit = _number(env, ENV_BOOTLIMIT, NO_BOOTLIMIT)
+    bootcount = _number(env, ENV_BOOTCOUNT)
+    bootlimit = _number(env, ENV_BOOTLIMIT)  # NO_BOOTLIMIT when missing or no number
     on_trial = _flag(env)
     changes: dict[str, str] = {}
     reason = BootReason.COMMITTED
@@ -100,13 +102,10 @@ def _slot(env: Mapping[str, str]) -> SlotName:
     return SlotName(value)
 
 
-def _number(env: Mapping[str, str], name: str, default: int) -> int:
-    value = env.get(name)
-    if value is None:
-        return default
-    if not value.isascii() or not value.isdigit():
-        raise BootEnvError(f"{name} is {value!r}, not a non-negative decimal number", field=name)
-    return int(value)
+def _number(env: Mapping[str, str], name: str) -> int:
+    """As U-Boot reads the counters (`uboot_number`: ``0x5`` is 5, ``three`` is 0), so the simulated board
+    honours exactly the limits the installer leaves in place."""
+    return uboot_number(env.get(name))
 
 
 def _flag(env: Mapping[str, str]) -> bool:

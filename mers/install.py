@@ -519,13 +519,18 @@ def refreshed_uri(task: InstallationTask, artifact: Artifact) -> str:
     return fresh.uri
 
 
+_ULONG32_MAX = 0xFFFFFFFF
+
+
 def trial_env_changes(env: Mapping[str, str], slot: SlotName) -> dict[str, str]:
     """The ONE environment write that arms a trial of `slot`. It sets `bootlimit` too when U-Boot would
     read none (`uboot_number` is 0: missing, 0, or no digits): U-Boot then never counts a trial out, so a
     new slot that fails its health check would be booted for ever instead of rolled back. A limit U-Boot
     honours (``3``, ``0x5``) is the integrator's choice and stays."""
     changes = {ENV_BOOT_SLOT: slot.value, ENV_UPGRADE_AVAILABLE: "1", ENV_BOOTCOUNT: "0"}
-    if uboot_number(env.get(ENV_BOOTLIMIT)) == 0:
+    # past 32 bits a 32-bit U-Boot's ulong wraps (2**32 reads as 0: no limit), and a 64-bit one would
+    # never count that far: either way no rollback, so such a limit is replaced too
+    if not 0 < uboot_number(env.get(ENV_BOOTLIMIT)) <= _ULONG32_MAX:
         changes[ENV_BOOTLIMIT] = str(TRIAL_BOOTLIMIT)
     return changes
 

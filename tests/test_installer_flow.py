@@ -133,7 +133,16 @@ def test_an_environment_number_is_read_as_u_boot_reads_it(value: str | None, num
 
 @pytest.mark.parametrize(
     ("found", "kept"),
-    [(None, False), ("0", False), ("three", False), ("5", True), ("0x5", True), ("4x", True)],
+    [
+        (None, False),
+        ("0", False),
+        ("three", False),
+        ("5", True),
+        ("0x5", True),
+        ("4x", True),
+        ("4294967295", True),
+        ("4294967296", False),  # a 32-bit U-Boot reads 0: no limit
+    ],
 )
 def test_arming_a_trial_keeps_any_bootlimit_u_boot_honours(found: str | None, kept: bool) -> None:
     env = {} if found is None else {"bootlimit": found}
@@ -141,7 +150,9 @@ def test_arming_a_trial_keeps_any_bootlimit_u_boot_honours(found: str | None, ke
     assert changes.get("bootlimit", found) == (found if kept else "3")
 
 
-@pytest.mark.parametrize(("found", "armed"), [(None, "3"), ("0", "3"), ("three", "3"), ("5", "5")])
+@pytest.mark.parametrize(
+    ("found", "armed"), [(None, "3"), ("0", "3"), ("three", "3"), ("5", "5"), ("0x2", "0x2")]
+)
 def test_a_trial_is_armed_with_a_bootlimit_so_a_failing_one_is_rolled_back_on_any_board(
     hub: RunningHub, tmp_path: Path, found: str | None, armed: str
 ) -> None:
@@ -160,7 +171,7 @@ def test_a_trial_is_armed_with_a_bootlimit_so_a_failing_one_is_rolled_back_on_an
         armed,
     )
 
-    for trial in range(1, int(armed) + 1):
+    for trial in range(1, uboot_number(armed) + 1):
         decision = rig.boot().decision
         assert (decision.slot, decision.bootcount) == (SlotName.B, trial)
         refused = rig.mers("confirm", "--health-hook", "false")
