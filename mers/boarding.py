@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
+
 from board.errors import BoardError, BoardLockedError
 from board.errors import BoardingDataError as BoardBoardingDataError
 from board.interface import Board, BoardingData
@@ -121,9 +124,12 @@ def parse_network(raw: bytes) -> NetworkConfig:
     try:
         parts = urllib.parse.urlsplit(proxy)
         parts.port  # noqa: B018 - raises ValueError for a port that is no number or out of range
-    except ValueError:
+        parse_url(proxy)  # what the transport will make of it: a host with a blank, a bad %-escape...
+    except (ValueError, LocationParseError):
         # not quoted: a proxy URL may carry a password
-        raise BoardingDataError("network configuration: the proxy is not a URL with a valid port") from None
+        raise BoardingDataError(
+            "network configuration: the proxy is not a valid http://host:port URL"
+        ) from None
     if parts.scheme != "http" or not parts.hostname:
         raise BoardingDataError(f"network configuration: proxy {proxy!r} must be an http://host:port URL")
     username, password = document.get("username"), document.get("password")

@@ -209,8 +209,6 @@ class BlobFetcher:
                 allow_redirects=False,
                 stream=True,
             )
-        except requests.exceptions.InvalidProxyURL:  # an InvalidURL, but not the image's
-            raise InputError("the network configuration's proxy is not a valid URL") from None
         except _UNUSABLE_URL:  # a URL `check_image_url` let through; retrying it would fail alike
             raise InputError(f"the image URL {redacted(self.url)} is not a valid URL") from None
         if response.status_code == 206:
