@@ -329,6 +329,7 @@ class SmpServer:
             header, body = decode_message(message)
         except BodyLengthError as error:
             if error.header.op not in _REQUEST_OPS:
+                self._count_drop(BadFrameError(f"op {error.header.op.name} is not a request"))
                 return None
             return self._error(error.header, ErrorReply(GenericRc.EINVAL, reason=str(error)))
         except UnknownCommandError as unknown:

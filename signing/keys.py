@@ -264,12 +264,6 @@ class _Published:
     device: int
     inode: int
 
-    @classmethod
-    def of(cls, path: Path, made: Path) -> _Published:
-        """`path`, to be removed if it is (or becomes) the file now at `made`."""
-        identity = os.lstat(made)
-        return cls(path, identity.st_dev, identity.st_ino)
-
     def remove_if_ours(self) -> None:
         try:
             found = os.lstat(self.path)
@@ -298,14 +292,13 @@ def _publish_new_file(path: Path, data: bytes, *, mode: int, published: list[_Pu
     temp_path = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         try:
-            _write_new(temp_path, data, mode, published=None)
-            published.append(_Published.of(path, temp_path))
+            _write_new(temp_path, data, mode, published, published_as=path)
             try:
                 os.link(temp_path, path)
             except OSError as exc:
                 if exc.errno not in _NO_HARD_LINKS:
                     raise
-                _write_new(path, data, mode, published=published)
+                _write_new(path, data, mode, published, published_as=path)
         except FileExistsError as exc:
             raise KeyFileError(f"{path} already exists; refusing to overwrite a key") from exc
         except OSError as exc:
@@ -315,13 +308,21 @@ def _publish_new_file(path: Path, data: bytes, *, mode: int, published: list[_Pu
     _fsync_directory(path.parent)
 
 
-def _write_new(path: Path, data: bytes, mode: int, *, published: list[_Published] | None) -> None:
-    """Create `path` (never an existing one) with `data`, durable; its identity goes to `published`
-    before any byte is written."""
+def _write_new(
+    path: Path, data: bytes, mode: int, published: list[_Published], *, published_as: Path
+) -> None:
+    """Create `path` (never an existing one) with `data`, durable. The new file's identity, as the name
+    `published_as` will have it, goes to `published` straight after the create, before anything else
+    can fail: an interrupt later still finds and removes exactly this file."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "wb") as handle:
-        if published is not None:
-            published.append(_Published.of(path, path))
+    try:
+        identity = os.fstat(fd)
+        published.append(_Published(published_as, identity.st_dev, identity.st_ino))
+        handle = os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -26,7 +27,7 @@ from factory.errors import (
     StoppedError,
     VerificationError,
 )
-from factory.records import Outcome, Records
+from factory.records import Attempt, Outcome, Records
 from factory.station import DEFAULT_SERIAL_CLAIM_TIMEOUT_S, Event
 from tests.board_helpers import ca_bundle
 from tests.console_helpers import ConsoleProcess, boarding_config, keystore_bytes, trust_key
@@ -336,7 +337,7 @@ def test_a_stop_request_is_honoured_before_lock_and_never_after(
 
 
 def test_the_station_is_sealing_from_lock_until_the_attempt_is_recorded(
-    tmp_path: Path, records: Records
+    tmp_path: Path, records: Records, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     files = station_files(tmp_path / "files")
     batch = BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": boarding_document("GW-1")}))
@@ -346,10 +347,23 @@ def test_the_station_is_sealing_from_lock_until_the_attempt_is_recorded(
     def note(event: Event) -> None:
         sealing.setdefault(event.step, watched.sealing)
 
+    append, provisioned = records.append, records.mark_provisioned
+
+    def noting_append(attempt: Attempt) -> int:
+        sealing["record"] = watched.sealing
+        return append(attempt)
+
+    def noting_mark(*args: Any) -> None:
+        sealing["mark_provisioned"] = watched.sealing
+        provisioned(*args)
+
     watched.on_event = note
+    monkeypatch.setattr(records, "append", noting_append)
+    monkeypatch.setattr(records, "mark_provisioned", noting_mark)
     with ConsoleProcess(make_board(tmp_path / "a", "GW-1")) as console:
         assert watched.provision(console.port).outcome is Outcome.PROVISIONED
-    assert [step for step, on in sealing.items() if on] == ["lock", "confirm"]  # "done": recorded
+    on = [step for step, sealed in sealing.items() if sealed]
+    assert on == ["lock", "mark_provisioned", "confirm", "record"] and not sealing["done"]
     assert not watched.sealing
 
 

@@ -249,6 +249,25 @@ def test_keygen_on_a_filesystem_without_hard_links_creates_each_half_exclusively
         write_key_pair(tmp_path / "release.pem", KeyAlgorithm.ED25519)
 
 
+def test_keygen_interrupted_on_a_filesystem_without_hard_links_leaves_nothing(tmp_path, monkeypatch):
+    """There the final name is created directly: an interrupt while it is written removes it too."""
+    real_fsync = os.fsync
+
+    def no_link(source: object, target: object) -> None:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/release.pub.pem"):  # the final name's
+            raise KeyboardInterrupt
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(KeyboardInterrupt):
+        write_key_pair(tmp_path / "release.pem", KeyAlgorithm.ED25519)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_keygen_gives_the_public_half_the_umask_s_mode(tmp_path):
     previous = os.umask(0o077)
     try:

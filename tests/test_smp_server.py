@@ -326,7 +326,9 @@ def test_responses_and_unreadable_headers_are_not_answered(server):
     unknown_os_answer = bytearray(raw_request(wire.Op.WRITE_RSP, 0, 0, b"\xa0"))
     unknown_os_answer[7] = 200  # an answer is never answered, whatever its command
     assert server.feed(framed(bytes(unknown_os_answer))) == []
-    assert server.stats.dropped_frames == 3
+    truncated_answer = raw_request(wire.Op.WRITE_RSP, 0, 0, b"\xa0", length=5)
+    assert server.feed(framed(truncated_answer)) == []
+    assert server.stats.dropped_frames == 4
     assert ask(server, echo_message("after"))[1] == {"r": "after"}
 
 
