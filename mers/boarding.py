@@ -132,6 +132,10 @@ def parse_network(raw: bytes) -> NetworkConfig:
         ) from None
     if parts.scheme != "http" or not parts.hostname:
         raise BoardingDataError(f"network configuration: proxy {proxy!r} must be an http://host:port URL")
+    if any(char.isspace() or not char.isprintable() for char in parts.hostname):  # older urllib3 let it by
+        raise BoardingDataError(
+            "network configuration: the proxy's host holds a blank or a control character"
+        )
     username, password = document.get("username"), document.get("password")
     if username is None and password is None:
         return NetworkConfig(proxy)

@@ -528,8 +528,8 @@ def trial_env_changes(env: Mapping[str, str], slot: SlotName) -> dict[str, str]:
     new slot that fails its health check would be booted for ever instead of rolled back. A limit U-Boot
     honours (``3``, ``0x5``) is the integrator's choice and stays."""
     changes = {ENV_BOOT_SLOT: slot.value, ENV_UPGRADE_AVAILABLE: "1", ENV_BOOTCOUNT: "0"}
-    # past 32 bits a 32-bit U-Boot's ulong wraps (2**32 reads as 0: no limit), and a 64-bit one would
-    # never count that far: either way no rollback, so such a limit is replaced too
+    # past 32 bits the installer cannot tell what U-Boot reads: a 32-bit one wraps (2**32 is 0: no limit;
+    # 0x100000005 is 5), a 64-bit one would never count that far; so such a limit is replaced too
     if not 0 < uboot_number(env.get(ENV_BOOTLIMIT)) <= _ULONG32_MAX:
         changes[ENV_BOOTLIMIT] = str(TRIAL_BOOTLIMIT)
     return changes

@@ -40,6 +40,7 @@ def test_proxy_credentials_are_folded_into_the_url_and_hidden_from_display() -> 
         b'{"proxy": "http://p:99999"}',
         b'{"proxy": "http://[::1:3128"}',
         b'{"proxy": "http://ho st:3128"}',
+        b'{"proxy": "http://h\\u0007st:3128"}',
         b'{"proxy": "http://h%zz:3128"}',
         b"nope",
     ],

@@ -249,20 +249,22 @@ def test_keygen_on_a_filesystem_without_hard_links_creates_each_half_exclusively
         write_key_pair(tmp_path / "release.pem", KeyAlgorithm.ED25519)
 
 
-def test_keygen_interrupted_on_a_filesystem_without_hard_links_leaves_nothing(tmp_path, monkeypatch):
-    """There the final name is created directly: an interrupt while it is written removes it too."""
-    real_fsync = os.fsync
+@pytest.mark.parametrize("call", ["fdopen", "fsync"])
+def test_keygen_interrupted_on_a_filesystem_without_hard_links_leaves_nothing(tmp_path, monkeypatch, call):
+    """There the final name is created directly: an interrupt from its creation on (as soon as the
+    descriptor is wrapped, or while the key is made durable) removes it too."""
+    real = getattr(os, call)
 
     def no_link(source: object, target: object) -> None:
         raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
 
-    def fsync(fd: int) -> None:
+    def interrupted(fd: int, *args: object, **kwargs: object) -> object:
         if os.readlink(f"/proc/self/fd/{fd}").endswith("/release.pub.pem"):  # the final name's
             raise KeyboardInterrupt
-        real_fsync(fd)
+        return real(fd, *args, **kwargs)
 
     monkeypatch.setattr(os, "link", no_link)
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, call, interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_key_pair(tmp_path / "release.pem", KeyAlgorithm.ED25519)
     assert list(tmp_path.iterdir()) == []
