@@ -32,6 +32,7 @@ from .errors import (
     WrongPassphraseError,
 )
 from .image_format import TlvType
+from .output import fsync_directory
 
 _RSA_BITS = 3072
 _PSS_SALT_LENGTH = 32  # MCUboot accepts only a salt as long as the hash
@@ -329,13 +330,9 @@ def _write_new(
 
 
 def _fsync_directory(directory: Path) -> None:
-    """Make a new (or removed) name in `directory` durable, not only the file's content."""
+    """`fsync_directory`, its failure a `KeyFileError`."""
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(directory)
     except OSError as exc:
         raise KeyFileError(f"cannot sync directory {directory}: {exc.strerror}") from exc
 

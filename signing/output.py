@@ -199,11 +199,12 @@ def atomic_output(path: Path, mode: int = 0o644) -> Iterator[SequentialWriter]:
         if isinstance(exc, OSError):
             raise OutputFileError(f"cannot write {path}: {exc.strerror}") from exc
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_directory(directory: Path) -> None:
+    """Make a new (or removed) name in `directory` durable, not only the file's content."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
