@@ -29,6 +29,8 @@ from typing import Any, Final, Protocol
 import jwt
 import requests
 
+from board import protocol as wire
+
 from .errors import BatchFileError, HubRefusedError, HubUnreachableError, IatError, InputError
 
 AGENTS: Final = "/api/agentmanagement/v3"
@@ -86,7 +88,7 @@ def parse_boarding(serial_number: str, agent_id: str | None, document: object) -
     if claims.get("sub") != client_id:
         raise ValueError("the IAT was not issued for the configuration's clientId")
     # what the records keep must be storable: checked before a board is written, not after it is locked
-    _check_text(serial_number, "the serial number", MAX_ID)
+    _check_text(serial_number, "the serial number", wire.MAX_SERIAL_NUMBER)
     _check_text(jti, "the IAT's jti", MAX_JTI)
     _check_text(client_id, "clientId", MAX_ID)
     if agent_id is not None:

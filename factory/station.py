@@ -11,7 +11,7 @@ irreversible step, and one record per attempt whatever happens.
     -> lock {digest} -> info: locked over that digest -> record, claim released
 
 A stop request (`Station.stop`, set by the CLI on Ctrl-C or SIGTERM) takes effect between steps: the
-board's current exchange finishes, the attempt is recorded as stopped and its serial number released. It
+board's step in hand finishes, the attempt is recorded as stopped and its serial number released. It
 is not honoured once `lock` was sent, so a locked board is always confirmed and recorded.
 
 `lock` is sent only after the read-back matched what the station computed, and the board itself refuses
