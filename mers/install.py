@@ -12,7 +12,7 @@ bootable:
   always of what the slot really holds;
 - the slot record and the boot environment are written only after the full hash and signature check,
   the environment in ONE write (`boot_slot`, `upgrade_available=1`, `bootcount=0`, and `bootlimit` when
-  the environment has no positive one: without it U-Boot never rolls a failed trial back).
+  U-Boot would read no usable one there: without it U-Boot never rolls a failed trial back).
 
 `InstallStep` names the points a hook sees; the power-cut tests SIGKILL the process there.
 """
