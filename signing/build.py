@@ -35,12 +35,11 @@ from .image_format import (
     class_uuid,
     vendor_uuid,
 )
-from .layout import FileSource, read_layout
-from .manifest import read_manifest
 from .output import SequentialWriter, atomic_output
 
 # keys (and so cryptography) are not needed to stream an image: not importing them here lets the CLI load
-# them while the payload is already being hashed
+# them while the payload is already being hashed. Nor is reading an image's layout and manifest, which
+# only `attach_signature` does: imported there, they are not on `sign`'s path before hashing starts.
 if TYPE_CHECKING:
     from .keys import PublicKey, Signer
 
@@ -242,6 +241,9 @@ def prepare_detached(
 def attach_signature(image_path: Path, output_path: Path, signature: bytes, public_key: PublicKey) -> bytes:
     """Add one KEYHASH + signature to an image, after checking that the image's hash is intact and that
     the signature is `public_key`'s over it: a wrong or corrupted signature never reaches a release."""
+    from .layout import FileSource, read_layout  # noqa: PLC0415 - off the path of `sign`, see the top
+    from .manifest import read_manifest  # noqa: PLC0415 - likewise
+
     with open_input(image_path, "image") as source:
         layout = read_layout(FileSource(source.fileno(), file_size(source)))
         manifest = read_manifest(layout)
