@@ -58,10 +58,10 @@ class NetworkConfig:
 
     @property
     def display(self) -> str:
-        """The proxy without its credentials, for status and messages."""
-        parts = urllib.parse.urlsplit(self.proxy_url)
-        host = parts.hostname or ""
-        return f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}"
+        """The proxy without its credentials, for status and messages: read as the transport (urllib3)
+        reads it, so the host shown is the host connected to."""
+        parts = parse_url(self.proxy_url)
+        return f"{parts.scheme}://{parts.host or ''}{':' + str(parts.port) if parts.port else ''}"
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def parse_network(raw: bytes) -> NetworkConfig:
     try:
         parts = urllib.parse.urlsplit(proxy)
         parts.port  # noqa: B018 - raises ValueError for a port that is no number or out of range
-        parse_url(proxy)  # what the transport will make of it: a host with a blank, a bad %-escape...
+        transport = parse_url(proxy)  # what urllib3 will make of it: a blank in the host, a bad %-escape...
     except (ValueError, LocationParseError):
         # not quoted: a proxy URL may carry a password
         raise BoardingDataError(
@@ -135,6 +135,22 @@ def parse_network(raw: bytes) -> NetworkConfig:
     if any(char.isspace() or not char.isprintable() for char in parts.hostname):  # older urllib3 let it by
         raise BoardingDataError(
             "network configuration: the proxy's host holds a blank or a control character"
+        )
+    # A proxy URL is scheme://[user:password@]host[:port][/], nothing after. Where the two parsers part
+    # (`http://host:3128\\@x`: urllib3 connects to host, urlsplit reads x) the rest is refused, so the
+    # credentials folded in below, and the status line, can only be about the host connected to.
+    if (
+        parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or transport.path not in (None, "", "/")
+        or transport.query
+        or transport.fragment
+        or transport.port != parts.port
+    ):
+        raise BoardingDataError(
+            "network configuration: the proxy URL has more than http://host:port (a path, a query, "
+            "a fragment or a backslash)"
         )
     username, password = document.get("username"), document.get("password")
     if username is None and password is None:

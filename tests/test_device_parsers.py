@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jwt
 import pytest
 
@@ -29,6 +31,18 @@ def test_proxy_credentials_are_folded_into_the_url_and_hidden_from_display() -> 
 
 
 @pytest.mark.parametrize(
+    ("proxy", "display"),
+    [
+        ("http://proxy:3128/", "http://proxy:3128"),
+        ("http://PROXY.example", "http://proxy.example"),
+        ("http://[::1]:3128", "http://[::1]:3128"),
+    ],
+)
+def test_the_proxy_shown_is_the_proxy_connected_to(proxy: str, display: str) -> None:
+    assert parse_network(json.dumps({"proxy": proxy}).encode()).display == display
+
+
+@pytest.mark.parametrize(
     "raw",
     [
         b"[]",
@@ -42,6 +56,10 @@ def test_proxy_credentials_are_folded_into_the_url_and_hidden_from_display() -> 
         b'{"proxy": "http://ho st:3128"}',
         b'{"proxy": "http://h\\u0007st:3128"}',
         b'{"proxy": "http://h%zz:3128"}',
+        b'{"proxy": "http://host:3128\\\\@elsewhere"}',
+        b'{"proxy": "http://host:3128/path"}',
+        b'{"proxy": "http://host:3128?@elsewhere"}',
+        b'{"proxy": "http://host:3128#@elsewhere"}',
         b"nope",
     ],
 )
