@@ -4,8 +4,10 @@ multi-gigabyte filesystem image costs a few MiB of memory, and a failure leaves 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import os
 import threading
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -35,7 +37,7 @@ from .image_format import (
     class_uuid,
     vendor_uuid,
 )
-from .output import SequentialWriter, atomic_output
+from .output import SequentialWriter, atomic_output, kept_aside
 
 # keys (and so cryptography) are not needed to stream an image: not importing them here lets the CLI load
 # them while the payload is already being hashed. Nor is reading an image's layout and manifest, which
@@ -219,23 +221,34 @@ def prepare_unsigned(input_path: Path, output_path: Path, options: ImageOptions)
 def prepare_detached(
     input_path: Path, unsigned_path: Path, digest_path: Path, options: ImageOptions
 ) -> bytes:
-    """`prepare_unsigned`, plus the digest written to `digest_path`: both files or neither, so a failed
-    `mers-sign digest` leaves no unsigned image for a pipeline to pick up without its digest.
+    """`prepare_unsigned`, plus the digest written to `digest_path`: both new files or neither, so a
+    failed `mers-sign digest` leaves no unsigned image for a pipeline to pick up without its digest.
 
     The digest's temporary file is made first, so a missing or unwritable directory fails before
-    anything is streamed; the image is published next and the digest last, and if publishing the digest
-    fails the image just published is removed again."""
+    anything is streamed; the image is published next and the digest last. If publishing the digest
+    fails, the image just published is taken back: the earlier image of that name is put back when there
+    was one (beside the earlier digest file, which was not replaced), else the name is freed."""
     image_published = False
-    try:
-        with atomic_output(digest_path) as digest_output:
-            digest = prepare_unsigned(input_path, unsigned_path, options)
-            image_published = True
-            digest_output.write(digest)
-    except BaseException:
-        if image_published:
-            unsigned_path.unlink(missing_ok=True)
-        raise
+    with kept_aside(unsigned_path) as earlier_image:
+        try:
+            with atomic_output(digest_path) as digest_output:
+                digest = prepare_unsigned(input_path, unsigned_path, options)
+                image_published = True
+                digest_output.write(digest)
+        except BaseException:
+            if image_published:
+                _take_back(unsigned_path, earlier_image)
+            raise
     return digest
+
+
+def _take_back(path: Path, earlier: Path | None) -> None:
+    """Undo the publication of `path`: the earlier file back where one was kept, else no file at all."""
+    if earlier is not None:
+        with contextlib.suppress(OSError):
+            os.replace(earlier, path)
+            return
+    path.unlink(missing_ok=True)
 
 
 def attach_signature(image_path: Path, output_path: Path, signature: bytes, public_key: PublicKey) -> bytes:

@@ -202,6 +202,27 @@ def atomic_output(path: Path, mode: int = 0o644) -> Iterator[SequentialWriter]:
     fsync_directory(directory)
 
 
+@contextmanager
+def kept_aside(path: Path) -> Iterator[Path | None]:
+    """A second name (a hard link, in the same directory) for the file at `path`, if one is there, so a
+    caller that replaces `path` and then fails can put the old file back with `os.replace(kept, path)`.
+    The second name is removed on leaving. None when there is no such file, or the filesystem has no
+    hard links (a vfat stick), where the old file cannot be kept."""
+    if not path.is_file() or path.is_symlink():
+        yield None
+        return
+    kept = path.with_name(f".{path.name}.{os.urandom(6).hex()}.old")
+    try:
+        os.link(path, kept)
+    except OSError:
+        yield None
+        return
+    try:
+        yield kept
+    finally:
+        kept.unlink(missing_ok=True)
+
+
 def fsync_directory(directory: Path) -> None:
     """Make a new (or removed) name in `directory` durable, not only the file's content."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

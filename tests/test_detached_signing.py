@@ -7,7 +7,9 @@ leave no output file: a release pipeline must never pick up a half-checked image
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -406,3 +408,28 @@ def test_prepare_detached_removes_the_published_image_when_the_digest_cannot_be_
         prepare_detached(payload, unsigned, in_the_way, ImageOptions(ImageVersion.parse(VERSION)))
     assert listing(tmp_path) == {"digest.bin"}
     assert listing(in_the_way) == {"keep"}
+
+
+def test_prepare_detached_puts_the_earlier_image_back_when_the_new_digest_cannot_be_published(
+    payload: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second `digest` run over the same names whose digest cannot be given its name (a disk full at
+    that moment): the first run's image and digest are both still there, and still a pair."""
+    unsigned, digest_file = tmp_path / "unsigned.img", tmp_path / "digest.bin"
+    earlier_digest = prepare_detached(
+        payload, unsigned, digest_file, ImageOptions(ImageVersion.parse("1.0.0"))
+    )
+    earlier_image = unsigned.read_bytes()
+    real_replace = os.replace
+
+    def full_disk_for_the_digest(source: str | Path, target: str | Path) -> None:
+        if Path(target) == digest_file:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", full_disk_for_the_digest)
+    with pytest.raises(OutputFileError, match="No space left"):
+        prepare_detached(payload, unsigned, digest_file, ImageOptions(ImageVersion.parse("2.0.0")))
+    assert unsigned.read_bytes() == earlier_image
+    assert digest_file.read_bytes() == earlier_digest
+    assert listing(tmp_path) == {"unsigned.img", "digest.bin"}  # no temporary file, no kept copy
