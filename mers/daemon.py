@@ -5,7 +5,10 @@ install them, one at a time.
 SIGTERM sets a flag that the installer checks between chunks: it fsyncs the slot, journals the offset and
 returns, so a stop never costs more than the chunk in hand and never leaves a journal ahead of the slot.
 Errors are logged on one line each (never a URL or a secret) and retried with exponential backoff; an
-error the operator must fix (a refused IAT) stops the daemon with its exit code.
+error the operator must fix (a refused IAT, a corrupt state file) stops the daemon with its exit code. A
+failing slot is the exception among storage errors: it is logged and retried with the backoff, since an
+exit only had systemd start the daemon again 30 s later to re-read the slot and fail again; with
+`--once`, whose exit code is all a script sees, it exits 4 as `mers install` does.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .errors import (
     NoBoardingDataError,
     NotOnboardedError,
     ReonboardingRequiredError,
+    SlotStorageError,
     StorageError,
 )
 from .install import Installer, InstallOutcome, InstallSettings
@@ -78,6 +82,12 @@ class Daemon:
             try:
                 rebooting = self.cycle()
                 self._failures = 0
+            except SlotStorageError as exc:
+                if once:
+                    raise
+                self._failures += 1
+                log.error("%s; retrying later", exc)
+                rebooting = False
             except OPERATOR_ERRORS:
                 raise
             except HubUnreachableError as exc:

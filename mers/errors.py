@@ -52,6 +52,13 @@ class StorageError(MersError):
     exit_code = EXIT_STORAGE
 
 
+class SlotStorageError(StorageError):
+    """A slot failed to read, write or sync (worn flash: EIO; a file-size limit: EFBIG). A one-shot command
+    exits 4 as for any storage error; the daemon retries it with its backoff instead, since exiting only had
+    systemd start it again every 30 s, re-reading the slot each time. The journal still names a durable
+    offset, so a retry, or the next run, resumes from there."""
+
+
 class CorruptStateError(StorageError):
     """A state file exists but is not what we write; reported, never silently reset (it may hold the only
     copy of a RAT)."""

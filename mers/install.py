@@ -59,6 +59,7 @@ from .errors import (
     InstallBusyError,
     MersError,
     NoBoardingDataError,
+    SlotStorageError,
     StorageError,
     TaskClosedError,
 )
@@ -546,7 +547,7 @@ def _rehash_prefix(fd: int, length: int, hasher: hashlib._Hash, slot: SlotName |
         with _slot_io(slot, f"read byte {offset} of"):
             chunk = os.pread(fd, min(_REHASH_CHUNK, length - offset), offset)
         if not chunk:
-            raise StorageError(f"the slot ends at {offset}, before the journalled offset {length}")
+            raise SlotStorageError(f"the slot ends at {offset}, before the journalled offset {length}")
         hasher.update(chunk)
         offset += len(chunk)
     return offset
@@ -564,16 +565,16 @@ def describe_install(journal: Journal) -> str:
 @contextlib.contextmanager
 def _slot_io(slot: SlotName | None, action: str) -> Iterator[None]:
     """A slot that fails to read, write or sync (worn flash: EIO; a file-size limit: EFBIG) is the
-    board's storage failing: one `StorageError` naming the slot, so the CLI and the daemon stop with exit
-    4 and one line (an operator must look at the device) instead of a traceback. The journal is unharmed:
-    it is written only after a sync succeeded, so it still names a durable offset, and the next run
-    re-hashes the slot from there."""
+    board's storage failing: one `SlotStorageError` naming the slot, so the CLI exits 4 with one line (an
+    operator must look at the device) and the daemon logs that line and retries with its backoff, instead
+    of a traceback. The journal is unharmed: it is written only after a sync succeeded, so it still names
+    a durable offset, and the next attempt re-hashes the slot from there."""
     try:
         yield
     except OSError as exc:
-        raise StorageError(f"cannot {action} slot {slot}: {exc.strerror or exc}") from exc
+        raise SlotStorageError(f"cannot {action} slot {slot}: {exc.strerror or exc}") from exc
     except BoardStorageError as exc:
-        raise StorageError(str(exc)) from exc
+        raise SlotStorageError(str(exc)) from exc
 
 
 class _SlotWriter:

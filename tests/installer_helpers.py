@@ -190,10 +190,8 @@ def mers_with_file_size_limit(rig: Rig, limit: int, *args: str | Path) -> CliRes
     """`mers ARGS --board BOARD` as a real process whose writes past byte `limit` of any file fail with
     EFBIG (RLIMIT_FSIZE: the kernel's own failure, like a device that stops taking writes; Python ignores
     SIGXFSZ, so the write returns the error). The journal and state files are far smaller."""
-    program = Path(sys.executable).parent / "mers"
-    argv = [str(program), *map(str, args), "--board", str(rig.gateway.path), "--retries", "2"]
     completed = subprocess.run(
-        [sys.executable, "-c", _FSIZE_LAUNCHER, str(limit), *argv],
+        _file_size_limited(rig, limit, *args),
         capture_output=True,
         check=False,
         timeout=300,
@@ -203,6 +201,19 @@ def mers_with_file_size_limit(rig: Rig, limit: int, *args: str | Path) -> CliRes
         completed.stdout.decode("utf-8", "replace"),
         completed.stderr.decode("utf-8", "replace"),
     )
+
+
+def start_mers_with_file_size_limit(rig: Rig, limit: int, *args: str | Path) -> subprocess.Popen[str]:
+    """`mers_with_file_size_limit`, started and left running (the daemon), its stderr a text pipe."""
+    return subprocess.Popen(
+        _file_size_limited(rig, limit, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _file_size_limited(rig: Rig, limit: int, *args: str | Path) -> list[str]:
+    program = Path(sys.executable).parent / "mers"
+    argv = [str(program), *map(str, args), "--board", str(rig.gateway.path), "--retries", "2"]
+    return [sys.executable, "-c", _FSIZE_LAUNCHER, str(limit), *argv]
 
 
 # --- power cuts in-process ----------------------------------------------------------------------------

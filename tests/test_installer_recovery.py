@@ -6,6 +6,8 @@ ends, and nothing is armed twice."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from tests.installer_helpers import (
     make_rig,
     mers_with_file_size_limit,
     slot_files,
+    start_mers_with_file_size_limit,
 )
 
 
@@ -179,6 +182,36 @@ def test_a_slot_that_stops_taking_writes_is_one_storage_error_and_the_install_re
     assert rig.board.boot_env.read() == env and slot_files(rig.board, SlotName.A) == active
 
     install_file_and_confirm(rig, image, "2.0.0+0")  # resumed
+
+
+def test_the_daemon_retries_a_failing_slot_with_its_backoff_instead_of_exiting(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """Left running, the daemon logs each failed attempt on one line and waits longer each time (here 2 s,
+    then 4 s: a 1 s poll interval doubled); it does not exit into systemd's restart loop. SIGTERM still
+    stops it cleanly, and the install resumes once the slot takes writes again."""
+    rig = make_rig(hub, tmp_path)
+    image = rig.image("2.0.0", counter=3)
+    limit = 512 << 10
+    failed = mers_with_file_size_limit(rig, limit, "install", "--file", image, "--no-progress")
+    assert failed.returncode == EXIT_STORAGE, failed.stderr
+    daemon = start_mers_with_file_size_limit(rig, limit, "run", "-v", "--poll-interval", "1")
+    assert daemon.stderr is not None
+    attempts: list[float] = []
+    deadline = time.monotonic() + 120
+    while len(attempts) < 2:
+        assert time.monotonic() < deadline, "the daemon did not retry the slot"
+        line = daemon.stderr.readline()
+        assert line, f"the daemon exited with {daemon.wait(timeout=30)}"
+        if "cannot write slot b" in line:
+            assert "retrying later" in line and "Traceback" not in line, line
+            attempts.append(time.monotonic())
+    assert 1.5 <= attempts[1] - attempts[0] <= 60, "the retry waits out the backoff"
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0
+    assert load_journal(rig.board.state).phase is Phase.DOWNLOADING
+
+    install_file_and_confirm(rig, image, "2.0.0+0")
 
 
 def test_an_image_file_that_fails_to_read_mid_install_is_an_input_error_and_the_install_resumes(
