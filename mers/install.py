@@ -294,6 +294,7 @@ class Installer:
         size = head.payload_size
         with self._open_slot(journal) as slot:
             fd = slot.fileno()
+            _reserve_space(fd, size, journal.slot)
             offset = _rehash_prefix(fd, journal.offset, hasher, journal.slot)
             slot.seek(offset)
             self._show(offset, size)
@@ -538,6 +539,20 @@ def trial_env_changes(env: Mapping[str, str], slot: SlotName) -> dict[str, str]:
 
 def _payload_size(journal: Journal) -> int:
     return journal.image_size - len(journal.header_and_tlvs)
+
+
+def _reserve_space(fd: int, length: int, slot: SlotName | None) -> None:
+    """Before the first payload byte is written, make sure the slot can hold `length` bytes (DESIGN §8:
+    "check the image against the slot size and free space before downloading"). A partition has its
+    size, checked with the image's header; a slot that is a file (a simulated board, a gateway with
+    file-backed slots) may be sparse on a filesystem with less room than the image, which would fail with
+    ENOSPC in the middle of the download. So its blocks are allocated now (posix_fallocate: no content
+    changes, what was there reads the same), and a full filesystem is one `SlotStorageError` up front. On
+    a resume the blocks are there already and this costs nothing."""
+    with _slot_io(slot, f"reserve {length} bytes in"):
+        status = os.fstat(fd)
+        if stat.S_ISREG(status.st_mode) and length:
+            os.posix_fallocate(fd, 0, min(length, status.st_size))
 
 
 def _rehash_prefix(fd: int, length: int, hasher: hashlib._Hash, slot: SlotName | None) -> int:

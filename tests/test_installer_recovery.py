@@ -15,18 +15,28 @@ import pytest
 from board.interface import SlotName
 from mers.confirm import Confirmer
 from mers.daemon import Daemon, DaemonSettings
-from mers.errors import EXIT_STORAGE, ImageRejectedError, InputError, NotConfirmedError, TaskClosedError
+from mers.errors import (
+    EXIT_STORAGE,
+    ImageRejectedError,
+    InputError,
+    NotConfirmedError,
+    SlotStorageError,
+    TaskClosedError,
+)
 from mers.install import Installer, InstallOutcome, InstallStep
 from mers.journal import Phase, load_journal, save_journal
 from tests.hub_helpers import FIRMWARE, RunningHub, running_hub
 from tests.installer_helpers import (
+    PAYLOAD_SIZE,
     TEST_INSTALL,
     Rig,
+    grow_filesystem,
     install_file_and_confirm,
     interrupted_task_install,
     make_rig,
     mers_with_file_size_limit,
     slot_files,
+    small_filesystem,
     start_mers_with_file_size_limit,
 )
 
@@ -182,6 +192,35 @@ def test_a_slot_that_stops_taking_writes_is_one_storage_error_and_the_install_re
     assert rig.board.boot_env.read() == env and slot_files(rig.board, SlotName.A) == active
 
     install_file_and_confirm(rig, image, "2.0.0+0")  # resumed
+
+
+def test_a_slot_whose_filesystem_lacks_room_for_the_image_is_refused_before_a_byte_is_written(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """Slot b is a sparse file on a filesystem with room for half the payload: the install stops with one
+    `SlotStorageError` before writing any of it (not with ENOSPC halfway), nothing is armed, and once the
+    filesystem has room the same install goes through."""
+    rig = make_rig(hub, tmp_path)
+    image = rig.image("2.0.0", counter=3)
+    active, env = slot_files(rig.board, SlotName.A), rig.board.boot_env.read()
+    slot_b = rig.board.config.slot(SlotName.B).device
+    with small_filesystem(tmp_path / "small", PAYLOAD_SIZE // 2) as small:
+        moved = small / slot_b.name
+        with moved.open("wb") as sparse:
+            sparse.truncate(slot_b.stat().st_size)
+        slot_b.unlink()
+        slot_b.symlink_to(moved)
+
+        with pytest.raises(SlotStorageError, match=r"reserve \d+ bytes in slot b: No space left on device"):
+            Installer(rig.board, None, settings=TEST_INSTALL).install_file(image)
+        assert moved.stat().st_blocks == 0, "not a byte of the payload was written"
+        assert rig.board.boot_env.read() == env and slot_files(rig.board, SlotName.A) == active
+        journal = load_journal(rig.board.state)
+        assert journal.phase is Phase.DOWNLOADING and journal.offset == 0
+
+        grow_filesystem(small, 2 * PAYLOAD_SIZE)
+        result = Installer(rig.board, None, settings=TEST_INSTALL).install_file(image)
+        assert result.outcome is InstallOutcome.REBOOTING
 
 
 def test_the_daemon_retries_a_failing_slot_with_its_backoff_instead_of_exiting(
