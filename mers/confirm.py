@@ -14,8 +14,11 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import os
 import shlex
+import signal
 import subprocess
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,11 +32,17 @@ from board.interface import (
 )
 
 from .client import DeviceClient
-from .errors import MersError, NotConfirmedError, TaskClosedError
+from .errors import HubRefusedError, MersError, NotConfirmedError, ReonboardingRequiredError, TaskClosedError
 from .journal import Journal, Phase, SourceKind, journal_owner, load_journal, save_journal
 from .tasks import TaskClient, TaskState
 
 HEALTH_TIMEOUT = 120.0
+#: what is kept of the hook's stderr (its last line is the reason given): the rest is never held in memory
+HOOK_STDERR_TAIL = 4096
+#: refusals of a final report (ACTIVATED, FAILED) that no retry changes: the task is unknown to the hub
+#: (the device was onboarded again as another agent), or the hub will not take the report. The board's
+#: state is final by then, so the journal ends and the refusal is logged; anything else is retried
+_FINAL_REFUSALS = frozenset({400, 403, 404, 409, 410, 422})
 log = logging.getLogger("mers.confirm")
 
 
@@ -77,8 +86,13 @@ class Confirmer:
     ) -> None:
         self.board = board
         self.client = client
+        self._unparsable_hook = ""
         if isinstance(health_command, str):
-            health_command = shlex.split(health_command)
+            try:
+                health_command = shlex.split(health_command)
+            except ValueError as exc:  # an unbalanced quote: no check can vouch for the trial
+                self._unparsable_hook = str(exc)
+                health_command = ()
         self.health_command = tuple(health_command or ())
         self.health_timeout = health_timeout
         self._hook = hook
@@ -157,27 +171,57 @@ class Confirmer:
         raise NotConfirmedError(reason)
 
     def _health_problem(self, journal: Journal) -> str | None:
-        """None when healthy: the hook command exits 0 and, for an onboarded device, the hub answers."""
-        if self.health_command:
-            try:
-                completed = subprocess.run(
-                    self.health_command, capture_output=True, timeout=self.health_timeout, check=False
-                )
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                return f"health hook {self.health_command[0]} could not run: {exc}"
-            if completed.returncode != 0:
-                lines = completed.stderr.decode("utf-8", "replace").strip().splitlines()
-                detail = f": {lines[-1][:200]}" if lines else ""
-                return f"health hook exited with {completed.returncode}{detail}"
+        """None when healthy: the hook command exits 0 and, for an onboarded device, the hub answers. A hub
+        that answers with a refusal (the task unknown to it, say) is reachable: the trial is not blamed."""
+        problem = self._hook_problem()
+        if problem is not None:
+            return problem
         if self.client is not None:
             try:
                 if journal.source is SourceKind.TASK:
                     TaskClient(self.client).task(journal.task_id)
                 else:
                     self.client.access_token()
+            except HubRefusedError as exc:
+                log.warning("the hub is reachable but refused the health request: %s", exc)
             except MersError as exc:
                 return f"the hub is not reachable: {exc}"
         return None
+
+    def _hook_problem(self) -> str | None:
+        """Run the hook in a session of its own, its stdout discarded and the tail of its stderr kept in
+        a file: a hook that leaves a process behind (which holds its output open) is judged by its own
+        exit, a chatty one costs no memory, and one that outlasts its timeout is killed with everything
+        it started."""
+        if self._unparsable_hook:
+            return f"the health hook command cannot be split into words: {self._unparsable_hook}"
+        if not self.health_command:
+            return None
+        with tempfile.TemporaryFile() as stderr:
+            try:
+                process = subprocess.Popen(
+                    self.health_command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                return f"health hook {self.health_command[0]} could not run: {exc}"
+            try:
+                returncode = process.wait(timeout=self.health_timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                return f"health hook {self.health_command[0]} did not finish in {self.health_timeout:g} s"
+            if returncode == 0:
+                return None
+            size = stderr.seek(0, os.SEEK_END)
+            stderr.seek(max(0, size - HOOK_STDERR_TAIL))
+            lines = stderr.read().decode("utf-8", "replace").strip().splitlines()
+        detail = f": {lines[-1][:200]}" if lines else ""
+        return f"health hook exited with {returncode}{detail}"
 
     def _report(self, journal: Journal, state: TaskState, message: str) -> None:
         if journal.source is not SourceKind.TASK:
@@ -189,6 +233,12 @@ class Confirmer:
         except TaskClosedError as exc:
             # the operator closed the task meanwhile: the board's state stands, there is nobody to tell
             log.warning("not reported as %s: %s", state, exc)
+        except HubRefusedError as exc:
+            if exc.status not in _FINAL_REFUSALS or isinstance(exc, ReonboardingRequiredError):
+                raise
+            # the hub will never take it (the task is not this agent's any more): the board's state
+            # stands, and a journal kept for a report that cannot be made would block every next install
+            log.warning("not reported as %s; the hub refuses it for good: %s", state, exc)
 
     def _step(self, step: ConfirmStep) -> None:
         if self._hook is not None:

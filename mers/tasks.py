@@ -15,6 +15,8 @@ from .errors import HubProtocolError, HubRefusedError, InputError, TaskClosedErr
 from .onboarding import refusal
 
 TASKS_PATH = "/api/firmwaredeployment/v3/installationTasks"
+#: the longest task message the hub stores (DESIGN section 7)
+MAX_MESSAGE = 4096
 
 
 class TaskState(enum.StrEnum):
@@ -116,7 +118,7 @@ class TaskClient:
         if progress is not None:
             body["progress"] = float(progress)
         if message is not None:
-            body["message"] = message
+            body["message"] = reportable(message)
         answer = self._client.request("PATCH", _task_path(task_id), json=body)
         if answer.status != 200:
             raise _task_refusal(answer, task_id, "task report")
@@ -143,6 +145,16 @@ class TaskClient:
             return task
         state = target if PROGRESSION.index(target) >= here else task.state
         return self.report(task_id, state=state, progress=progress, message=message)
+
+
+def reportable(message: str) -> str:
+    """`message` as the hub takes it: characters that are not printable (a NUL from a health hook's
+    stderr, a newline, a lone surrogate) written as escapes, and cut to `MAX_MESSAGE`. A report refused for
+    its text would, after the switch, keep the journal from ever ending."""
+    text = "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in message
+    )
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 
 
 def _task_path(task_id: str) -> str:

@@ -1,0 +1,209 @@
+"""`mers confirm` and `mers status` at their edges: health hooks that misbehave, a hub that answers but
+refuses, report texts the hub would refuse, damaged state. Each of these once left a healthy trial rolled
+back, a journal no command could end, or a status that printed nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from board.interface import SlotName
+from mers.confirm import Confirmer, ConfirmOutcome
+from mers.errors import CorruptStateError, NotConfirmedError
+from mers.install import Installer, InstallOutcome
+from mers.journal import JOURNAL_FILE, Phase, load_journal
+from mers.tasks import MAX_MESSAGE, reportable
+from tests.device_helpers import bundle_file
+from tests.hub_helpers import RunningHub, create_agent
+from tests.installer_helpers import TEST_INSTALL, Rig, make_rig, mers_peak_rss_kib
+
+
+def armed_task(rig: Rig) -> str:
+    """A task's release installed, and the board booted into it for its trial; the task id."""
+    task_id = rig.task_for(rig.image("2.0.0", counter=3))
+    with rig.client() as client:
+        assert Installer(rig.board, client, settings=TEST_INSTALL).install_task(task_id).outcome is (
+            InstallOutcome.REBOOTING
+        )
+    rig.boot()
+    assert rig.board.active_slot() is SlotName.B
+    return task_id
+
+
+def hook_script(directory: Path, body: str) -> Path:
+    path = directory / "hook.sh"
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+# --- the health hook ---------------------------------------------------------------------------------
+
+
+def test_a_hook_that_leaves_a_process_behind_is_judged_by_its_own_exit(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """The background process holds the hook's stdout and stderr open for 30 s: `confirm` does not wait
+    for it (it used to wait out the timeout and refuse the trial)."""
+    rig = make_rig(hub, tmp_path)
+    task_id = armed_task(rig)
+    hook = hook_script(tmp_path, "( sleep 30 ) &\nexit 0\n")
+    started = time.monotonic()
+    with rig.client() as client:
+        result = Confirmer(rig.board, client, health_command=str(hook), health_timeout=20).confirm()
+    assert result.outcome is ConfirmOutcome.ACTIVATED
+    assert time.monotonic() - started < 10
+    assert rig.task(task_id)["state"] == "ACTIVATED"
+
+
+def test_a_hook_past_its_timeout_is_killed_with_what_it_started(hub: RunningHub, tmp_path: Path) -> None:
+    rig = make_rig(hub, tmp_path)
+    armed_task(rig)
+    pid_file = tmp_path / "child.pid"
+    hook = hook_script(tmp_path, f"sleep 60 &\necho $! > {pid_file}\nwait\n")
+    with rig.client() as client, pytest.raises(NotConfirmedError, match="did not finish in 2 s"):
+        Confirmer(rig.board, client, health_command=str(hook), health_timeout=2).confirm()
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _running(child):
+        assert time.monotonic() < deadline, "the hook's child outlived the hook's timeout"
+        time.sleep(0.05)
+    assert rig.board.reboot_requested() and rig.board.boot_env.read()["upgrade_available"] == "1"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie is dead, waiting for init to reap it
+
+
+def test_a_hook_that_prints_hundreds_of_megabytes_costs_no_memory(hub: RunningHub, tmp_path: Path) -> None:
+    rig = make_rig(hub, tmp_path)
+    armed_task(rig)
+    hook = hook_script(tmp_path, "head -c 300000000 /dev/zero\nhead -c 300000000 /dev/zero >&2\nexit 0\n")
+    peak_kib = mers_peak_rss_kib(rig, "confirm", "--health-hook", str(hook))
+    assert peak_kib < 150_000, f"{peak_kib} KiB"  # the interpreter and its imports; it held 800 MB before
+    assert load_journal(rig.board.state).phase is Phase.IDLE  # committed
+
+
+def test_a_hook_command_that_cannot_be_parsed_refuses_the_trial(hub: RunningHub, tmp_path: Path) -> None:
+    """An unbalanced quote: nothing vouches for the new firmware, so the trial is refused (the bootloader
+    rolls back after bootlimit) instead of a traceback that left it neither committed nor refused."""
+    rig = make_rig(hub, tmp_path)
+    armed_task(rig)
+    refused = rig.mers("confirm", "--health-hook", "/bin/true it's")
+    assert refused.returncode == 8, refused.stderr
+    assert "cannot be split into words" in refused.error_line
+    assert rig.board.reboot_requested() and rig.board.boot_env.read()["upgrade_available"] == "1"
+
+
+# --- reports the hub refuses -----------------------------------------------------------------------------
+
+
+def test_a_nul_in_the_hooks_error_still_reaches_the_hub_and_the_rollback_ends(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """The failing hook's last stderr line, a NUL in it, is the reason the rollback reports: the hub
+    refuses NUL, which used to keep the journal CONFIRMING for good."""
+    rig = make_rig(hub, tmp_path)
+    task_id = armed_task(rig)
+    hook = hook_script(tmp_path, "printf 'sensor\\000fault\\n' >&2\nexit 1\n")
+    for _ in range(5):
+        if rig.board.active_slot() is SlotName.A:
+            break
+        assert rig.mers("confirm", "--health-hook", hook).returncode == 8
+        rig.boot()
+    assert rig.board.active_slot() is SlotName.A, "the bootloader rolled back"
+    reported = rig.mers("confirm")
+    assert reported.returncode == 8, reported.stderr
+    assert load_journal(rig.board.state).phase is Phase.IDLE
+    task = rig.task(task_id)
+    assert task["state"] == "FAILED" and "sensor\\x00fault" in task["message"]
+
+
+def test_a_trial_of_a_task_the_hub_no_longer_knows_is_committed_and_the_journal_ends(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """The device was onboarded again as another agent during its trial: the hub answers 404 for the old
+    task. It answers, so it is reachable (the healthy trial used to be rolled back as "hub unreachable"),
+    and the ACTIVATED report it refuses for good is logged, not retried for ever."""
+    rig = make_rig(hub, tmp_path)
+    armed_task(rig)
+    second = create_agent(hub, "gw-second")
+    imported = rig.mers("boarding", "import", bundle_file(tmp_path / "bundle.json", hub, second["id"]))
+    assert imported.returncode == 0, imported.stderr
+    confirmed = rig.mers("confirm")
+    assert confirmed.returncode == 0, confirmed.stderr
+    assert rig.board.boot_env.read()["upgrade_available"] == "0"
+    assert load_journal(rig.board.state).phase is Phase.IDLE
+    assert rig.board.security_counter_floor() == 3
+
+
+@pytest.mark.parametrize(
+    ("message", "sent"),
+    [
+        ("plain text, ünïcode", "plain text, ünïcode"),
+        ("nul\x00here", "nul\\x00here"),
+        ("two\nlines", "two\\nlines"),
+        ("lone \ud800 surrogate", "lone \\ud800 surrogate"),
+        ("x" * (MAX_MESSAGE + 10), "x" * (MAX_MESSAGE - 1) + "…"),
+    ],
+)
+def test_a_report_text_is_made_one_the_hub_stores(message: str, sent: str) -> None:
+    assert reportable(message) == sent
+    assert len(reportable(message)) <= MAX_MESSAGE
+
+
+# --- damaged state and `mers status` ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [b"null\n", b'"x"\n', b"42\n", b"[]\n"])
+def test_a_journal_that_is_not_an_object_is_reported_damaged(
+    hub: RunningHub, tmp_path: Path, content: bytes
+) -> None:
+    rig = make_rig(hub, tmp_path, onboard=False)
+    (rig.board.state.directory / JOURNAL_FILE).write_bytes(content)
+    with pytest.raises(CorruptStateError, match="is damaged"):
+        load_journal(rig.board.state)
+
+
+def test_status_shows_a_damaged_journal_in_its_place_and_everything_else(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    rig = make_rig(hub, tmp_path)
+    armed_task(rig)
+    path = rig.board.state.directory / JOURNAL_FILE
+    body = json.loads(path.read_text())
+    path.write_text(json.dumps(body).replace(f'"image_size": {body["image_size"]}', '"image_size": Infinity'))
+    shown = rig.mers("status", "--json")
+    assert shown.returncode == 0, shown.stderr
+    status = json.loads(shown.stdout)
+    assert "is damaged" in status["firmware"]["install"]["error"]
+    assert status["state"] == "onboarded" and status["firmware"]["boot_env"]["boot_slot"] == "b"
+
+
+def test_status_shows_a_missing_slot_device_on_that_slots_line(hub: RunningHub, tmp_path: Path) -> None:
+    rig = make_rig(hub, tmp_path)
+    rig.board.config.slot(SlotName.B).device.unlink()
+    shown = rig.mers("status")
+    assert shown.returncode == 0, shown.stderr
+    line = next(line for line in shown.stdout.splitlines() if line.startswith("slot b:"))
+    assert "size unknown" in line and "slot-b" in line
+    assert any(line.startswith("slot a: 1.0.0") for line in shown.stdout.splitlines())
+
+
+def test_status_shows_damaged_credentials_instead_of_failing(hub: RunningHub, tmp_path: Path) -> None:
+    rig = make_rig(hub, tmp_path)
+    credentials = next(path for path in rig.board.state.directory.iterdir() if "credentials" in path.name)
+    credentials.write_bytes(b"{damaged")
+    os.sync()
+    shown = rig.mers("status", "--json")
+    assert shown.returncode == 0, shown.stderr
+    status = json.loads(shown.stdout)
+    assert status["state"] == "credentials-unreadable" and status["credentials_problem"]
