@@ -111,6 +111,8 @@ def load_journal(state: StateStore) -> Journal:
         return Journal()
     try:
         body = json.loads(raw)
+        if not isinstance(body, dict):
+            raise TypeError(f"a JSON {type(body).__name__}, not an object")
         if body.pop("format") != _FORMAT or body.pop("format_version") != _FORMAT_VERSION:
             raise ValueError("unknown format")
         return Journal(
@@ -129,7 +131,7 @@ def load_journal(state: StateStore) -> Journal:
             message=str(body["message"]),
             updated_at=float(body["updated_at"]),
         )
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, binascii.Error) as exc:  # Overflow: Infinity
         raise CorruptStateError(f"the install journal {JOURNAL_FILE} is damaged: {exc}") from exc
 
 

@@ -22,9 +22,11 @@ from .tokens import load_token
 
 @dataclass(frozen=True)
 class DeviceStatus:
-    state: str  # no-boarding-data | not-onboarded | onboarded | onboarded-new-boarding-pending
+    # no-boarding-data | not-onboarded | onboarded | onboarded-new-boarding-pending | credentials-unreadable
+    state: str
     boarding_source: str | None
     boarding_problem: str | None
+    credentials_problem: str | None
     client_id: str | None
     profile: str | None
     tenant: str | None
@@ -52,9 +54,15 @@ def device_status(board: Board) -> DeviceStatus:
         boarding = current_boarding(board)
     except MersError as exc:
         problem = str(exc)
-    stored = load_credentials(board.state)
+    stored, credentials_problem = None, None
+    try:
+        stored = load_credentials(board.state)
+    except MersError as exc:  # damaged: shown, with everything else, rather than ending the status
+        credentials_problem = str(exc)
     token = load_token(board.state)
-    if stored is None:
+    if credentials_problem is not None:
+        state = "credentials-unreadable"
+    elif stored is None:
         state = "not-onboarded" if boarding is not None or problem else "no-boarding-data"
     elif boarding is not None and boarding.iat_id != stored.iat_id:
         state = "onboarded-new-boarding-pending"
@@ -66,6 +74,7 @@ def device_status(board: Board) -> DeviceStatus:
         state=state,
         boarding_source=boarding.source.value if boarding is not None else None,
         boarding_problem=problem,
+        credentials_problem=credentials_problem,
         client_id=stored.client_id if stored else boarding.client_id if boarding else None,
         profile=(stored.profile if stored else boarding.profile if boarding else None),
         tenant=stored.tenant if stored else boarding.tenant if boarding else None,
@@ -89,7 +98,7 @@ def _last_error(board: Board) -> tuple[str, str] | None:
     try:
         record = json.loads(raw)
         return _iso(float(record["at"])) or "", f"{record['kind']}: {record['message']}"
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError, OSError):  # a time past what datetime holds
         return None
 
 
