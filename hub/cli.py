@@ -140,7 +140,12 @@ def init(
 
 @main.command("serve")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0: all; devices are then given init's first --hostname).",
+)
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=8443, show_default=True, help="0 picks a free port."
 )

@@ -4,6 +4,7 @@ a clean shutdown removes it again, so a script never finds the URL of a hub that
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import uvicorn
+from cryptography import x509
 
 from .app import create_app
 from .errors import HubSetupError
@@ -37,6 +39,8 @@ class HubServer(uvicorn.Server):
         if self.started:
             _publish_url(self.hub.home.url_file, self.url)
             log.info("serving %s at %s", self.hub.home.root, self.url)
+            if self.hub.base_url != self.url:
+                log.info("devices are given %s", self.hub.base_url)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await super().shutdown(sockets)
@@ -62,7 +66,44 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def url_for(sock: socket.socket) -> str:
+    """The URL this machine reaches the hub at (`DIR/url`, for the local admin CLI): the bound address,
+    or loopback when the hub listens on every address (`0.0.0.0`, `::`), which no client can connect to
+    by that name. The certificate always covers 127.0.0.1 and localhost."""
     host, port = sock.getsockname()[:2]
+    if ipaddress.ip_address(host).is_unspecified:
+        host = "::1" if ":" in host else "127.0.0.1"
+    return _https(host, port)
+
+
+def device_url(home: HubHome, sock: socket.socket) -> str:
+    """The base URL devices are given when `hub.toml` names no `public_url`: the bound address, or, when
+    the hub listens on every address, the first name `init --hostname` put in the certificate (what the
+    devices reach it by: it is in their boarding data and signed URLs, and the certificate matches it).
+    Without such a name, loopback, as `url_for`."""
+    host, port = sock.getsockname()[:2]
+    if not ipaddress.ip_address(host).is_unspecified:
+        return _https(host, port)
+    for name in _certificate_names(home):
+        if name not in _ALWAYS_CERTIFIED:
+            return _https(name, port)
+    return url_for(sock)
+
+
+#: the names `init` puts in every certificate, whatever --hostname says
+_ALWAYS_CERTIFIED = frozenset({"127.0.0.1", "localhost"})
+
+
+def _certificate_names(home: HubHome) -> list[str]:
+    """The DNS names and IP addresses of the hub's certificate, in its order (`init`'s)."""
+    try:
+        certificate = x509.load_pem_x509_certificate(home.server_certificate.read_bytes())
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return []  # `_check_tls_files` has said what is wrong with it, or a certificate of no names
+    return [str(name.value) for name in names if isinstance(name, x509.DNSName | x509.IPAddress)]
+
+
+def _https(host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"https://{shown}:{port}"
 
@@ -76,7 +117,7 @@ def build_server(
             raise HubSetupError(f"{path} is missing; is {home.root} a hub directory made by mers-hub init?")
     _check_tls_files(home)
     url = url_for(sock)
-    state = load_state(home, url, clock)
+    state = load_state(home, device_url(home, sock), clock)
     swept = sweep_upload_leftovers(home.blobs, clock())
     if swept:
         log.info("removed %d temporary file(s) of uploads cut short", swept)

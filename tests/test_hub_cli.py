@@ -230,6 +230,32 @@ def test_serve_on_port_zero_publishes_its_url_and_a_stop_signal_ends_it_cleanly(
     assert served_hub.url in log  # it says where it listens
 
 
+@pytest.mark.parametrize(
+    ("hostnames", "device_host"), [(["gw-hub.test", "10.9.8.7"], "gw-hub.test"), ([], "127.0.0.1")]
+)
+def test_serve_on_every_address_gives_devices_the_name_init_certified(
+    tmp_path: Path, hostnames: list[str], device_host: str
+) -> None:
+    """`--host 0.0.0.0` (the README's way): nobody connects to 0.0.0.0, so the local CLI's DIR/url names
+    loopback, and devices (boarding data, signed URLs) get init's first --hostname, which the certificate
+    matches. Both used to be https://0.0.0.0:PORT, which failed even for the local admin commands."""
+    root = tmp_path / "hub"
+    succeeded(mers_hub("init", root, *(option for name in hostnames for option in ("--hostname", name))))
+    with serving(root, "--host", "0.0.0.0") as served_hub:
+        port = served_hub.url.rsplit(":", 1)[1]
+        assert served_hub.url == f"https://127.0.0.1:{port}"
+        agent = served_hub.admin(
+            "POST",
+            "/api/agentmanagement/v3/agents",
+            json={"name": "gw-1", "securityProfile": "SHARED_SECRET"},
+        ).json()
+        boarding = served_hub.admin(
+            "GET", f"/api/agentmanagement/v3/agents/{agent['id']}/boarding/configuration"
+        ).json()
+        assert boarding["content"]["baseUrl"] == f"https://{device_host}:{port}"
+        succeeded(mers_hub("agent", "list", "--dir", root))  # the local CLI reaches it through DIR/url
+
+
 def test_serve_speaks_only_tls(served: ServedHub) -> None:
     with pytest.raises(requests.ConnectionError):
         requests.get(served.url.replace("https://", "http://") + "/openapi.json", timeout=30)
