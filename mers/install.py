@@ -294,7 +294,7 @@ class Installer:
         size = head.payload_size
         with self._open_slot(journal) as slot:
             fd = slot.fileno()
-            _reserve_space(fd, size, journal.slot)
+            _check_free_space(fd, size, journal.slot)
             offset = _rehash_prefix(fd, journal.offset, hasher, journal.slot)
             slot.seek(offset)
             self._show(offset, size)
@@ -541,18 +541,30 @@ def _payload_size(journal: Journal) -> int:
     return journal.image_size - len(journal.header_and_tlvs)
 
 
-def _reserve_space(fd: int, length: int, slot: SlotName | None) -> None:
-    """Before the first payload byte is written, make sure the slot can hold `length` bytes (DESIGN §8:
+def _check_free_space(fd: int, length: int, slot: SlotName | None) -> None:
+    """Before the first payload byte is written, check that the slot can hold `length` bytes (DESIGN §8:
     "check the image against the slot size and free space before downloading"). A partition has its
     size, checked with the image's header; a slot that is a file (a simulated board, a gateway with
-    file-backed slots) may be sparse on a filesystem with less room than the image, which would fail with
-    ENOSPC in the middle of the download. So its blocks are allocated now (posix_fallocate: no content
-    changes, what was there reads the same), and a full filesystem is one `SlotStorageError` up front. On
-    a resume the blocks are there already and this costs nothing."""
-    with _slot_io(slot, f"reserve {length} bytes in"):
+    file-backed slots) may be sparse, on a filesystem with less room than the image: that download would
+    fail with ENOSPC halfway. So the blocks the file still lacks are compared with the filesystem's free
+    space, and a shortfall is one `SlotStorageError` up front (the daemon retries it: space may be
+    freed). Only a check, nothing written: `posix_fallocate` would reserve the space, but musl's fails
+    on filesystems without fallocate and glibc's emulates it by writing into every block. On a resume
+    only the blocks still missing count."""
+    with _slot_io(slot, "measure the free space of"):
         status = os.fstat(fd)
-        if stat.S_ISREG(status.st_mode) and length:
-            os.posix_fallocate(fd, 0, min(length, status.st_size))
+        if not stat.S_ISREG(status.st_mode):
+            return
+        missing = min(length, status.st_size) - status.st_blocks * 512
+        if missing <= 0:
+            return
+        filesystem = os.fstatvfs(fd)
+    free = filesystem.f_bavail * filesystem.f_frsize
+    if free < missing:
+        raise SlotStorageError(
+            f"slot {slot} is a file on a filesystem with {free} bytes free, and the image needs {missing} "
+            "more: free space there (or give the slot a partition)"
+        )
 
 
 def _rehash_prefix(fd: int, length: int, hasher: hashlib._Hash, slot: SlotName | None) -> int:
@@ -562,7 +574,7 @@ def _rehash_prefix(fd: int, length: int, hasher: hashlib._Hash, slot: SlotName |
         with _slot_io(slot, f"read byte {offset} of"):
             chunk = os.pread(fd, min(_REHASH_CHUNK, length - offset), offset)
         if not chunk:
-            raise SlotStorageError(f"the slot ends at {offset}, before the journalled offset {length}")
+            raise StorageError(f"the slot ends at {offset}, before the journalled offset {length}")
         hasher.update(chunk)
         offset += len(chunk)
     return offset
