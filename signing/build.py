@@ -37,7 +37,7 @@ from .image_format import (
     class_uuid,
     vendor_uuid,
 )
-from .output import SequentialWriter, atomic_output, kept_aside
+from .output import SequentialWriter, atomic_output, fsync_directory, kept_aside
 
 # keys (and so cryptography) are not needed to stream an image: not importing them here lets the CLI load
 # them while the payload is already being hashed. Nor is reading an image's layout and manifest, which
@@ -225,30 +225,32 @@ def prepare_detached(
     failed `mers-sign digest` leaves no unsigned image for a pipeline to pick up without its digest.
 
     The digest's temporary file is made first, so a missing or unwritable directory fails before
-    anything is streamed; the image is published next and the digest last. If publishing the digest
-    fails, the image just published is taken back: the earlier image of that name is put back when there
-    was one (beside the earlier digest file, which was not replaced), else the name is freed."""
-    image_published = False
-    with kept_aside(unsigned_path) as earlier_image:
+    anything is streamed; the image is published next and the digest last. Whatever fails, at whatever
+    point, both names are then given back what they held before (an earlier image and digest are kept
+    aside under second names meanwhile), or freed where they held nothing."""
+    with kept_aside(unsigned_path) as earlier_image, kept_aside(digest_path) as earlier_digest:
         try:
             with atomic_output(digest_path) as digest_output:
                 digest = prepare_unsigned(input_path, unsigned_path, options)
-                image_published = True
                 digest_output.write(digest)
         except BaseException:
-            if image_published:
-                _take_back(unsigned_path, earlier_image)
+            _take_back(unsigned_path, earlier_image)
+            _take_back(digest_path, earlier_digest)
+            with contextlib.suppress(OSError):
+                fsync_directory(unsigned_path.parent)
+                fsync_directory(digest_path.parent)
             raise
     return digest
 
 
 def _take_back(path: Path, earlier: Path | None) -> None:
-    """Undo the publication of `path`: the earlier file back where one was kept, else no file at all."""
-    if earlier is not None:
-        with contextlib.suppress(OSError):
+    """`path` as it was before: the earlier file put back where one was kept aside, else no file. Never
+    raises: the caller is already handing on the error that made it give back."""
+    with contextlib.suppress(OSError):
+        if earlier is not None:
             os.replace(earlier, path)
-            return
-    path.unlink(missing_ok=True)
+        elif path.is_file() and not path.is_symlink():
+            path.unlink()
 
 
 def attach_signature(image_path: Path, output_path: Path, signature: bytes, public_key: PublicKey) -> bytes:

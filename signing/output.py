@@ -184,22 +184,25 @@ def atomic_output(path: Path, mode: int = 0o644) -> Iterator[SequentialWriter]:
         raise OutputFileError(f"cannot write in {directory}: {exc.strerror}") from exc
     temp_path = Path(temporary)
     writer = SequentialWriter(fd, temp_path)
+    fd_open = True
     try:
         yield writer
         writer.close()
         os.fchmod(fd, mode)
         os.fsync(fd)
+        fd_open = False  # closed by the call below even when it reports an error
         os.close(fd)
         os.replace(temp_path, path)
+        fsync_directory(directory)  # a failure here is the caller's to undo: the new file has its name
     except BaseException as exc:
         writer.abort()
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        if fd_open:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         temp_path.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise OutputFileError(f"cannot write {path}: {exc.strerror}") from exc
         raise
-    fsync_directory(directory)
 
 
 @contextmanager

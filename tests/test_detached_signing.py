@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import signing.output
 from signing import ImageOptions, ImageVersion, prepare_detached
 from signing.errors import OutputFileError
 from tests.conftest import CliResult, require_tool
@@ -433,3 +434,31 @@ def test_prepare_detached_puts_the_earlier_image_back_when_the_new_digest_cannot
     assert unsigned.read_bytes() == earlier_image
     assert digest_file.read_bytes() == earlier_digest
     assert listing(tmp_path) == {"unsigned.img", "digest.bin"}  # no temporary file, no kept copy
+
+
+@pytest.mark.parametrize("failing_call", [1, 2], ids=["image's directory fsync", "digest's directory fsync"])
+@pytest.mark.parametrize("earlier", [True, False], ids=["over an earlier pair", "into an empty directory"])
+def test_prepare_detached_gives_both_names_back_whichever_publication_fails(
+    payload: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_call: int, earlier: bool
+) -> None:
+    """The directory's fsync after a rename fails (EIO): the file already has its name, so it is the
+    caller's to undo. Both names then hold what they held before, never a new image beside an old digest
+    or the reverse."""
+    unsigned, digest_file = tmp_path / "unsigned.img", tmp_path / "digest.bin"
+    before: dict[str, bytes] = {}
+    if earlier:
+        prepare_detached(payload, unsigned, digest_file, ImageOptions(ImageVersion.parse("1.0.0")))
+        before = {path.name: path.read_bytes() for path in (unsigned, digest_file)}
+    real_fsync_directory = signing.output.fsync_directory
+    calls: list[Path] = []
+
+    def failing(directory: Path) -> None:
+        calls.append(directory)
+        if len(calls) == failing_call:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync_directory(directory)
+
+    monkeypatch.setattr(signing.output, "fsync_directory", failing)
+    with pytest.raises(OutputFileError, match="Input/output error"):
+        prepare_detached(payload, unsigned, digest_file, ImageOptions(ImageVersion.parse("2.0.0")))
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
