@@ -54,7 +54,7 @@ class HubSettings:
         for key, value in raw.items():
             if key not in known:
                 raise HubSetupError(f"{source}: unknown setting {key!r}")
-            values[key] = _checked(key, value, type(getattr(cls(), key)), source)
+            values[key] = _checked(key, value, _SETTING_TYPES[known[key].type], source)
         return cls(**values)
 
     def to_toml(self) -> str:
@@ -65,6 +65,15 @@ class HubSettings:
         return "\n".join(lines) + "\n"
 
 
+#: a setting's annotation (a string: the module's annotations are postponed) to the type it must have
+_SETTING_TYPES: dict[object, type] = {"str": str, "int": int, "float": float}
+
+#: the longest of every duration setting (lifetimes, timeouts, leeways), in seconds: ten years. Beyond
+#: some hundred years a signed URL's expiry no longer fits its 12 digits, nor a date its year, and every
+#: task read would fail
+MAX_DURATION = 10 * 365 * DAY
+
+
 def _checked(key: str, value: object, expected: type, source: str) -> object:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -72,6 +81,8 @@ def _checked(key: str, value: object, expected: type, source: str) -> object:
         raise HubSetupError(f"{source}: {key} must be a {expected.__name__}")
     if isinstance(value, int | float) and (not math.isfinite(value) or value <= 0):
         raise HubSetupError(f"{source}: {key} must be positive")
+    if isinstance(value, float) and value > MAX_DURATION:  # every float setting is a duration in seconds
+        raise HubSetupError(f"{source}: {key} must be at most {MAX_DURATION:.0f} seconds (ten years)")
     return value
 
 

@@ -8,6 +8,7 @@ import hashlib
 import ipaddress
 import sqlite3
 import stat
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from hub import setup as hub_setup
 from hub.errors import HubSetupError
-from hub.home import HubHome, HubSettings
+from hub.home import MAX_DURATION, HubHome, HubSettings
 from hub.setup import create_hub, hash_admin_token
 from hub.state import load_state
 from hub.tokens import HubKey
@@ -269,3 +270,15 @@ def test_an_interrupted_init_beside_anything_else_is_left_alone(
     with pytest.raises(HubSetupError, match="is not empty"):
         create_hub(root)
     assert sorted(path.name for path in root.iterdir()) == before
+
+
+@pytest.mark.parametrize("key", [item.name for item in fields(HubSettings) if item.type == "float"])
+def test_a_duration_setting_beyond_ten_years_is_refused_in_one_line(key: str) -> None:
+    """A signed URL lifetime of 1e12 s made every task read a 500 (no date has that year) and every URL
+    one the hub's own check refused (its expiry past 12 digits)."""
+    with pytest.raises(HubSetupError, match=f"{key} must be at most"):
+        HubSettings.from_toml(f"{key} = 1e12\n", source="hub.toml")
+    assert getattr(HubSettings.from_toml(f"{key} = {MAX_DURATION}\n", source="hub.toml"), key) == MAX_DURATION
+    assert (
+        getattr(HubSettings.from_toml(f"{key} = 0.5\n", source="hub.toml"), key) == 0.5
+    )  # was "must be a int"
