@@ -323,6 +323,10 @@ def _transition_row(
     )
 
 
+#: ids bound in one IN list, well under any database's limit of bound parameters
+_IDS_PER_QUERY = 500
+
+
 def _load(database: Database, conditions: Sequence[Any]) -> list[TaskView]:
     with database.transaction() as session:
         rows = session.execute(
@@ -334,12 +338,16 @@ def _load(database: Database, conditions: Sequence[Any]) -> list[TaskView]:
         if not rows:
             return []
         history: dict[str, list[Transition]] = {task.id: [] for task, _ in rows}
-        selected = select(InstallationTask.id).where(*conditions)
-        entries = session.scalars(
-            select(TaskTransition).where(TaskTransition.task_id.in_(selected)).order_by(TaskTransition.id)
-        )
-        for entry in entries:
-            if entry.task_id in history:  # a task created since the first query is not in this answer
+        # the tasks the first query returned, by id: the conditions again would miss one that left them
+        # between the two queries (cancelled meanwhile, no longer open), listing it with no history
+        ids = list(history)
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            entries = session.scalars(
+                select(TaskTransition)
+                .where(TaskTransition.task_id.in_(ids[start : start + _IDS_PER_QUERY]))
+                .order_by(TaskTransition.id)
+            )
+            for entry in entries:
                 history[entry.task_id].append(_transition(entry))
         # each accepted change adds one entry and one to the eTag: cut what came after the task was read
         return [_view(task, ReleaseView.of(release), history[task.id][: task.etag]) for task, release in rows]

@@ -14,11 +14,14 @@ from typing import Any
 
 import pytest
 import requests
+import sqlalchemy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hub import tasks as hub_tasks
+from hub.database import Database, create_schema, open_engine
 from hub.errors import ConflictError
+from hub.models import Agent, Release, SecurityProfile
 from hub.tasks import CLOSED, OPEN, TaskChange, TaskState, TaskStatus, allowed_targets, apply_change
 from tests.firmware_helpers import Published, add_agent, new_task, publish
 from tests.hub_helpers import FIRMWARE, RunningHub, at_once, onboard_agent, running_hub
@@ -560,3 +563,57 @@ def test_an_agent_has_no_admin_powers(hub: RunningHub, published: Published) -> 
         "POST", f"{FIRMWARE}/releases", token=token, params={"name": "x"}, data=published.image
     )
     assert upload.status_code == 401
+
+
+def test_a_task_that_leaves_the_filter_between_the_two_queries_of_a_listing_keeps_its_history(
+    tmp_path: Path,
+) -> None:
+    """A listing reads the tasks, then their histories. The task is cancelled by another connection
+    in between: it is still listed as it was read, with its history (it came with none when the second
+    query filtered on the state again)."""
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    engine = open_engine(url)
+    create_schema(engine)
+    database = Database(engine)
+    with database.transaction() as session:
+        session.add(
+            Agent(
+                id="a" * 32,
+                name="gw",
+                security_profile=SecurityProfile.SHARED_SECRET,
+                created_at=1,
+                updated_at=1,
+                status_updated_at=1,
+            )
+        )
+        session.add(
+            Release(
+                id="b" * 32,
+                sha256="c" * 64,
+                name="r",
+                version="1.0.0",
+                security_counter=0,
+                vendor_uuid=None,
+                class_uuid=None,
+                size=1,
+                image_digest="d" * 64,
+                signed_by="[]",
+                uploaded_at=1,
+            )
+        )
+    task = hub_tasks.create_task(database, "a" * 32, "b" * 32, "admin", 2.0)
+    hub_tasks.update_task(database, task.id, TaskChange(TaskState.DOWNLOADING, 0.5), "agent", 3.0)
+    other = Database(open_engine(url))
+    cancelled: list[bool] = []
+
+    @sqlalchemy.event.listens_for(engine, "before_cursor_execute")
+    def cancel_meanwhile(*arguments: Any) -> None:
+        statement = arguments[2]
+        if "FROM task_transitions" in statement and not cancelled:
+            cancelled.append(True)
+            hub_tasks.update_task(other, task.id, TaskChange(TaskState.CANCELED), "admin", 4.0)
+
+    [listed] = hub_tasks.list_tasks(database, None, OPEN)
+    assert cancelled, "the second query ran"
+    assert listed.status.state is TaskState.DOWNLOADING
+    assert [entry.to_state for entry in listed.history] == [TaskState.CREATED, TaskState.DOWNLOADING]
