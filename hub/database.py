@@ -7,15 +7,16 @@ agents' shared secrets."""
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .errors import HubSetupError
+from .errors import HubSetupError, InsufficientStorageError
 from .models import Agent, Base
 
 
@@ -89,8 +90,32 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
-            yield session
+        """A session whose work commits at the end, or rolls back. A database whose disk is full is an
+        `InsufficientStorageError` (507: retry once space is freed), as a full blob directory is, not a
+        500 with a traceback."""
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except DBAPIError as exc:
+            if _disk_full(exc):
+                raise InsufficientStorageError(
+                    "the hub's database has no room left: nothing was changed"
+                ) from exc
+            raise
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+#: PostgreSQL's SQLSTATE for "could not extend file: No space left on device"
+_PG_DISK_FULL = "53100"
+
+
+def _disk_full(error: DBAPIError) -> bool:
+    """Whether the driver's error is the database's disk being full (SQLite's SQLITE_FULL, PostgreSQL's
+    disk_full); other errors stay what they are."""
+    cause = error.orig
+    return (
+        getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        or getattr(cause, "sqlstate", None) == _PG_DISK_FULL
+    )

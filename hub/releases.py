@@ -154,9 +154,13 @@ def _admit(
     database: Database, blobs: Path, name: str, spooled: Spooled, anchors: tuple[PublicKey, ...], clock: Clock
 ) -> Upload:
     """The release the spooled file becomes: the existing one for known bytes, else a new one if the
-    image verifies (its blob moved into place first, so a recorded release always has its bytes)."""
+    image verifies (its blob moved into place first, so a recorded release always has its bytes). Known
+    bytes whose blob has gone missing (a restore without the blob directory, a hand's `rm`) put it back:
+    they are those very bytes, their SHA-256 says so. A blob whose release could not be recorded (the
+    database failed) stays, and the same upload, retried, records it."""
     existing = find_by_sha256(database, spooled.sha256)
     if existing is not None:
+        _store_blob(spooled.path, blob_file(blobs, spooled.sha256))
         return Upload(existing, created=False)
     verified = _verify(spooled.path, anchors)
     _store_blob(spooled.path, blob_file(blobs, spooled.sha256))

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -124,3 +125,22 @@ def hub_on_each_database(request: pytest.FixtureRequest) -> RunningHub:
     the database (conditional updates, unique claims, transactions under concurrency)."""
     running: RunningHub = request.getfixturevalue("hub" if request.param == "sqlite" else "postgres_hub")
     return running
+
+
+@contextmanager
+def small_filesystem(mount_point: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of `size` bytes mounted at `mount_point`, for a real ENOSPC (mounting needs root, as CI
+    runs; elsewhere the test is skipped). `grow_filesystem` gives it more room while mounted."""
+    mount_point.mkdir()
+    command = [require_tool("mount"), "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)]
+    mounted = subprocess.run(command, capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        unavailable(f"cannot mount a tmpfs (root is needed): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run([require_tool("umount"), str(mount_point)], check=True)
+
+
+def grow_filesystem(mount_point: Path, size: int) -> None:
+    subprocess.run([require_tool("mount"), "-o", f"remount,size={size}", str(mount_point)], check=True)

@@ -32,7 +32,7 @@ from mers.download import DownloadSettings
 from mers.install import Installer, InstallSettings, InstallStep
 from signing.image_format import ImageVersion
 from signing.keys import KeyAlgorithm, SoftwareSigner
-from tests.conftest import CliResult, require_tool, run_cli, unavailable
+from tests.conftest import CliResult, run_cli
 from tests.device_helpers import FAST, Gateway, boarding_data
 from tests.firmware_helpers import new_task, trust, upload
 from tests.hub_helpers import FIRMWARE, RunningHub, create_agent
@@ -214,25 +214,6 @@ def _file_size_limited(rig: Rig, limit: int, *args: str | Path) -> list[str]:
     program = Path(sys.executable).parent / "mers"
     argv = [str(program), *map(str, args), "--board", str(rig.gateway.path), "--retries", "2"]
     return [sys.executable, "-c", _FSIZE_LAUNCHER, str(limit), *argv]
-
-
-@contextmanager
-def small_filesystem(mount_point: Path, size: int) -> Iterator[Path]:
-    """A tmpfs of `size` bytes mounted at `mount_point`, for a real ENOSPC (mounting needs root, as CI
-    runs; elsewhere the test is skipped). `grow_filesystem` gives it more room while mounted."""
-    mount_point.mkdir()
-    command = [require_tool("mount"), "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)]
-    mounted = subprocess.run(command, capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        unavailable(f"cannot mount a tmpfs (root is needed): {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run([require_tool("umount"), str(mount_point)], check=True)
-
-
-def grow_filesystem(mount_point: Path, size: int) -> None:
-    subprocess.run([require_tool("mount"), "-o", f"remount,size={size}", str(mount_point)], check=True)
 
 
 # --- power cuts in-process ----------------------------------------------------------------------------

@@ -3,11 +3,17 @@ agents' secrets to their owner."""
 
 from __future__ import annotations
 
+import contextlib
 import stat
+from pathlib import Path
 
+import pytest
 import sqlalchemy
 
-from hub.models import Base
+from hub.database import Database, create_schema, open_engine
+from hub.errors import InsufficientStorageError
+from hub.models import Agent, Base
+from tests.conftest import small_filesystem
 from tests.hub_helpers import RunningHub
 
 
@@ -31,3 +37,33 @@ def test_a_postgresql_hub_creates_every_table_and_serves(postgres_hub: RunningHu
     assert not (postgres_hub.root / "hub.db").exists()
     response = postgres_hub.admin("GET", "/openapi.json")
     assert response.status_code == 200
+
+
+def test_a_database_whose_disk_is_full_is_insufficient_storage_not_a_crash(tmp_path: Path) -> None:
+    """SQLite on a filesystem with no room left: the write is an `InsufficientStorageError` (507 to a
+    client, as a full blob directory is; it was a 500 with a traceback), and nothing of it is kept."""
+    with small_filesystem(tmp_path / "small", 1 << 20) as small:
+        engine = open_engine(f"sqlite:///{small / 'hub.db'}")
+        create_schema(engine)
+        database = Database(engine)
+        with (small / "filler").open("wb") as filler, contextlib.suppress(OSError):
+            while True:  # until ENOSPC
+                filler.write(bytes(64 << 10))
+                filler.flush()
+        with pytest.raises(InsufficientStorageError, match="no room left"), database.transaction() as session:
+            for index in range(200):
+                session.add(
+                    Agent(
+                        id=f"{index:032x}",
+                        name=f"gw-{index}",
+                        security_profile="SHARED_SECRET",
+                        description="x" * 4000,
+                        created_at=1.0,
+                        updated_at=1.0,
+                        status_updated_at=1.0,
+                    )
+                )
+        (small / "filler").unlink()
+        with database.transaction() as session:
+            assert session.scalar(sqlalchemy.select(sqlalchemy.func.count()).select_from(Agent)) == 0
+        engine.dispose()

@@ -166,6 +166,22 @@ def test_the_same_bytes_uploaded_twice_are_stored_once(hub: RunningHub, tmp_path
     assert len(hub.admin("GET", f"{FIRMWARE}/releases").json()["content"]) == 1
 
 
+def test_uploading_known_bytes_again_puts_back_their_lost_blob(hub: RunningHub, tmp_path: Path) -> None:
+    """The blob of a recorded release is gone (restored from a backup without the blob directory): its
+    signed URLs answered 403 for good, and uploading the image again changed nothing. Now the upload
+    gives the blob back."""
+    signer = signer_for(KeyAlgorithm.ED25519)
+    trust(hub, signer)
+    image = make_image(tmp_path, [signer])
+    first = upload(hub, image)
+    sha256 = first.json()["sha256"]
+    (hub.state.blobs / sha256).unlink()
+    again = upload(hub, image)
+    assert again.status_code == 200 and again.json() == first.json()
+    assert stored_files(hub) == [sha256]
+    assert hashlib.sha256((hub.state.blobs / sha256).read_bytes()).hexdigest() == sha256
+
+
 def test_a_body_streamed_in_chunks_is_received_whole(hub: RunningHub, tmp_path: Path) -> None:
     signer = signer_for(KeyAlgorithm.ED25519)
     trust(hub, signer)

@@ -25,18 +25,17 @@ from mers.errors import (
 )
 from mers.install import Installer, InstallOutcome, InstallStep
 from mers.journal import Phase, load_journal, save_journal
+from tests.conftest import grow_filesystem, small_filesystem
 from tests.hub_helpers import FIRMWARE, RunningHub, running_hub
 from tests.installer_helpers import (
     PAYLOAD_SIZE,
     TEST_INSTALL,
     Rig,
-    grow_filesystem,
     install_file_and_confirm,
     interrupted_task_install,
     make_rig,
     mers_with_file_size_limit,
     slot_files,
-    small_filesystem,
     start_mers_with_file_size_limit,
 )
 
