@@ -138,8 +138,8 @@ def small_filesystem(mount_point: Path, size: int) -> Iterator[Path]:
         unavailable(f"cannot mount a tmpfs (root is needed): {mounted.stderr.strip()}")
     try:
         yield mount_point
-    finally:
-        subprocess.run([require_tool("umount"), str(mount_point)], check=True)
+    finally:  # lazily: a failed test may still hold a file open in it, and the mount must not outlive it
+        subprocess.run([require_tool("umount"), "--lazy", str(mount_point)], check=True)
 
 
 def grow_filesystem(mount_point: Path, size: int) -> None:
