@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import agents_api, blobs_api, firmware_api, onboarding_api
@@ -101,12 +102,24 @@ class RequestLimits:
             await send(message)
 
         declared = _content_length(scope)
-        if declared is not None and declared > limit:
-            await _send_error(send_with_time, PayloadTooLargeError(f"the body exceeds {limit} bytes"))
-        else:
-            await self.app(scope, _bounded(receive, limit), send_with_time)
-        # the path is percent-decoded: escaped, `/x%0A<a line>` would forge a line of the log
-        access_log.info("%s %s %s", scope["method"], escaped(path), status_seen[0] if status_seen else "-")
+        outcome = ""
+        try:
+            if declared is not None and declared > limit:
+                await _send_error(send_with_time, PayloadTooLargeError(f"the body exceeds {limit} bytes"))
+            else:
+                await self.app(scope, _bounded(receive, limit), send_with_time)
+        except ClientDisconnect:
+            # the client went away mid-body (an upload cut short): nobody to answer, nothing to report
+            # but this line; the endpoint has removed what it had spooled
+            outcome = " (client disconnected)"
+        except BaseException:
+            outcome = " (failed)"
+            raise
+        finally:
+            # every request gets its line, a failed one too; the path is percent-decoded: escaped,
+            # `/x%0A<a line>` would forge a line of the log
+            status = status_seen[0] if status_seen else "-"
+            access_log.info("%s %s %s%s", scope["method"], escaped(path), status, outcome)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -11,7 +11,11 @@ of every signed URL, is searched for in the server's whole output. The output mu
 from __future__ import annotations
 
 import base64
+import os
 import re
+import socket
+import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -153,6 +157,7 @@ def test_a_failed_database_write_is_logged_without_its_parameters(tmp_path: Path
         assert agent.renew().status_code == 500
         log = hub.stop()
     assert "the database refuses this write" in log, "the database's error is not in the log"
+    assert re.search(r"PUT \S+/register/\S+ - \(failed\)", log), "the failed request has no access line"
     held = {"the RAT": agent.rat, "the RAT's id": rat_jti, "the client secret": agent.client_secret or ""}
     leaked = [name for name, value in held.items() if value in log]
     leaked += ["a string shaped like a client secret"] * len(CLIENT_SECRET_SHAPE.findall(log))
@@ -171,3 +176,30 @@ def test_a_path_with_control_characters_cannot_forge_a_log_line(tmp_path: Path) 
     assert not [line for line in lines if line.startswith(forged)], log
     assert "\x1b" not in log and "\r" not in log
     assert "GET /nope\\r\\n" + forged + "\\x1b[2J 404" in log
+
+
+def test_an_upload_cut_short_by_its_client_is_one_access_line_not_a_traceback(tmp_path: Path) -> None:
+    root = tmp_path / "hub"
+    succeeded(run_cli("mers-hub", "init", root))
+    with serving(root, "--log-level", "debug") as hub:
+        trust(hub, signer_for(KeyAlgorithm.ED25519))
+        host, port = urlsplit(hub.url).hostname or "", urlsplit(hub.url).port or 0
+        context = ssl.create_default_context(cafile=str(hub.ca))
+        with (
+            socket.create_connection((host, port)) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            tls.sendall(
+                f"POST {FIRMWARE}/releases?name=cut HTTP/1.1\r\nHost: {host}\r\n"
+                f"Authorization: Bearer {hub.admin_token}\r\nContent-Type: application/octet-stream\r\n"
+                f"Content-Length: {10 << 20}\r\n\r\n".encode()
+                + bytes(1 << 20)
+            )
+        deadline = time.monotonic() + 30
+        while "(client disconnected)" not in hub.log.read_text():
+            assert time.monotonic() < deadline, hub.log.read_text()
+            time.sleep(0.05)
+        log = hub.stop()
+    assert f"POST {FIRMWARE}/releases - (client disconnected)" in log
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log
+    assert not [name for name in os.listdir(HubHome(root).blobs) if not name.startswith(".")]
