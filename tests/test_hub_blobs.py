@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,6 +106,30 @@ def test_a_large_image_streams_with_memory_that_does_not_grow_with_its_size(
     assert received == published.release["size"]
     assert "sha256:" + digest.hexdigest() == published.task["artifacts"][0]["checksum"]
     assert peak < 24 << 20, f"peak {peak >> 20} MiB for a {len(payload) >> 20} MiB image"
+
+
+def test_a_client_that_stops_reading_holds_little_of_the_servers_memory(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """Eight downloads that take a little and then stall, as gateways on slow links do: what the server
+    holds for them (the chunk in hand and its encrypted copy, waiting in the transport) is bounded by the
+    chunk size. With 4 MiB chunks that was about 15 MiB a client, enough for a fleet to exhaust a hub."""
+    published = publish(hub, tmp_path, payload=os.urandom(48 << 20))
+    tracemalloc.start()
+    responses: list[requests.Response] = []
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        for _ in range(8):
+            response = get(hub, published.uri, stream=True)
+            responses.append(response)
+            assert response.status_code == 200 and response.raw.read(1 << 16)
+        time.sleep(2)  # the server sends until each connection's kernel buffers are full, then waits
+        held = tracemalloc.get_traced_memory()[0] - baseline
+    finally:
+        for response in responses:
+            response.close()
+        tracemalloc.stop()
+    assert held < 8 * (2 << 20), f"{held >> 20} MiB held for 8 stalled clients"  # 70 MiB at 4 MiB chunks
 
 
 # --- ranges ---------------------------------------------------------------------------------------
