@@ -54,10 +54,10 @@ class StorageError(MersError):
 
 class SlotStorageError(StorageError):
     """A slot failed to read, write or sync (worn flash: EIO; a file-size limit: EFBIG), or a file-backed
-    slot's filesystem lacks room for the image (space may be freed). A one-shot command
-    exits 4 as for any storage error; the daemon retries it with its backoff instead, since exiting only had
-    systemd start it again every 30 s, re-reading the slot each time. The journal still names a durable
-    offset, so a retry, or the next run, resumes from there."""
+    slot's filesystem lacks room for the image (space may be freed). A one-shot command exits 4 as for any
+    storage error; the daemon retries it with its backoff instead, since exiting only had systemd start it
+    again every 30 s, re-reading the slot each time. The journal still names a durable offset, so a
+    retry, or the next run, resumes from there."""
 
 
 class CorruptStateError(StorageError):
