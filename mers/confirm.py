@@ -14,11 +14,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import os
 import shlex
-import signal
-import subprocess
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,16 +29,17 @@ from board.interface import (
 
 from .client import DeviceClient
 from .errors import HubRefusedError, MersError, NotConfirmedError, ReonboardingRequiredError, TaskClosedError
+from .health_hook import run_health_hook
 from .journal import Journal, Phase, SourceKind, journal_owner, load_journal, save_journal
 from .tasks import TaskClient, TaskState
 
 HEALTH_TIMEOUT = 120.0
-#: what is kept of the hook's stderr (its last line is the reason given): the rest is never held in memory
-HOOK_STDERR_TAIL = 4096
 #: refusals of a final report (ACTIVATED, FAILED) that no retry changes: the task is unknown to the hub
 #: (the device was onboarded again as another agent), or the hub will not take the report. The board's
-#: state is final by then, so the journal ends and the refusal is logged; anything else is retried
-_FINAL_REFUSALS = frozenset({400, 403, 404, 409, 410, 422})
+#: state is final by then, so the journal ends and the refusal is logged; anything else is retried. Not
+#: 409: the hub answers it to a report that lost a race, to be tried again (a task closed meanwhile is
+#: `TaskClosedError` on the next try, which ends the journal too)
+_FINAL_REFUSALS = frozenset({400, 403, 404, 410, 422})
 log = logging.getLogger("mers.confirm")
 
 
@@ -189,39 +186,11 @@ class Confirmer:
         return None
 
     def _hook_problem(self) -> str | None:
-        """Run the hook in a session of its own, its stdout discarded and the tail of its stderr kept in
-        a file: a hook that leaves a process behind (which holds its output open) is judged by its own
-        exit, a chatty one costs no memory, and one that outlasts its timeout is killed with everything
-        it started."""
         if self._unparsable_hook:
             return f"the health hook command cannot be split into words: {self._unparsable_hook}"
         if not self.health_command:
             return None
-        with tempfile.TemporaryFile() as stderr:
-            try:
-                process = subprocess.Popen(
-                    self.health_command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=stderr,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                return f"health hook {self.health_command[0]} could not run: {exc}"
-            try:
-                returncode = process.wait(timeout=self.health_timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                return f"health hook {self.health_command[0]} did not finish in {self.health_timeout:g} s"
-            if returncode == 0:
-                return None
-            size = stderr.seek(0, os.SEEK_END)
-            stderr.seek(max(0, size - HOOK_STDERR_TAIL))
-            lines = stderr.read().decode("utf-8", "replace").strip().splitlines()
-        detail = f": {lines[-1][:200]}" if lines else ""
-        return f"health hook exited with {returncode}{detail}"
+        return run_health_hook(self.health_command, self.health_timeout)
 
     def _report(self, journal: Journal, state: TaskState, message: str) -> None:
         if journal.source is not SourceKind.TASK:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from board.interface import SlotName
+from hub import tasks as hub_tasks
 from mers.confirm import Confirmer, ConfirmOutcome
-from mers.errors import CorruptStateError, NotConfirmedError
+from mers.errors import CorruptStateError, HubRefusedError, NotConfirmedError
 from mers.install import Installer, InstallOutcome
 from mers.journal import JOURNAL_FILE, Phase, load_journal
 from mers.tasks import MAX_MESSAGE, reportable
@@ -73,6 +74,39 @@ def test_a_hook_past_its_timeout_is_killed_with_what_it_started(hub: RunningHub,
         assert time.monotonic() < deadline, "the hook's child outlived the hook's timeout"
         time.sleep(0.05)
     assert rig.board.reboot_requested() and rig.board.boot_env.read()["upgrade_available"] == "1"
+
+
+def test_a_hook_child_in_a_process_group_of_its_own_is_killed_too(hub: RunningHub, tmp_path: Path) -> None:
+    """`timeout 60 check`, a common hook, puts `check` in a process group of its own: killing the hook's
+    group missed it."""
+    rig = make_rig(hub, tmp_path)
+    armed_task(rig)
+    pid_file = tmp_path / "child.pid"
+    hook = hook_script(tmp_path, f"timeout 60 sleep 60 &\necho $! > {pid_file}\nwait\n")
+    with rig.client() as client, pytest.raises(NotConfirmedError, match="did not finish in 2 s"):
+        Confirmer(rig.board, client, health_command=str(hook), health_timeout=2).confirm()
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _running(child):
+        assert time.monotonic() < deadline, "the hook's child outlived the hook's timeout"
+        time.sleep(0.05)
+
+
+def test_the_reason_of_a_hook_whose_last_line_outgrows_the_tail_starts_on_a_whole_character(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    rig = make_rig(hub, tmp_path)
+    armed_task(rig)
+    # 3000 two-byte characters, then one byte: the last 4096 bytes start in the middle of a character
+    hook = hook_script(
+        tmp_path,
+        "printf 'first line\\n' >&2\nprintf 'x%.0s' $(seq 3001) >&2\n"
+        "i=0; while [ $i -lt 3000 ]; do printf '\\303\\251' >&2; i=$((i+1)); done\n"
+        "printf '!' >&2\nexit 3\n",
+    )
+    with rig.client() as client, pytest.raises(NotConfirmedError) as refused:
+        Confirmer(rig.board, client, health_command=str(hook), health_timeout=20).confirm()
+    assert "health hook exited with 3: " + "é" * 200 in str(refused.value)
 
 
 def _running(pid: int) -> bool:
@@ -143,6 +177,26 @@ def test_a_trial_of_a_task_the_hub_no_longer_knows_is_committed_and_the_journal_
     assert rig.board.boot_env.read()["upgrade_available"] == "0"
     assert load_journal(rig.board.state).phase is Phase.IDLE
     assert rig.board.security_counter_floor() == 3
+
+
+def test_a_report_that_loses_a_race_on_the_hub_is_retried_not_given_up(
+    hub: RunningHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub answers 409 "try again" to a report that keeps losing its race with other writers. That
+    is no final refusal: the journal stays for the next confirm (ending it left the task open, and the
+    daemon installed the same release again over the fallback slot)."""
+    rig = make_rig(hub, tmp_path)
+    task_id = armed_task(rig)
+    monkeypatch.setattr(hub_tasks, "_store_change", lambda *_arguments, **_options: False)
+    with rig.client() as client, pytest.raises(HubRefusedError) as refused:
+        Confirmer(rig.board, client).confirm()
+    assert refused.value.status == 409
+    assert load_journal(rig.board.state).phase is Phase.CONFIRMING
+    monkeypatch.undo()
+    with rig.client() as client:
+        assert Confirmer(rig.board, client).confirm().outcome is ConfirmOutcome.ACTIVATED
+    assert rig.task(task_id)["state"] == "ACTIVATED"
+    assert load_journal(rig.board.state).phase is Phase.IDLE
 
 
 @pytest.mark.parametrize(
