@@ -70,8 +70,11 @@ _SETTING_TYPES: dict[object, type] = {"str": str, "int": int, "float": float}
 
 #: the longest of every duration setting (lifetimes, timeouts, leeways), in seconds: ten years. Beyond
 #: some hundred years a signed URL's expiry no longer fits its 12 digits, nor a date its year, and every
-#: task read would fail
+#: task read would fail. The shortest is a second: tokens and URLs carry whole seconds, and a lifetime of
+#: 0.5 would give devices `expires_in: 0` or a URL expired when issued
 MAX_DURATION = 10 * 365 * DAY
+#: shorter limits of their own: a device refuses an access token said to last more than a day
+_LONGEST = {"access_token_lifetime": DAY}
 
 
 def _checked(key: str, value: object, expected: type, source: str) -> object:
@@ -81,8 +84,10 @@ def _checked(key: str, value: object, expected: type, source: str) -> object:
         raise HubSetupError(f"{source}: {key} must be a {expected.__name__}")
     if isinstance(value, int | float) and (not math.isfinite(value) or value <= 0):
         raise HubSetupError(f"{source}: {key} must be positive")
-    if isinstance(value, float) and value > MAX_DURATION:  # every float setting is a duration in seconds
-        raise HubSetupError(f"{source}: {key} must be at most {MAX_DURATION:.0f} seconds (ten years)")
+    if isinstance(value, float):  # every float setting is a duration in seconds
+        longest = _LONGEST.get(key, MAX_DURATION)
+        if not 1 <= value <= longest:
+            raise HubSetupError(f"{source}: {key} must be from 1 to {longest:.0f} seconds")
     return value
 
 

@@ -68,10 +68,11 @@ def bind(host: str, port: int) -> socket.socket:
 def url_for(sock: socket.socket) -> str:
     """The URL this machine reaches the hub at (`DIR/url`, for the local admin CLI): the bound address,
     or loopback when the hub listens on every address (`0.0.0.0`, `::`), which no client can connect to
-    by that name. The certificate always covers 127.0.0.1 and localhost."""
+    by that name. The certificate always covers 127.0.0.1 and localhost (not ::1, so an IPv6 wildcard
+    is named localhost, which resolves to both)."""
     host, port = sock.getsockname()[:2]
     if ipaddress.ip_address(host).is_unspecified:
-        host = "::1" if ":" in host else "127.0.0.1"
+        host = "localhost" if ":" in host else "127.0.0.1"
     return _https(host, port)
 
 

@@ -231,19 +231,24 @@ def test_serve_on_port_zero_publishes_its_url_and_a_stop_signal_ends_it_cleanly(
 
 
 @pytest.mark.parametrize(
-    ("hostnames", "device_host"), [(["gw-hub.test", "10.9.8.7"], "gw-hub.test"), ([], "127.0.0.1")]
+    ("wildcard", "hostnames", "local_host", "device_host"),
+    [
+        ("0.0.0.0", ["gw-hub.test", "10.9.8.7"], "127.0.0.1", "gw-hub.test"),
+        ("0.0.0.0", [], "127.0.0.1", "127.0.0.1"),
+        ("::", [], "localhost", "localhost"),  # the certificate names 127.0.0.1 and localhost, not ::1
+    ],
 )
 def test_serve_on_every_address_gives_devices_the_name_init_certified(
-    tmp_path: Path, hostnames: list[str], device_host: str
+    tmp_path: Path, wildcard: str, hostnames: list[str], local_host: str, device_host: str
 ) -> None:
     """`--host 0.0.0.0` (the README's way): nobody connects to 0.0.0.0, so the local CLI's DIR/url names
     loopback, and devices (boarding data, signed URLs) get init's first --hostname, which the certificate
     matches. Both used to be https://0.0.0.0:PORT, which failed even for the local admin commands."""
     root = tmp_path / "hub"
     succeeded(mers_hub("init", root, *(option for name in hostnames for option in ("--hostname", name))))
-    with serving(root, "--host", "0.0.0.0") as served_hub:
+    with serving(root, "--host", wildcard) as served_hub:
         port = served_hub.url.rsplit(":", 1)[1]
-        assert served_hub.url == f"https://127.0.0.1:{port}"
+        assert served_hub.url == f"https://{local_host}:{port}"
         agent = served_hub.admin(
             "POST",
             "/api/agentmanagement/v3/agents",

@@ -20,7 +20,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from hub import setup as hub_setup
 from hub.errors import HubSetupError
-from hub.home import MAX_DURATION, HubHome, HubSettings
+from hub.home import DAY, MAX_DURATION, HubHome, HubSettings
 from hub.setup import create_hub, hash_admin_token
 from hub.state import load_state
 from hub.tokens import HubKey
@@ -273,12 +273,13 @@ def test_an_interrupted_init_beside_anything_else_is_left_alone(
 
 
 @pytest.mark.parametrize("key", [item.name for item in fields(HubSettings) if item.type == "float"])
-def test_a_duration_setting_beyond_ten_years_is_refused_in_one_line(key: str) -> None:
+def test_a_duration_setting_is_whole_seconds_to_ten_years(key: str) -> None:
     """A signed URL lifetime of 1e12 s made every task read a 500 (no date has that year) and every URL
-    one the hub's own check refused (its expiry past 12 digits)."""
-    with pytest.raises(HubSetupError, match=f"{key} must be at most"):
-        HubSettings.from_toml(f"{key} = 1e12\n", source="hub.toml")
-    assert getattr(HubSettings.from_toml(f"{key} = {MAX_DURATION}\n", source="hub.toml"), key) == MAX_DURATION
-    assert (
-        getattr(HubSettings.from_toml(f"{key} = 0.5\n", source="hub.toml"), key) == 0.5
-    )  # was "must be a int"
+    one the hub's own check refused (its expiry past 12 digits); an access token lifetime of 0.5 s gave
+    devices `expires_in: 0`, which they refuse."""
+    longest = DAY if key == "access_token_lifetime" else MAX_DURATION
+    for refused in (1e12, longest + 1, 0.5):
+        with pytest.raises(HubSetupError, match=f"{key} must be from 1 to"):
+            HubSettings.from_toml(f"{key} = {refused}\n", source="hub.toml")
+    for accepted in (1, 1.5, longest):
+        assert getattr(HubSettings.from_toml(f"{key} = {accepted}\n", source="hub.toml"), key) == accepted
