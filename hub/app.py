@@ -118,7 +118,8 @@ class RequestLimits:
         finally:
             # every request gets its line, a failed one too; the path is percent-decoded: escaped,
             # `/x%0A<a line>` would forge a line of the log
-            status = status_seen[0] if status_seen else "-"
+            # an exception before the response started becomes Starlette's 500, sent outside this layer
+            status = status_seen[0] if status_seen else "500" if outcome == " (failed)" else "-"
             access_log.info("%s %s %s%s", scope["method"], escaped(path), status, outcome)
 
 

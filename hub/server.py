@@ -85,7 +85,7 @@ def device_url(home: HubHome, sock: socket.socket) -> str:
     if not ipaddress.ip_address(host).is_unspecified:
         return _https(host, port)
     for name in _certificate_names(home):
-        if name not in _ALWAYS_CERTIFIED:
+        if name.lower() not in _ALWAYS_CERTIFIED and "*" not in name:  # a wildcard names no one host
             return _https(name, port)
     return url_for(sock)
 

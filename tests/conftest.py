@@ -139,7 +139,7 @@ def small_filesystem(mount_point: Path, size: int) -> Iterator[Path]:
     try:
         yield mount_point
     finally:  # lazily: a failed test may still hold a file open in it, and the mount must not outlive it
-        subprocess.run([require_tool("umount"), "--lazy", str(mount_point)], check=True)
+        subprocess.run([require_tool("umount"), "-l", str(mount_point)], check=True)  # -l: lazy
 
 
 def grow_filesystem(mount_point: Path, size: int) -> None:
