@@ -61,35 +61,30 @@ def test_a_hook_that_leaves_a_process_behind_is_judged_by_its_own_exit(
     assert rig.task(task_id)["state"] == "ACTIVATED"
 
 
-def test_a_hook_past_its_timeout_is_killed_with_what_it_started(hub: RunningHub, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "child",
+    [
+        "sleep 60",
+        # `timeout 60 check`, a common hook, puts `check` in a process group of its own: killing the
+        # hook's group missed it
+        "timeout 60 sleep 60",
+    ],
+)
+def test_a_hook_past_its_timeout_is_killed_with_what_it_started(
+    hub: RunningHub, tmp_path: Path, child: str
+) -> None:
     rig = make_rig(hub, tmp_path)
     armed_task(rig)
     pid_file = tmp_path / "child.pid"
-    hook = hook_script(tmp_path, f"sleep 60 &\necho $! > {pid_file}\nwait\n")
+    hook = hook_script(tmp_path, f"{child} &\necho $! > {pid_file}\nwait\n")
     with rig.client() as client, pytest.raises(NotConfirmedError, match="did not finish in 2 s"):
         Confirmer(rig.board, client, health_command=str(hook), health_timeout=2).confirm()
-    child = int(pid_file.read_text())
+    started = int(pid_file.read_text())
     deadline = time.monotonic() + 10
-    while _running(child):
+    while _running(started):
         assert time.monotonic() < deadline, "the hook's child outlived the hook's timeout"
         time.sleep(0.05)
     assert rig.board.reboot_requested() and rig.board.boot_env.read()["upgrade_available"] == "1"
-
-
-def test_a_hook_child_in_a_process_group_of_its_own_is_killed_too(hub: RunningHub, tmp_path: Path) -> None:
-    """`timeout 60 check`, a common hook, puts `check` in a process group of its own: killing the hook's
-    group missed it."""
-    rig = make_rig(hub, tmp_path)
-    armed_task(rig)
-    pid_file = tmp_path / "child.pid"
-    hook = hook_script(tmp_path, f"timeout 60 sleep 60 &\necho $! > {pid_file}\nwait\n")
-    with rig.client() as client, pytest.raises(NotConfirmedError, match="did not finish in 2 s"):
-        Confirmer(rig.board, client, health_command=str(hook), health_timeout=2).confirm()
-    child = int(pid_file.read_text())
-    deadline = time.monotonic() + 10
-    while _running(child):
-        assert time.monotonic() < deadline, "the hook's child outlived the hook's timeout"
-        time.sleep(0.05)
 
 
 def test_the_reason_of_a_hook_whose_last_line_outgrows_the_tail_starts_on_a_whole_character(
