@@ -27,7 +27,7 @@ from board.errors import BoardError
 from .abandon import abandon_install
 from .boarding import BoardingSource, parse_boarding, read_import_file, store_imported
 from .client import ClientSettings, DeviceClient, OnboardOutcome
-from .confirm import Confirmer
+from .confirm import HEALTH_TIMEOUT, Confirmer
 from .credentials import load_credentials
 from .daemon import Daemon, DaemonSettings
 from .download import DownloadSettings
@@ -310,7 +310,7 @@ def install(
     envvar="MERS_HEALTH_HOOK",
     help="Command that must exit 0 for the new firmware to be committed (env MERS_HEALTH_HOOK).",
 )
-@click.option("--health-timeout", type=click.FloatRange(1, 3600), default=120.0, show_default=True)
+@click.option("--health-timeout", type=click.FloatRange(1, 3600), default=HEALTH_TIMEOUT, show_default=True)
 @board_options
 def confirm(
     health_hook: str | None, health_timeout: float, board_path: Path, timeout: float, retries: int
@@ -362,12 +362,20 @@ def abandon(reason: str, board_path: Path, timeout: float, retries: int) -> None
 @main.command(epilog="Example: mers run --poll-interval 600 -v   (systemd: systemd/mers.service)")
 @click.option("--poll-interval", type=click.FloatRange(1, 86400), default=300.0, show_default=True)
 @click.option("--health-hook", envvar="MERS_HEALTH_HOOK", help="Passed to the confirm step.")
+@click.option(
+    "--health-timeout",
+    type=click.FloatRange(1, 3600),
+    default=HEALTH_TIMEOUT,
+    show_default=True,
+    help="Passed to the confirm step.",
+)
 @click.option("--once", is_flag=True, help="One pass (confirm, resume, one poll), then exit.")
 @click.option("--verbose", "-v", is_flag=True, help="Log each step (to stderr).")
 @board_options
 def run(
     poll_interval: float,
     health_hook: str | None,
+    health_timeout: float,
     once: bool,
     verbose: bool,
     board_path: Path,
@@ -377,7 +385,9 @@ def run(
     """The daemon: onboard if needed, keep credentials fresh, confirm after boot, poll installation tasks
     with backoff and install them. SIGTERM stops it cleanly (the journal keeps the download's offset)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="mers: %(message)s")
-    settings = DaemonSettings(poll_interval=poll_interval, health_command=health_hook)
+    settings = DaemonSettings(
+        poll_interval=poll_interval, health_command=health_hook, health_timeout=health_timeout
+    )
     with device(board_path, timeout, retries) as client:
         daemon = Daemon(client, settings)
         daemon.install_signal_handlers()

@@ -80,6 +80,7 @@ class Confirmer:
         health_command: Sequence[str] | str | None = None,
         health_timeout: float = HEALTH_TIMEOUT,
         hook: Hook | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self.board = board
         self.client = client
@@ -93,6 +94,7 @@ class Confirmer:
         self.health_command = tuple(health_command or ())
         self.health_timeout = health_timeout
         self._hook = hook
+        self._should_stop = should_stop
 
     def confirm(self) -> ConfirmResult:
         """Commit a healthy trial (ACTIVATED), report a rollback (FAILED, `NotConfirmedError`), or
@@ -190,7 +192,7 @@ class Confirmer:
             return f"the health hook command cannot be split into words: {self._unparsable_hook}"
         if not self.health_command:
             return None
-        return run_health_hook(self.health_command, self.health_timeout)
+        return run_health_hook(self.health_command, self.health_timeout, self._should_stop)
 
     def _report(self, journal: Journal, state: TaskState, message: str) -> None:
         if journal.source is not SourceKind.TASK:

@@ -23,7 +23,7 @@ from types import FrameType
 from board.errors import BoardError
 
 from .client import DeviceClient
-from .confirm import Confirmer, ConfirmOutcome
+from .confirm import HEALTH_TIMEOUT, Confirmer, ConfirmOutcome
 from .credentials import load_credentials
 from .errors import (
     HubUnreachableError,
@@ -59,6 +59,7 @@ class DaemonSettings:
     backoff_max: float = 3600.0  # the longest wait after errors in a row
     install: InstallSettings = field(default_factory=InstallSettings)
     health_command: str | None = None
+    health_timeout: float = HEALTH_TIMEOUT
 
 
 class Daemon:
@@ -114,7 +115,11 @@ class Daemon:
         # healthy trial
         onboarded = load_credentials(board.state) is not None
         confirmer = Confirmer(
-            board, self.client if onboarded else None, health_command=self.settings.health_command
+            board,
+            self.client if onboarded else None,
+            health_command=self.settings.health_command,
+            health_timeout=self.settings.health_timeout,
+            should_stop=self._stop.is_set,  # SIGTERM during the check: no verdict, the next start asks again
         )
         confirmed = confirmer.confirm()
         if confirmed.outcome is not ConfirmOutcome.NOTHING:

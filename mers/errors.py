@@ -163,6 +163,12 @@ class NotConfirmedError(InstallError):
     exit_code = EXIT_NOT_CONFIRMED
 
 
+class HealthCheckStoppedError(InstallError):
+    """The health hook was stopped before it could judge (the daemon is stopping, or a stop signal reached
+    the hook too, as systemd sends one to the whole service): no verdict, the trial stays as it was and
+    the next `confirm` runs the check again."""
+
+
 class TaskClosedError(InstallError):
     """The installation task is closed (ACTIVATED, FAILED or CANCELED by the operator): nothing more is
     done for it."""

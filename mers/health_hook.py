@@ -7,27 +7,46 @@ A hook is somebody else's program, so its run is bounded every way it can misbeh
 - its stdout is discarded and only the last `STDERR_TAIL` bytes of its stderr are kept, read from a pipe
   by a thread: neither memory nor a temporary file (often RAM on a gateway) grows with what it prints;
 - past its timeout, every process of its session is killed, those that moved to a process group of
-  their own included (`timeout 60 check` does). Only one that started a session of its own escapes.
+  their own included (`timeout 60 check` does). Only one that started a session of its own escapes;
+- a stop (the daemon's SIGTERM, a Ctrl-C) kills the session as well and gives no verdict
+  (`HealthCheckStoppedError`): systemd stops a service by signalling all its processes, the hook among
+  them, and a hook killed that way says nothing about the firmware. A trial is never refused, nor a
+  boot of its `bootlimit` spent, because the gateway was being shut down;
+- once the hook has exited, its stderr is read for `_TAIL_GRACE_S` more at most, then closed: a process
+  it left writing there gets EPIPE, as after any pipe's reader has gone, and no thread or descriptor
+  outlives the check.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from .errors import HealthCheckStoppedError
 
 #: what is kept of the hook's stderr: its last line is the reason given, cut to 200 characters
 STDERR_TAIL = 4096
 #: how long the tail may take to arrive once the hook has exited (its writes are in the pipe by then)
 _TAIL_GRACE_S = 0.5
+#: how often a running hook's wait looks at `should_stop`
+_STOP_POLL_S = 0.1
+#: a hook that dies of one of these was stopped, as the service was, not failed
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
-def run_health_hook(command: Sequence[str], timeout: float) -> str | None:
-    """None when `command` exits 0 within `timeout` seconds; otherwise what went wrong, in one line."""
+def run_health_hook(
+    command: Sequence[str], timeout: float, should_stop: Callable[[], bool] = lambda: False
+) -> str | None:
+    """None when `command` exits 0 within `timeout` seconds; otherwise what went wrong, in one line.
+    `HealthCheckStoppedError` when a stop came first: `should_stop` turned true, a stop signal killed the
+    hook, or this thread was interrupted (KeyboardInterrupt); the hook's session is killed either way."""
     read_end, write_end = os.pipe()
     try:
         process = subprocess.Popen(
@@ -44,41 +63,76 @@ def run_health_hook(command: Sequence[str], timeout: float) -> str | None:
         os.close(write_end)
     tail = _StderrTail(read_end)
     try:
-        returncode = process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
+        returncode = _wait(process, timeout, should_stop)
+    except BaseException:
         _kill_session(process.pid)
         process.wait()
+        tail.close(0)
+        raise
+    if returncode is None:
+        _kill_session(process.pid)
+        process.wait()
+        tail.close(0)
         return f"health hook {command[0]} did not finish in {timeout:g} s"
     if returncode == 0:
+        tail.close(0)
         return None
-    line = tail.last_line(_TAIL_GRACE_S)
+    line = tail.close(_TAIL_GRACE_S)
+    if -returncode in _STOP_SIGNALS:
+        raise HealthCheckStoppedError(
+            f"the health hook was stopped by signal {-returncode} before it could judge: no verdict"
+        )
     return f"health hook exited with {returncode}{': ' + line[:200] if line else ''}"
 
 
+def _wait(process: subprocess.Popen[bytes], timeout: float, should_stop: Callable[[], bool]) -> int | None:
+    """The hook's exit status, or None past `timeout`; a stop raises."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if should_stop():
+            raise HealthCheckStoppedError("stopping: the health check was cut short, no verdict")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            return process.wait(timeout=min(left, _STOP_POLL_S))
+        except subprocess.TimeoutExpired:
+            continue
+
+
 class _StderrTail:
-    """Reads a pipe to its end in a daemon thread, keeping only its last `STDERR_TAIL` bytes. It reads on
-    after the hook has exited, for as long as something the hook left running writes there: that
-    process never blocks on a full pipe nor dies of a closed one."""
+    """Reads a pipe in a daemon thread, keeping only its last `STDERR_TAIL` bytes, until the pipe ends or
+    `close` is called; then the thread closes the pipe's read end and ends."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._tail = b""
         self._lock = threading.Lock()
-        self._ended = threading.Event()
-        threading.Thread(target=self._read, name="mers-health-hook-stderr", daemon=True).start()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="mers-health-hook-stderr", daemon=True)
+        self._thread.start()
 
     def _read(self) -> None:
         try:
-            while chunk := os.read(self._fd, 1 << 16):
+            poller = select.poll()
+            poller.register(self._fd, select.POLLIN)
+            while not self._closing.is_set():
+                if not poller.poll(_STOP_POLL_S * 1000):
+                    continue
+                chunk = os.read(self._fd, 1 << 16)
+                if not chunk:
+                    return
                 with self._lock:
                     self._tail = (self._tail + chunk)[-STDERR_TAIL:]
         finally:
             os.close(self._fd)
-            self._ended.set()
 
-    def last_line(self, wait_s: float) -> str:
-        """The last non-empty line read so far, once the pipe has ended or `wait_s` has passed."""
-        self._ended.wait(wait_s)
+    def close(self, wait_s: float) -> str:
+        """Let the pipe end by itself for `wait_s` at most, stop reading, and return the last non-empty
+        line read."""
+        self._thread.join(wait_s)
+        self._closing.set()
+        self._thread.join()
         with self._lock:
             tail = self._tail
         lines = [line for line in tail.splitlines() if line.strip()]

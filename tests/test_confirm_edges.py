@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -14,10 +17,12 @@ import pytest
 from board.interface import SlotName
 from hub import tasks as hub_tasks
 from mers.confirm import Confirmer, ConfirmOutcome
-from mers.errors import CorruptStateError, HubRefusedError, NotConfirmedError
+from mers.errors import CorruptStateError, HealthCheckStoppedError, HubRefusedError, NotConfirmedError
+from mers.health_hook import run_health_hook
 from mers.install import Installer, InstallOutcome
 from mers.journal import JOURNAL_FILE, Phase, load_journal
 from mers.tasks import MAX_MESSAGE, reportable
+from tests.conftest import BIN_DIR
 from tests.device_helpers import bundle_file
 from tests.hub_helpers import RunningHub, create_agent
 from tests.installer_helpers import TEST_INSTALL, Rig, make_rig, mers_peak_rss_kib
@@ -102,6 +107,82 @@ def test_the_reason_of_a_hook_whose_last_line_outgrows_the_tail_starts_on_a_whol
     with rig.client() as client, pytest.raises(NotConfirmedError) as refused:
         Confirmer(rig.board, client, health_command=str(hook), health_timeout=20).confirm()
     assert "health hook exited with 3: " + "é" * 200 in str(refused.value)
+
+
+def test_a_stop_during_the_health_check_gives_no_verdict(hub: RunningHub, tmp_path: Path) -> None:
+    """The daemon is asked to stop while the hook runs: the hook's session is killed and nothing is
+    decided (no failure recorded or reported, no reboot, no boot of the bootlimit spent)."""
+    rig = make_rig(hub, tmp_path)
+    task_id = armed_task(rig)
+    hook = hook_script(tmp_path, "sleep 30\n")
+    asked = time.monotonic() + 0.5
+    with rig.client() as client, pytest.raises(HealthCheckStoppedError, match="no verdict"):
+        Confirmer(
+            rig.board, client, health_command=str(hook), should_stop=lambda: time.monotonic() > asked
+        ).confirm()
+    assert time.monotonic() - asked < 5
+    assert_no_verdict(rig, task_id)
+
+
+def test_a_hook_killed_by_a_stop_signal_gives_no_verdict(hub: RunningHub, tmp_path: Path) -> None:
+    """systemd stops a service by signalling every process in it: the hook dies of the SIGTERM meant for
+    the whole service, which says nothing about the firmware."""
+    rig = make_rig(hub, tmp_path)
+    task_id = armed_task(rig)
+    hook = hook_script(tmp_path, "echo 'going down' >&2\nkill -TERM $$\nsleep 30\n")
+    with rig.client() as client, pytest.raises(HealthCheckStoppedError, match="signal 15"):
+        Confirmer(rig.board, client, health_command=str(hook)).confirm()
+    assert_no_verdict(rig, task_id)
+
+
+def assert_no_verdict(rig: Rig, task_id: str) -> None:
+    assert not rig.board.reboot_requested()
+    assert rig.board.boot_env.read()["upgrade_available"] == "1"
+    journal = load_journal(rig.board.state)
+    assert journal.phase is Phase.CONFIRMING and not journal.message
+    assert rig.task(task_id)["state"] == "ACTIVATING"
+
+
+def test_sigterm_to_the_daemon_during_the_health_check_stops_it_without_a_verdict(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """As systemd stops `mers.service`: SIGTERM to the daemon, then to the hook it runs."""
+    rig = make_rig(hub, tmp_path)
+    task_id = armed_task(rig)
+    started = tmp_path / "hook-started"
+    hook = hook_script(tmp_path, f"touch {started}\nsleep 30\n")
+    daemon = subprocess.Popen(
+        [str(BIN_DIR / "mers"), "run", "--health-hook", str(hook), "--board", str(rig.gateway.path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert time.monotonic() < deadline and daemon.poll() is None, "the hook did not start"
+            time.sleep(0.05)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    assert_no_verdict(rig, task_id)
+    with rig.client() as client:
+        assert Confirmer(rig.board, client).confirm().outcome is ConfirmOutcome.ACTIVATED  # asked again
+
+
+def test_hooks_that_leave_a_writer_behind_leave_no_thread_or_descriptor(tmp_path: Path) -> None:
+    """Each check stops reading the hook's stderr once it has judged: a background process the hook left
+    writing there held a thread and a descriptor of the daemon for as long as it lived."""
+    hook = hook_script(tmp_path, "( while :; do echo tick >&2; sleep 0.1; done ) &\nexit 1\n")
+    before = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    try:
+        for _ in range(5):
+            assert run_health_hook([str(hook)], 20) == "health hook exited with 1: tick"
+        assert (threading.active_count(), len(os.listdir("/proc/self/fd"))) == before
+    finally:
+        subprocess.run(["pkill", "-f", str(hook)], check=False)
 
 
 def _running(pid: int) -> bool:
