@@ -112,8 +112,11 @@ class RequestLimits:
             # the client went away mid-body (an upload cut short): nobody to answer, nothing to report
             # but this line; the endpoint has removed what it had spooled
             outcome = " (client disconnected)"
-        except BaseException:
+        except Exception:  # Starlette's outermost layer answers it with a 500
             outcome = " (failed)"
+            raise
+        except BaseException:  # cancelled (a shutdown past its grace): nothing is answered
+            outcome = " (cancelled)"
             raise
         finally:
             # every request gets its line, a failed one too; the path is percent-decoded: escaped,
