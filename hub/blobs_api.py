@@ -33,10 +33,11 @@ from .signed_urls import BLOB_PATH_PREFIX, INVALID, BlobUrlSigner
 router = APIRouter(tags=["blobs"])
 
 #: bytes read and sent at a time. A stalled client holds two to four times this in the server (the chunk
-#: and its encrypted copy wait in the transport), so it is kept small: 4 MiB held 15 MiB per slow gateway.
-#: 256 KiB downloads as fast here (about 0.8x openssl s_server, as 1 MiB and 4 MiB did, within the noise;
-#: Starlette's own FileResponse, 64 KiB at a time through more layers, ran at 0.3x)
-CHUNK_SIZE = 256 << 10
+#: and its encrypted copy wait in the transport): 4 MiB held about 15 MiB per slow gateway, 1 MiB holds
+#: about 4. Smaller is slower: in one run of bench/install.py curl took 0.27 s for 256 MiB at 1 MiB (0.30 s
+#: at 4 MiB) but 0.43 s at 256 KiB, the hub's sender paying its per-chunk thread hop and ASGI send more
+#: often; Starlette's own FileResponse, 64 KiB at a time, ran at 0.3x openssl s_server
+CHUNK_SIZE = 1 << 20
 
 
 @router.get(BLOB_PATH_PREFIX + "{sha256}", operation_id="download_blob")

@@ -129,7 +129,8 @@ def test_a_client_that_stops_reading_holds_little_of_the_servers_memory(
         for response in responses:
             response.close()
         tracemalloc.stop()
-    assert held < 8 * (2 << 20), f"{held >> 20} MiB held for 8 stalled clients"  # 70 MiB at 4 MiB chunks
+    # about 18 MiB at 1 MiB chunks, 70 MiB at 4 MiB chunks
+    assert held < 8 * (4 << 20), f"{held >> 20} MiB held for 8 stalled clients"
 
 
 # --- ranges ---------------------------------------------------------------------------------------
