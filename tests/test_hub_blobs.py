@@ -7,7 +7,7 @@ import hashlib
 import os
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -123,14 +123,25 @@ def test_a_client_that_stops_reading_holds_little_of_the_servers_memory(
             response = get(hub, published.uri, stream=True)
             responses.append(response)
             assert response.status_code == 200 and response.raw.read(1 << 16)
-        time.sleep(2)  # the server sends until each connection's kernel buffers are full, then waits
-        held = tracemalloc.get_traced_memory()[0] - baseline
+        held = _steady(lambda: tracemalloc.get_traced_memory()[0] - baseline)
     finally:
         for response in responses:
             response.close()
         tracemalloc.stop()
     # about 18 MiB at 1 MiB chunks, 70 MiB at 4 MiB chunks
     assert held < 8 * (4 << 20), f"{held >> 20} MiB held for 8 stalled clients"
+
+
+def _steady(measure: Callable[[], int], deadline_s: float = 20.0) -> int:
+    """`measure()` once it has stopped growing for half a second: the server sends until each stalled
+    connection's kernel buffers are full, then waits."""
+    deadline = time.monotonic() + deadline_s
+    samples = [measure()]
+    while len(samples) < 5 or max(samples[-5:]) - min(samples[-5:]) > 64 << 10:
+        assert time.monotonic() < deadline, f"still growing: {[value >> 20 for value in samples[-5:]]} MiB"
+        time.sleep(0.1)
+        samples.append(measure())
+    return samples[-1]
 
 
 # --- ranges ---------------------------------------------------------------------------------------
