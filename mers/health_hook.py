@@ -45,8 +45,9 @@ def run_health_hook(
     command: Sequence[str], timeout: float, should_stop: Callable[[], bool] = lambda: False
 ) -> str | None:
     """None when `command` exits 0 within `timeout` seconds; otherwise what went wrong, in one line.
-    `HealthCheckStoppedError` when a stop came first: `should_stop` turned true, a stop signal killed the
-    hook, or this thread was interrupted (KeyboardInterrupt); the hook's session is killed either way."""
+    `HealthCheckStoppedError` when a stop came first: `should_stop` turned true (the hook's session is
+    killed), or a stop signal killed the hook. Any other exception during the wait (a KeyboardInterrupt)
+    kills the hook's session too before it propagates."""
     read_end, write_end = os.pipe()
     try:
         process = subprocess.Popen(
