@@ -25,7 +25,8 @@ class HubSettings:
     database_url: str = ""
     #: the tenant named in boarding configurations and access tokens
     tenant: str = "mers"
-    #: the base URL devices use (boarding `baseUrl`, signed URLs); empty means the URL `serve` listens on
+    #: the base URL devices use (boarding `baseUrl`, signed URLs); empty means the URL `serve` listens on,
+    #: or, listening on every address, init's first --hostname (see `hub.server.device_url`)
     public_url: str = ""
     #: the platform's technical limit of agents per tenant
     max_agents: int = 500
