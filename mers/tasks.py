@@ -150,11 +150,26 @@ class TaskClient:
 def reportable(message: str) -> str:
     """`message` as the hub takes it: characters that are not printable (a NUL from a health hook's
     stderr, a newline, a lone surrogate) written as escapes, and cut to `MAX_MESSAGE`. A report refused for
-    its text would, after the switch, keep the journal from ever ending."""
-    text = "".join(
-        char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in message
-    )
-    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+    its text would, after the switch, keep the journal from ever ending. A backslash is escaped too, so
+    the hub's reader can tell a real newline (`\\n`) from the two characters a hook printed (`\\\\n`); a cut
+    never splits an escape."""
+    pieces = (_escaped(char) for char in message)
+    text: list[str] = []
+    length = 0
+    for piece in pieces:
+        if length + len(piece) > MAX_MESSAGE:
+            while length + 1 > MAX_MESSAGE:  # room for the ellipsis
+                length -= len(text.pop())
+            return "".join(text) + "…"
+        text.append(piece)
+        length += len(piece)
+    return "".join(text)
+
+
+def _escaped(char: str) -> str:
+    if char == "\\":
+        return "\\\\"
+    return char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
 
 
 def _task_path(task_id: str) -> str:

@@ -283,6 +283,8 @@ def test_a_report_that_loses_a_race_on_the_hub_is_retried_not_given_up(
         ("two\nlines", "two\\nlines"),
         ("lone \ud800 surrogate", "lone \\ud800 surrogate"),
         ("x" * (MAX_MESSAGE + 10), "x" * (MAX_MESSAGE - 1) + "…"),
+        ("typed \\n, real \n", "typed \\\\n, real \\n"),
+        ("x" * (MAX_MESSAGE - 3) + "\x00tail", "x" * (MAX_MESSAGE - 3) + "…"),
     ],
 )
 def test_a_report_text_is_made_one_the_hub_stores(message: str, sent: str) -> None:
