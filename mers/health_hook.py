@@ -7,7 +7,8 @@ A hook is somebody else's program, so its run is bounded every way it can misbeh
 - its stdout is discarded and only the last `STDERR_TAIL` bytes of its stderr are kept, read from a pipe
   by a thread: neither memory nor a temporary file (often RAM on a gateway) grows with what it prints;
 - past its timeout, every process of its session is killed, those that moved to a process group of
-  their own included (`timeout 60 check` does). Only one that started a session of its own escapes;
+  their own included (`timeout 60 check` does). Only one that started a session of its own escapes.
+  A hook that SIGKILL cannot end at once (stuck in uninterruptible I/O) is waited for `_REAP_S` at most;
 - a stop (the daemon's SIGTERM, a Ctrl-C) kills the session as well and gives no verdict
   (`HealthCheckStoppedError`): systemd stops a service by signalling all its processes, the hook among
   them, and a hook killed that way says nothing about the firmware. A trial is never refused, nor a
@@ -20,6 +21,7 @@ A hook is somebody else's program, so its run is bounded every way it can misbeh
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import signal
@@ -31,12 +33,17 @@ from pathlib import Path
 
 from .errors import HealthCheckStoppedError
 
+log = logging.getLogger("mers.health_hook")
+
 #: what is kept of the hook's stderr: its last line is the reason given, cut to 200 characters
 STDERR_TAIL = 4096
 #: how long the tail may take to arrive once the hook has exited (its writes are in the pipe by then)
 _TAIL_GRACE_S = 0.5
 #: how often a running hook's wait looks at `should_stop`
 _STOP_POLL_S = 0.1
+#: how long a SIGKILLed hook may take to die: one stuck in uninterruptible I/O (a dead NFS server, a
+#: failing flash) dies only when that I/O ends, and the verdict must not wait for it
+_REAP_S = 5.0
 #: a hook that dies of one of these was stopped, as the service was, not failed
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
@@ -67,12 +74,12 @@ def run_health_hook(
         returncode = _wait(process, timeout, should_stop)
     except BaseException:
         _kill_session(process.pid)
-        process.wait()
+        _reap(process)
         tail.close(0)
         raise
     if returncode is None:
         _kill_session(process.pid)
-        process.wait()
+        _reap(process)
         tail.close(0)
         return f"health hook {command[0]} did not finish in {timeout:g} s"
     if returncode == 0:
@@ -143,6 +150,20 @@ class _StderrTail:
         if len(lines) == 1 and len(tail) == STDERR_TAIL:  # the middle of a line longer than the tail
             last = last.lstrip(bytes(range(0x80, 0xC0)))  # no half of a UTF-8 character first
         return last.decode("utf-8", "replace").strip()
+
+
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    """Wait `_REAP_S` at most for a killed hook to die. One that outlives it is left to the kernel (it
+    dies when its I/O ends; `subprocess` reaps it later), with a warning: the verdict stands either way."""
+    try:
+        process.wait(timeout=_REAP_S)
+    except subprocess.TimeoutExpired:
+        log.warning(
+            "health hook (pid %d) still alive %g s after SIGKILL (stuck in uninterruptible I/O?): "
+            "going on without it",
+            process.pid,
+            _REAP_S,
+        )
 
 
 def _kill_session(session: int) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from board.interface import SlotName
 from hub import tasks as hub_tasks
+from mers import health_hook
 from mers.confirm import Confirmer, ConfirmOutcome
 from mers.errors import CorruptStateError, HealthCheckStoppedError, HubRefusedError, NotConfirmedError
 from mers.health_hook import run_health_hook
@@ -90,6 +91,23 @@ def test_a_hook_past_its_timeout_is_killed_with_what_it_started(
         assert time.monotonic() < deadline, "the hook's child outlived the hook's timeout"
         time.sleep(0.05)
     assert rig.board.reboot_requested() and rig.board.boot_env.read()["upgrade_available"] == "1"
+
+
+def test_a_hook_that_sigkill_cannot_end_at_once_does_not_hold_the_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hook stuck in uninterruptible I/O (a dead NFS server) dies of SIGKILL only when the I/O ends:
+    the kill is made to miss here, the one way to keep a process alive through it on any machine."""
+    monkeypatch.setattr(health_hook, "_kill_session", lambda session: None)
+    monkeypatch.setattr(health_hook, "_REAP_S", 0.5)
+    pid_file = tmp_path / "hook.pid"
+    hook = hook_script(tmp_path, f"echo $$ > {pid_file}\nexec sleep 60\n")
+    started = time.monotonic()
+    try:
+        assert run_health_hook([str(hook)], 1) == f"health hook {hook} did not finish in 1 s"
+        assert time.monotonic() - started < 5
+    finally:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
 def test_the_reason_of_a_hook_whose_last_line_outgrows_the_tail_starts_on_a_whole_character(
