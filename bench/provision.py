@@ -141,7 +141,7 @@ def run(baud: int = 115200, boards: int = 8, repeat: int = 3) -> list[Row]:
             SimBoard.create(root / serial, Identity(serial, "Acme", "gw-100", "rev B"), slot_size=1 << 16)
         key = PublicKey(generate_private_key(KeyAlgorithm.RSA3072).public_key())
         config = StationConfig(keys=(key,), device_ca=_ca_certificate(), baud=baud, station="bench")
-        records = Records.open(str(root / "records.db"))
+        records = Records.open(str(root / "records.db"), create=True)
         station = Station(config, BatchSource.load(batch), records)
         one: list[tuple[float, int]] = []
         parallel: list[float] = []

@@ -9,6 +9,11 @@ A thin click layer over `station`, `boarding_source` and `records`. Every failur
   a write refused by the board); 4 serial port (busy, gone, no answer); 5 hub (unreachable, TLS, refused);
   6 records (database, or a broken chain or anchor for ``records verify``).
 
+``--records`` names a SQLite file (``factory-records.db`` in the working directory by default) or a
+PostgreSQL URL. A SQLite file that does not exist is refused (exit 6): ``records`` commands would report a
+missing record set as an intact empty one, and ``provision`` would check serial numbers and IATs against
+nothing. ``provision --new-records`` starts a new record set there instead, and says so on stderr.
+
 The admin token is read from a file and never printed; records and output keep the IAT's ``jti``, never
 the token.
 """
@@ -35,10 +40,10 @@ from signing.errors import SigningError
 from signing.keys import PublicKey, load_public_key
 
 from .boarding_source import PROFILES, BatchSource, BoardingSource, HubSource, canonical_json, export_batch
-from .errors import ExitCode, FactoryError, InputError, KeyFileError
+from .errors import ExitCode, FactoryError, InputError, KeyFileError, RecordsNotFoundError
 
 try:
-    from .records import ChainReport, Outcome, Records
+    from .records import ChainReport, Outcome, Records, sqlite_file
     from .station import DEFAULT_IAT_MARGIN_S, Event, Result, Station, StationConfig
 except ModuleNotFoundError as missing:  # the records' database layer comes with the `factory` extra
     if missing.name != "sqlalchemy":
@@ -196,7 +201,8 @@ _records_option = click.option(
     default=DEFAULT_RECORDS,
     show_default=True,
     envvar="MERS_FACTORY_RECORDS",
-    help="Records database: a SQLite file path or URL, or postgresql+psycopg://... for a shared line.",
+    help="Records database: a SQLite file path or URL, or postgresql+psycopg://... for a shared line. "
+    "A SQLite file must exist (provision: unless --new-records).",
 )
 
 
@@ -220,6 +226,12 @@ _records_option = click.option(
     "--station", default=socket.gethostname(), show_default=True, help="Station name for the records."
 )
 @_records_option
+@click.option(
+    "--new-records",
+    is_flag=True,
+    help="Start a new record set if the --records SQLite file does not exist (without it, a missing file is "
+    "refused: a station run from another directory would check serial numbers and IATs against nothing).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per step per board on stdout.")
 def provision(
     ports: tuple[str, ...],
@@ -235,6 +247,7 @@ def provision(
     iat_margin: float,
     station: str,
     records_url: str,
+    new_records: bool,
     as_json: bool,
 ) -> None:
     """Provision the board on each --port (concurrently): write the keys and the boarding configuration,
@@ -243,7 +256,8 @@ def provision(
     \b
     Example:
       mers-factory provision --port /dev/ttyUSB0 --port /dev/ttyUSB1 --key release.pub.pem \\
-          --hub https://hub.example:8443 --hub-token-file admin-token --hub-ca hub-ca.pem
+          --hub https://hub.example:8443 --hub-token-file admin-token --hub-ca hub-ca.pem \\
+          --records /var/lib/mers/factory-records.db --new-records  # the first run of a new line
       mers-factory provision --port /dev/ttyUSB0 --key release.pub.pem \\
           --boarding-batch batch.jsonl --device-ca hub-ca.pem --records postgresql+psycopg://line/records
     """
@@ -267,7 +281,7 @@ def provision(
             station=station,
         )
         printer = Printer(as_json)
-        records = Records.open(records_url)
+        records = _station_records(records_url, new_records)
         station_run = Station(config, source, records, printer.event)
         try:
             with _stop_between_steps(station_run, len(ports)):
@@ -279,6 +293,19 @@ def provision(
         if result.error is not None:
             click.echo(f"mers-factory: error: {result.port}: {_line(result.error)}", err=True)
     sys.exit(int(exit_code_of(results)))
+
+
+def _station_records(url: str, new: bool) -> Records:
+    """The records `provision` appends to; a new SQLite record set only when asked for (`new`), and then
+    said on stderr with its absolute path, so a station started in the wrong directory is noticed."""
+    try:
+        store = Records.open(url, create=new)
+    except RecordsNotFoundError as error:
+        raise RecordsNotFoundError(error.path, "--new-records starts a new record set there") from None
+    path = sqlite_file(url)
+    if store.created and path is not None:
+        click.echo(f"mers-factory: started a new record set at {path}", err=True)
+    return store
 
 
 @contextmanager

@@ -8,6 +8,7 @@ holds the hub's admin token or an IAT: they are credentials, and error lines end
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 from typing import ClassVar
 
 from board import protocol as wire
@@ -176,6 +177,16 @@ class HubRefusedError(HubError):
 class RecordsError(FactoryError):
     exit_code = ExitCode.RECORDS
     field = "records"
+
+
+class RecordsNotFoundError(RecordsError):
+    """The SQLite file named for the records does not exist. Opening it would make a new, empty one: a
+    verify would call a missing record set intact, and a station run from another directory (or given a
+    mistyped path) would check serial numbers and IATs against nothing. `path` is absolute."""
+
+    def __init__(self, path: Path, advice: str = "") -> None:
+        super().__init__(f"the records database {path} does not exist" + (f"; {advice}" if advice else ""))
+        self.path = path
 
 
 class ChainBrokenError(RecordsError):

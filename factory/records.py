@@ -46,6 +46,7 @@ from .errors import (
     ChainBrokenError,
     IatError,
     RecordsError,
+    RecordsNotFoundError,
     SerialAlreadyProvisionedError,
     SerialInProgressError,
 )
@@ -207,27 +208,51 @@ def database_url(text: str) -> str:
     return text if "://" in text else f"sqlite:///{Path(text).absolute()}"
 
 
+def sqlite_file(text: str) -> Path | None:
+    """The absolute path of the SQLite file that `text` (a URL or a plain path) names; None for another
+    database, an in-memory one, or a ``file:`` URI (whose own ``mode`` says whether it may be created)."""
+    url = sa.engine.make_url(database_url(text))
+    database = url.database
+    if url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:"):
+        return None
+    return Path(database).absolute()
+
+
 class Records:
     """The records database. Safe to share between threads. Each method is atomic: one transaction, or
     (`append`, the claims) a first one and, when another station got there first, another one that
-    reads what it did."""
+    reads what it did.
 
-    def __init__(self, engine: Engine) -> None:
+    `created` says that opening them set their tables up: a new, empty record set."""
+
+    def __init__(self, engine: Engine, *, created: bool = False) -> None:
         self.engine = engine
+        self.created = created
 
     @classmethod
-    def open(cls, url: str) -> Records:
-        url = database_url(url)
+    def open(cls, url: str, *, create: bool = False) -> Records:
+        """The records at `url` (a URL, or a SQLite file's path), their tables set up if they lack them.
+
+        A SQLite file that does not exist is a `RecordsNotFoundError` unless `create`: SQLite would make
+        an empty one, and a station run from another directory, or given a mistyped path, would then
+        check serial numbers and IATs against nothing, and a verify would call a missing record set
+        intact. Any other database must exist anyway (`create` changes nothing there)."""
         try:
+            path = sqlite_file(url)
+            if path is not None and not create and not path.exists():
+                raise RecordsNotFoundError(path)
+            url = database_url(url)
             options: dict[str, Any] = {}
             if url.startswith("sqlite"):
                 options["connect_args"] = {"timeout": 30}
             engine = sa.create_engine(url, **options)
             with engine.begin() as connection:
-                _create_schema(connection)
+                created = _create_schema(connection)
         except (SQLAlchemyError, ImportError, ValueError) as error:
             raise RecordsError(f"cannot open the records database: {_reason(error)}") from None
-        return cls(engine)
+        return cls(engine, created=created)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -434,13 +459,15 @@ class Records:
             raise RecordsError(f"cannot read the records: {_reason(error)}") from None
 
 
-def _create_schema(connection: Connection) -> None:
-    """Tables and append-only triggers, once. On PostgreSQL stations starting together would race on the
-    catalog ("tuple concurrently updated"), so the setup runs under a transaction-scoped advisory lock."""
+def _create_schema(connection: Connection) -> bool:
+    """Tables and append-only triggers, once; True if this call created the chain's table (a new record
+    set). On PostgreSQL stations starting together would race on the catalog ("tuple concurrently
+    updated"), so the setup runs under a transaction-scoped advisory lock."""
     dialect = connection.engine.dialect.name
     if dialect == "postgresql":
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
     existing = sa.inspect(connection)
+    created = not existing.has_table(attempts.name)
     if existing.has_table(serial_claims.name):
         columns = {column["name"] for column in existing.get_columns(serial_claims.name)}
         if columns != {column.name for column in serial_claims.columns}:
@@ -451,6 +478,7 @@ def _create_schema(connection: Connection) -> None:
     statements = {"sqlite": _APPEND_ONLY_SQLITE, "postgresql": _APPEND_ONLY_POSTGRESQL}.get(dialect, [])
     for statement in statements:
         connection.exec_driver_sql(statement)
+    return created
 
 
 def _claim_values(claim: SerialClaim, now: float) -> dict[str, Any]:

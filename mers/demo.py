@@ -250,7 +250,7 @@ def provision_board(demo: Demo) -> None:
         events = demo.run(
             "mers-factory", "provision", "--port", port, "--key", "release.pub.pem",
             "--hub", demo.facts["hub_url"], "--hub-token-file", "hub/admin-token", "--hub-ca", "hub/ca.pem",
-            "--records", "factory-records.db", "--station", "demo", "--json",
+            "--records", "factory-records.db", "--new-records", "--station", "demo", "--json",
         )  # fmt: skip
         done = [json.loads(line) for line in events.splitlines() if '"done"' in line]
         if not done or done[-1].get("status") != "provisioned":

@@ -145,6 +145,10 @@ def factory(*args: str | Path, **kwargs: Any) -> CliResult:
 
 
 def provision_args(files: StationFiles, records: Path | str, *ports: str) -> list[str | Path]:
+    """`provision` appending to `records`. A SQLite file is started here if it is missing, as a line's
+    first run with --new-records would: the station's stderr then holds only what the test looks for."""
+    if "://" not in str(records):
+        Records.open(str(records), create=True).close()
     args: list[str | Path] = ["provision", "--records", str(records)]
     for port in ports:
         args += ["--port", port]

@@ -142,7 +142,7 @@ def test_records_verify_prints_an_anchor_that_later_catches_removed_rows(tmp_pat
 def test_the_records_refuse_updates_and_deletes(tmp_path: Path) -> None:
     import sqlite3
 
-    store = Records.open(str(tmp_path / "r.db"))
+    store = Records.open(str(tmp_path / "r.db"), create=True)
     store.close()
     with sqlite3.connect(tmp_path / "r.db") as db:
         for statement in ("UPDATE attempts SET error = 'x'", "DELETE FROM attempts"):
@@ -158,6 +158,48 @@ def test_the_records_refuse_updates_and_deletes(tmp_path: Path) -> None:
             else:
                 raise AssertionError(f"{statement} was allowed")
             db.rollback()
+
+
+@pytest.mark.parametrize(
+    "command", [("records", "verify"), ("records", "export", "--json"), ("records", "show", "GW-1")]
+)
+def test_a_records_command_refuses_a_records_file_that_does_not_exist(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """A mistyped path is not an intact, empty record set, and leaves no file behind."""
+    result = factory(*command, "--records", "typo.db", cwd=tmp_path)
+    assert result.returncode == ExitCode.RECORDS
+    missing = tmp_path.resolve() / "typo.db"
+    assert (
+        result.error_line == f"mers-factory: error: [records] the records database {missing} does not exist"
+    )
+    assert result.stdout == "" and not missing.exists()
+
+
+def test_provision_refuses_a_missing_records_file_unless_told_to_start_a_new_record_set(
+    tmp_path: Path,
+) -> None:
+    """The default records file is relative: a station started in another directory must not check
+    serial numbers and IATs against a blank database it has just made."""
+    files = station_files(tmp_path / "files")
+    batch = batch_for(tmp_path / "batch.jsonl", "GW-1")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    records = elsewhere.resolve() / "factory-records.db"
+    with ConsoleProcess(make_board(tmp_path / "GW-1", "GW-1")) as console:
+        args: list[str | Path] = ["provision", "--port", console.port, "--boarding-batch", batch]
+        args += ["--device-ca", files.device_ca, *(arg for key in files.keys for arg in ("--key", key))]
+        refused = factory(*args, cwd=elsewhere)
+        assert refused.returncode == ExitCode.RECORDS
+        assert str(records) in refused.error_line and "--new-records" in refused.error_line
+        assert not records.exists() and port_is_free(console.port)
+        assert board_state(tmp_path / "GW-1")[2] is None
+        started = factory(*args, "--new-records", cwd=elsewhere)
+        assert started.returncode == 0, started.stderr
+        assert started.stderr == f"mers-factory: started a new record set at {records}\n"
+        again = factory(*args, "--new-records", cwd=elsewhere)  # it exists now: used, not started anew
+        assert again.returncode == 0 and again.stderr == "" and "already provisioned" in again.stdout
+    assert [row["outcome"] for row in rows(records)] == ["provisioned", "already_provisioned"]
 
 
 # --- bad input and faults: one line, an exit code, the port released, a record --------------------------
@@ -245,7 +287,7 @@ def test_a_second_ctrl_c_interrupts_one_board_at_once_but_never_while_it_is_lock
 ) -> None:
     files = station_files(tmp_path / "files")
     batch = BatchSource.load(batch_for(tmp_path / "batch.jsonl", "GW-1"))
-    store = Records.open(str(tmp_path / "records.db"))
+    store = Records.open(str(tmp_path / "records.db"), create=True)
     try:
         run = station(files, batch, store)
         with _stop_between_steps(run, ports):

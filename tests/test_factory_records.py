@@ -38,7 +38,7 @@ def records(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Records]
     url = (
         str(tmp_path / "records.db") if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     )
-    store = Records.open(url)
+    store = Records.open(url, create=True)
     yield store
     store.close()
 

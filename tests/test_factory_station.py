@@ -49,7 +49,7 @@ from tests.factory_helpers import (
 
 @pytest.fixture
 def records(tmp_path: Path) -> Iterator[Records]:
-    opened = Records.open(str(tmp_path / "records.db"))
+    opened = Records.open(str(tmp_path / "records.db"), create=True)
     yield opened
     opened.close()
 
