@@ -461,11 +461,20 @@ class Records:
 
 def _create_schema(connection: Connection) -> bool:
     """Tables and append-only triggers, once; True if this call created the chain's table (a new record
-    set). On PostgreSQL stations starting together would race on the catalog ("tuple concurrently
-    updated"), so the setup runs under a transaction-scoped advisory lock."""
+    set). Stations starting together on new records would each find a table missing and create it, and
+    all but the first would fail ("table attempts already exists"; on PostgreSQL "tuple concurrently
+    updated"), so the setup is serialised: on PostgreSQL by a transaction-scoped advisory lock, on SQLite
+    by ``BEGIN IMMEDIATE``, which takes the file's write lock before the first look at the schema (the
+    others wait for it, within the busy timeout). SQLite's DDL is transactional, so the whole setup, the
+    triggers and a remade claims table included, is also seen by others all at once or not at all. Retrying
+    on "already exists" instead would still let a station see tables without their triggers, and race
+    again on the next table."""
     dialect = connection.engine.dialect.name
     if dialect == "postgresql":
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+    elif dialect == "sqlite":
+        # the driver itself begins a transaction only before a data change, never before DDL: begin here
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
     existing = sa.inspect(connection)
     created = not existing.has_table(attempts.name)
     if existing.has_table(serial_claims.name):

@@ -5,10 +5,14 @@ number from being written at once, on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Final
 
 import pytest
 import sqlalchemy as sa
@@ -157,6 +161,58 @@ def test_updates_and_deletes_are_refused_by_the_database(records: Records) -> No
         with pytest.raises(sa.exc.DatabaseError, match="append-only"), records.engine.begin() as connection:
             connection.exec_driver_sql(statement)
     assert records.verify().rows == 1
+
+
+OPEN_EACH_ON_GO: Final = """
+import os, sys
+from factory.records import Records
+print("ready", flush=True)
+for go, path in zip(sys.argv[1::2], sys.argv[2::2]):
+    os.read(int(go), 1)  # the end of the pipe: the test closes it for every station at once
+    store = Records.open(path, create=True)
+    print("started" if store.created else "joined", flush=True)
+    store.close()
+"""
+
+
+def test_stations_starting_together_on_a_new_sqlite_file_all_open_it_and_one_starts_it(
+    tmp_path: Path,
+) -> None:
+    """Station processes started at once on a shared SQLite file that does not exist yet: each one opens
+    the records (none fails on a table another created meanwhile), and exactly one started them. Five
+    new files, one after the other, each released to all the stations at once."""
+    paths = [tmp_path / f"records-{round_}.db" for round_ in range(5)]
+    pipes = [os.pipe() for _ in paths]
+    command = [sys.executable, "-c", OPEN_EACH_ON_GO]
+    command += [str(arg) for (go, _), path in zip(pipes, paths, strict=True) for arg in (go, path)]
+    gos = [go for go, _ in pipes]
+    stations = [
+        subprocess.Popen(command, pass_fds=gos, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    said: list[list[bytes]] = []
+    try:
+        for go in gos:
+            os.close(go)
+        for station in stations:
+            assert station.stdout is not None and station.stdout.readline() == b"ready\n"
+        for _, release in pipes:
+            os.close(release)
+            said.append(sorted(station.stdout.readline() for station in stations if station.stdout))
+    finally:
+        for _, release in pipes[len(said) :]:
+            os.close(release)
+        errors = [station.communicate(timeout=60)[1] for station in stations]
+    assert [station.returncode for station in stations] == [0] * 4, errors
+    assert said == [[b"joined\n"] * 3 + [b"started\n"]] * len(paths)
+    store = Records.open(str(paths[-1]))
+    try:
+        store.append(attempt())
+        assert store.verify().rows == 1
+        with pytest.raises(sa.exc.DatabaseError, match="append-only"), store.engine.begin() as connection:
+            connection.exec_driver_sql("DELETE FROM attempts")
+    finally:
+        store.close()
 
 
 def test_stations_appending_at_once_keep_one_intact_chain(records: Records) -> None:
