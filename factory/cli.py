@@ -408,7 +408,8 @@ def records_verify(records_url: str, anchors: tuple[str, ...]) -> None:
     """Check the hash chain from the first row; report the first broken row (exit 6).
 
     The chain shows any row altered or removed before its last one; only an anchor kept elsewhere shows
-    the newest rows removed. Each run prints the anchor of the chain as it is now.
+    the newest rows removed. Each run prints the anchor of the chain as it is now (an empty chain has
+    none: there is no row yet whose removal an anchor could catch).
 
     Example: mers-factory records verify --records factory-records.db --anchor 120:3f9c…
     """
@@ -419,8 +420,11 @@ def records_verify(records_url: str, anchors: tuple[str, ...]) -> None:
 
     def verify(store: Records) -> None:
         report = store.verify(parsed)
+        if report.anchor is None:  # any anchor given names a row, so an empty chain already failed it
+            click.echo("chain intact: 0 rows; no anchor: the chain has no row to anchor yet")
+            return
         checked = f"; {len(parsed)} anchor(s) hold" if parsed else ""
-        click.echo(f"chain intact: {report.rows} rows, head {report.head}{checked}; anchor {report}")
+        click.echo(f"chain intact: {report.rows} rows, head {report.head}{checked}; anchor {report.anchor}")
 
     _with_records(verify, records_url)
 

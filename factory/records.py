@@ -187,6 +187,13 @@ class ChainReport:
     def __str__(self) -> str:
         return f"{self.rows}:{self.head}"
 
+    @property
+    def anchor(self) -> str | None:
+        """`ROWS:HEAD` as `parse` reads it back; None for an empty chain. An anchor names a row that must
+        still be there: ``0:`` and the genesis hash would hold for every chain, one emptied since too, so
+        `parse` refuses it rather than let it pass for a tamper check."""
+        return str(self) if self.rows else None
+
     @classmethod
     def parse(cls, text: str) -> ChainReport:
         rows, _, head = text.strip().partition(":")

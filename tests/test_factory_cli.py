@@ -139,6 +139,18 @@ def test_records_verify_prints_an_anchor_that_later_catches_removed_rows(tmp_pat
     assert "removed from its end" in caught.error_line
 
 
+def test_records_verify_of_an_empty_chain_prints_no_anchor(tmp_path: Path) -> None:
+    """An anchor names a row that must still be there. An empty chain has none: ``0:`` and 64 zeros would
+    hold for every chain, emptied ones included, so `--anchor` refuses it, and verify must not offer it."""
+    records = tmp_path / "r.db"
+    Records.open(str(records), create=True).close()
+    verified = factory("records", "verify", "--records", records)
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout == "chain intact: 0 rows; no anchor: the chain has no row to anchor yet\n"
+    vacuous = factory("records", "verify", "--records", records, "--anchor", f"0:{'0' * 64}")
+    assert vacuous.returncode == ExitCode.USAGE and "ROWS:HEAD" in vacuous.error_line
+
+
 def test_the_records_refuse_updates_and_deletes(tmp_path: Path) -> None:
     import sqlite3
 
