@@ -6,8 +6,9 @@ recognise a board it already provisioned) and the facts the records keep about t
 instead of the token itself, which is a credential.
 
 - `HubSource` finds or creates the agent named after the board's serial number and fetches its
-  configuration; when the IAT expires within the margin it offboards the agent to get a fresh one, but
-  never an agent that already onboarded (that would cut a working device off).
+  configuration; it refuses an agent that already onboarded (its IAT is used, and offboarding it would cut
+  a working device off), and when the IAT expires within the margin it offboards the agent to get a fresh
+  one.
 - `BatchSource` reads JSON lines ``{"serial", "agentId"?, "boarding"}`` exported from the hub with
   `export_batch` (`mers-factory batch export`), for a line without access to the hub.
 
@@ -18,6 +19,7 @@ admin token travels only in the Authorization header and is never part of a mess
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import tempfile
@@ -31,7 +33,14 @@ import requests
 
 from board import protocol as wire
 
-from .errors import BatchFileError, HubRefusedError, HubUnreachableError, IatError, InputError
+from .errors import (
+    AgentOnboardedError,
+    BatchFileError,
+    HubRefusedError,
+    HubUnreachableError,
+    IatError,
+    InputError,
+)
 
 AGENTS: Final = "/api/agentmanagement/v3"
 HUB_TIMEOUT_S: Final = (10.0, 30.0)
@@ -120,6 +129,17 @@ class BoardingSource(Protocol):
 # --- the hub -------------------------------------------------------------------------------------------
 
 
+class BoardingStatus(enum.StrEnum):
+    """An agent's boarding status as the hub's admin API reports it (DESIGN section 7).
+
+    ONBOARDING is what the hub reports as soon as the configuration was handed out, which `fresh` does
+    itself, and also while a registration is in progress: the admin API does not tell the two apart."""
+
+    NOT_ONBOARDED = "NOT_ONBOARDED"
+    ONBOARDING = "ONBOARDING"
+    ONBOARDED = "ONBOARDED"
+
+
 @dataclass
 class HubSource:
     """The hub's admin API (Agent Management v3): one agent per board, named after its serial number."""
@@ -153,16 +173,19 @@ class HubSource:
         return self._configuration(serial_number, agent_id)
 
     def fresh(self, serial_number: str, not_before: float) -> Boarding:
+        """The agent's configuration, its IAT renewed by offboarding when it expires within the margin.
+
+        The status is asked on every call, after the configuration: the hub keeps handing out an IAT after
+        it was used, and a board sealed with a used IAT can never onboard. An agent ONBOARDING is given its
+        configuration: that status is what handing the configuration out sets (a re-run, a second station,
+        an exported batch), and the records keep one IAT from being burned into two boards."""
         agent_id = self._find_agent(serial_number) or self._create_agent(serial_number)
         boarding = self._configuration(serial_number, agent_id)
+        status = self._status(agent_id)
+        if status is BoardingStatus.ONBOARDED:
+            raise AgentOnboardedError(serial_number, agent_id, status.value, boarding)
         if not boarding.expires_within(not_before):
             return boarding
-        status = self._request("GET", f"/agents/{agent_id}/boarding/status").get("status")
-        if status == "ONBOARDED":
-            raise IatError(
-                f"agent {agent_id} ({serial_number}) has already onboarded: "
-                "refusing to offboard it for a new IAT"
-            )
         self._request("POST", f"/agents/{agent_id}/boarding/offboard")
         boarding = self._configuration(serial_number, agent_id)
         if boarding.expires_within(not_before):
@@ -170,6 +193,12 @@ class HubSource:
                 f"the hub issues IATs that expire within the margin (jti {boarding.iat_jti})", boarding
             )
         return boarding
+
+    def _status(self, agent_id: str) -> BoardingStatus:
+        status = self._request("GET", f"/agents/{agent_id}/boarding/status").get("status")
+        if not isinstance(status, str) or status not in BoardingStatus.__members__:
+            raise HubRefusedError(f"the hub's boarding status of agent {agent_id} is not understood", 200)
+        return BoardingStatus(status)
 
     def _find_agent(self, serial_number: str) -> str | None:
         page = self._request("GET", "/agents", params={"name": serial_number, "size": 1})

@@ -113,7 +113,7 @@ class BoardRefusedError(RefusedError):
 
 
 class IatError(RefusedError):
-    """The IAT cannot be burned: expired, expiring within the margin, or claimed for another board.
+    """The IAT cannot be burned: expired, expiring within the margin, used, or claimed for another board.
     `facts` is the refused configuration (a `Boarding`), when known, so the record names its ``jti``."""
 
     field = "iat"
@@ -121,6 +121,23 @@ class IatError(RefusedError):
     def __init__(self, message: str, facts: object = None) -> None:
         super().__init__(message)
         self.facts = facts
+
+
+class AgentOnboardedError(IatError):
+    """The hub's agent for this serial number has onboarded: its IAT is used, so a board given it could
+    never onboard. The station does not offboard it for a new IAT, which would cut off the device holding
+    its credentials: an operator offboards it on the hub (`mers-hub agent offboard`) if that device is gone
+    or the serial number is a duplicate."""
+
+    def __init__(self, serial_number: str, agent_id: str, status: str, facts: object = None) -> None:
+        super().__init__(
+            f"{serial_number}: the hub's agent {agent_id} is {status}, its IAT used: a board given it could "
+            "never onboard (offboard the agent on the hub if its device is gone)",
+            facts,
+        )
+        self.serial_number = serial_number
+        self.agent_id = agent_id
+        self.status = status
 
 
 class LockedOverOtherDataError(RefusedError):
