@@ -14,7 +14,10 @@ instead of the token itself, which is a credential.
 
 The hub is reached with TLS verified against its CA on every request (`verify=` per request, and the
 session ignores the environment, since requests prefers ``REQUESTS_CA_BUNDLE`` over `Session.verify`); the
-admin token travels only in the Authorization header and is never part of a message or repr.
+admin token travels only in the Authorization header and is never part of a message or repr. A URL that
+is not ``https`` is refused before any request (`verify=` means nothing over plain HTTP: the token would
+cross the network in clear), and redirects are not followed (requests keeps the header on a redirect to
+another path of the same origin, which a proxy may route to another service).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
+from urllib.parse import urlsplit
 
 import jwt
 import requests
@@ -152,6 +156,7 @@ class HubSource:
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
+        _check_hub_url(self.url)
         self.session.trust_env = False  # REQUESTS_CA_BUNDLE must not replace the hub's CA
 
     @classmethod
@@ -244,6 +249,7 @@ class HubSource:
                 headers={"Authorization": f"Bearer {self.token}"},
                 verify=str(self.ca),
                 timeout=HUB_TIMEOUT_S,
+                allow_redirects=False,
                 **kwargs,
             )
         except requests.exceptions.SSLError:
@@ -252,6 +258,12 @@ class HubSource:
             raise HubUnreachableError(
                 f"the hub at {self.url} is unreachable ({type(error).__name__})"
             ) from None
+        if response.is_redirect:
+            raise HubRefusedError(
+                f"the hub answered {method} {path} with a redirect (HTTP {response.status_code}), not "
+                "followed: the admin token goes to the --hub URL only; give the hub's own URL",
+                response.status_code,
+            )
         try:
             body = response.json()
         except ValueError:
@@ -265,6 +277,22 @@ class HubSource:
         if not isinstance(body, dict):
             raise HubUnreachableError(f"{self.url} does not answer like a hub (no JSON object)")
         return body
+
+
+def _check_hub_url(url: str) -> None:
+    """Only ``https://HOST[:PORT]``: over plain HTTP the admin token would travel in clear, and the
+    request would go out unverified whatever CA is given."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError:
+        raise InputError("the hub's URL is not a URL (https://HOST:PORT)", field="hub") from None
+    if parts.scheme != "https" or not parts.hostname:
+        scheme = f"{parts.scheme}://" if parts.scheme else "no scheme"
+        raise InputError(
+            f"the hub's URL must be https://HOST:PORT (not {scheme}): the admin token travels only over TLS",
+            field="hub",
+        )
 
 
 # --- batch files ---------------------------------------------------------------------------------------

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
+import ssl
+import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +19,10 @@ import jwt
 
 from board import protocol as wire
 from board.simboard import SimBoard
-from factory.boarding_source import BatchSource, BoardingSource, canonical_json
+from factory.boarding_source import AGENTS, BatchSource, BoardingSource, canonical_json
 from factory.records import Records
 from factory.station import Event, Station, StationConfig
+from hub.tls import create_tls_material
 from signing.keys import KeyAlgorithm, PublicKey
 from tests.board_helpers import ca_bundle
 from tests.conftest import CliResult, run_cli
@@ -175,3 +179,66 @@ def age_claims(store: Records, seconds: float) -> None:
             "UPDATE serial_claims SET "
             f"checked_in_at = checked_in_at - {seconds}, expires_at = expires_at - {seconds}"
         )
+
+
+# --- a server that is not the hub ---------------------------------------------------------------------
+
+
+@dataclass
+class RecordingServer:
+    """What `recording_server` serves: its URL, the CA its certificate chains to (TLS only), and the path
+    and Authorization header of every request it received, in order."""
+
+    url: str
+    ca: Path
+    seen: list[tuple[str, str | None]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def recording_server(directory: Path, *, tls: bool, redirect_to: str = "") -> Iterator[RecordingServer]:
+    """An HTTP server on 127.0.0.1 (over TLS, with a CA of its own, when `tls`) that records every request.
+    With `redirect_to`, a request for the agent API is answered 307 to `redirect_to` + its path on the same
+    origin (as a proxy in front of several services might); anything else gets an empty agent list."""
+    directory.mkdir(parents=True, exist_ok=True)
+    material = create_tls_material(("localhost",))
+    ca = directory / "server-ca.pem"
+    ca.write_bytes(material.ca_certificate_pem)
+    seen: list[tuple[str, str | None]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization")))
+            if redirect_to and self.path.startswith(AGENTS):
+                self.send_response(307)
+                self.send_header("Location", redirect_to + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = b'{"content": []}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls:
+        chain = directory / "server.pem"
+        chain.write_bytes(material.server_certificate_pem + material.server_key_pem)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(chain)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    scheme = "https" if tls else "http"
+    try:
+        yield RecordingServer(f"{scheme}://127.0.0.1:{server.server_address[1]}", ca, seen)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=30)

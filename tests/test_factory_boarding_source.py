@@ -3,12 +3,14 @@ number gets, and which IATs are refused before a board could be sealed with them
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jwt
 import pytest
 
 from factory.boarding_source import Boarding, HubSource
-from factory.errors import AgentOnboardedError, ExitCode
-from tests.factory_helpers import DAY
+from factory.errors import AgentOnboardedError, ExitCode, HubRefusedError, InputError
+from tests.factory_helpers import DAY, recording_server
 from tests.hub_helpers import AGENTS, RunningHub, agent_record, boarding_configuration, onboard_agent
 
 
@@ -42,3 +44,23 @@ def test_an_agent_whose_configuration_was_handed_out_gets_the_same_one_again(hub
     assert status(hub, first.client_id) == "ONBOARDING"
     again = source.fresh("GW-6", hub.clock() + DAY)
     assert (again.agent_id, again.iat_jti, again.config) == (first.agent_id, first.iat_jti, first.config)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8443", "127.0.0.1:8443", "https://", "https://[::1"])
+def test_a_hub_url_that_is_not_https_is_refused_as_bad_input(tmp_path: Path, url: str) -> None:
+    with pytest.raises(InputError) as raised:
+        HubSource(url, tmp_path / "ca.pem", "s3cret-admin-token")
+    assert raised.value.field == "hub" and "https://" in str(raised.value)
+    assert "s3cret-admin-token" not in str(raised.value)
+
+
+def test_a_redirect_is_not_followed_with_the_admin_token(tmp_path: Path) -> None:
+    """requests keeps the Authorization header on a redirect within the same origin: another service
+    behind the same proxy would be handed the admin token."""
+    with recording_server(tmp_path, tls=True, redirect_to="/elsewhere") as server:
+        source = HubSource(server.url, server.ca, "s3cret-admin-token")
+        with pytest.raises(HubRefusedError) as raised:
+            source.current("GW-1")
+        assert raised.value.status == 307 and "redirect" in str(raised.value)
+        assert "s3cret-admin-token" not in str(raised.value)
+        assert [path for path, _ in server.seen if not path.startswith(AGENTS)] == []

@@ -31,6 +31,7 @@ from tests.factory_helpers import (
     json_events,
     make_board,
     provision_args,
+    recording_server,
     served_boards,
     station,
     station_files,
@@ -438,6 +439,25 @@ def test_a_hub_with_an_untrusted_certificate_is_refused(tmp_path: Path, hub: Run
             env={"REQUESTS_CA_BUNDLE": str(hub.ca)},  # the environment must not override --hub-ca
         )
     assert result.returncode == ExitCode.HUB and "TLS" in result.error_line
+
+
+@pytest.mark.parametrize("command", ["provision", "batch export"])
+def test_a_hub_over_plain_http_is_a_usage_error_before_the_token_is_sent(
+    tmp_path: Path, command: str
+) -> None:
+    files = station_files(tmp_path / "files")
+    token = tmp_path / "token"
+    token.write_text("s3cret-admin-token\n")
+    with recording_server(tmp_path / "server", tls=False) as server:
+        hub: list[str | Path] = ["--hub", server.url, "--hub-token-file", token, "--hub-ca", files.device_ca]
+        if command == "provision":
+            result = factory(*provision_args(files, tmp_path / "r.db", "/dev/null"), *hub)
+        else:
+            result = factory("batch", "export", "GW-1", *hub, "-o", tmp_path / "batch.jsonl")
+        assert result.returncode == ExitCode.USAGE and "https://" in result.error_line
+        assert server.seen == []
+    assert "s3cret-admin-token" not in result.stderr
+    assert not (tmp_path / "batch.jsonl").exists()
 
 
 def test_two_stations_share_postgresql_records(tmp_path: Path, postgres_url: str) -> None:
