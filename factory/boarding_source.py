@@ -40,6 +40,7 @@ from board import protocol as wire
 from .errors import (
     AgentOnboardedError,
     BatchFileError,
+    DuplicateAgentsError,
     HubRefusedError,
     HubUnreachableError,
     IatError,
@@ -50,6 +51,7 @@ AGENTS: Final = "/api/agentmanagement/v3"
 HUB_TIMEOUT_S: Final = (10.0, 30.0)
 PROFILES: Final = ("SHARED_SECRET", "RSA_3072")
 MAX_BATCH_LINE: Final = 64 * 1024
+AGENT_PAGE_SIZE: Final = 100  # the hub lists one agent by name; more shows duplicates or an ignored filter
 # the widths of the records' columns that keep these values (factory.records.attempts)
 MAX_ID: Final = 128
 MAX_JTI: Final = 256
@@ -206,14 +208,21 @@ class HubSource:
         return BoardingStatus(status)
 
     def _find_agent(self, serial_number: str) -> str | None:
-        page = self._request("GET", "/agents", params={"name": serial_number, "size": 1})
+        """The id of the one agent named `serial_number`, or None when there is none.
+
+        Each listed agent's name is checked rather than trusting the hub's filter: a listing that ignored
+        it (as an API may ignore a query parameter) handed a board the first agent listed, another board's
+        agent and IAT. Several agents with that name are refused: which one is this board's is unknown."""
+        page = self._request("GET", "/agents", params={"name": serial_number, "size": AGENT_PAGE_SIZE})
         content = page.get("content")
-        if not isinstance(content, list) or not content:
+        if not isinstance(content, list):
             return None
-        agent_id = content[0].get("id") if isinstance(content[0], dict) else None
-        if not isinstance(agent_id, str):
+        if not all(isinstance(agent, dict) and isinstance(agent.get("id"), str) for agent in content):
             raise HubRefusedError("the hub's agent list is not understood", 200)
-        return agent_id
+        named = [agent["id"] for agent in content if agent.get("name") == serial_number]
+        if len(named) > 1:
+            raise DuplicateAgentsError(serial_number, named)
+        return named[0] if named else None
 
     def _create_agent(self, serial_number: str) -> str:
         try:

@@ -191,6 +191,20 @@ class HubRefusedError(HubError):
         self.status = status
 
 
+class DuplicateAgentsError(HubError):
+    """Several of the hub's agents are named after one serial number: which one this board is cannot be
+    told, so none is used (an operator deletes the others on the hub)."""
+
+    def __init__(self, serial_number: str, agent_ids: list[str]) -> None:
+        shown = ", ".join(agent_ids[:5]) + (", ..." if len(agent_ids) > 5 else "")
+        super().__init__(
+            f"the hub has {len(agent_ids)} agents named {serial_number} ({shown}): "
+            "which one is this board's is unknown; delete the others on the hub"
+        )
+        self.serial_number = serial_number
+        self.agent_ids = agent_ids
+
+
 class RecordsError(FactoryError):
     exit_code = ExitCode.RECORDS
     field = "records"

@@ -10,7 +10,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,15 +195,27 @@ class RecordingServer:
 
 
 @contextlib.contextmanager
-def recording_server(directory: Path, *, tls: bool, redirect_to: str = "") -> Iterator[RecordingServer]:
+def recording_server(
+    directory: Path, *, tls: bool, redirect_to: str = "", agents: Sequence[str] = ()
+) -> Iterator[RecordingServer]:
     """An HTTP server on 127.0.0.1 (over TLS, with a CA of its own, when `tls`) that records every request.
     With `redirect_to`, a request for the agent API is answered 307 to `redirect_to` + its path on the same
-    origin (as a proxy in front of several services might); anything else gets an empty agent list."""
+    origin (as a proxy in front of several services might). Otherwise it answers like a hub that ignores
+    the agent list's name filter: every one of `agents` (names; agent ``agent-<name>``) is listed whatever
+    the query, each with a fresh `boarding_document` and the status NOT_ONBOARDED."""
     directory.mkdir(parents=True, exist_ok=True)
     material = create_tls_material(("localhost",))
     ca = directory / "server-ca.pem"
     ca.write_bytes(material.ca_certificate_pem)
     seen: list[tuple[str, str | None]] = []
+
+    def answer_for(path: str) -> object:
+        route = path.split("?", maxsplit=1)[0].removeprefix(AGENTS).split("/")
+        if route == ["", "agents"]:
+            return {"content": [{"id": f"agent-{name}", "name": name} for name in agents]}
+        if route[3:] == ["boarding", "configuration"]:
+            return boarding_document(route[2].removeprefix("agent-"))
+        return {"status": "NOT_ONBOARDED"}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -214,7 +226,7 @@ def recording_server(directory: Path, *, tls: bool, redirect_to: str = "") -> It
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            body = b'{"content": []}'
+            body = json.dumps(answer_for(self.path)).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))

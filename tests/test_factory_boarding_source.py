@@ -3,13 +3,14 @@ number gets, and which IATs are refused before a board could be sealed with them
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import jwt
 import pytest
 
 from factory.boarding_source import Boarding, HubSource
-from factory.errors import AgentOnboardedError, ExitCode, HubRefusedError, InputError
+from factory.errors import AgentOnboardedError, DuplicateAgentsError, ExitCode, HubRefusedError, InputError
 from tests.factory_helpers import DAY, recording_server
 from tests.hub_helpers import AGENTS, RunningHub, agent_record, boarding_configuration, onboard_agent
 
@@ -64,3 +65,23 @@ def test_a_redirect_is_not_followed_with_the_admin_token(tmp_path: Path) -> None
         assert raised.value.status == 307 and "redirect" in str(raised.value)
         assert "s3cret-admin-token" not in str(raised.value)
         assert [path for path, _ in server.seen if not path.startswith(AGENTS)] == []
+
+
+def test_the_agent_is_the_one_named_after_the_serial_number_whatever_the_listing_holds(
+    tmp_path: Path,
+) -> None:
+    """A listing that ignores the name filter: GW-2 gets GW-2's agent, not the first one listed."""
+    with recording_server(tmp_path, tls=True, agents=["GW-1", "GW-2"]) as server:
+        source = HubSource(server.url, server.ca, "s3cret-admin-token")
+        boarding = source.current("GW-2")
+        assert boarding is not None and (boarding.agent_id, boarding.client_id) == ("agent-GW-2",) * 2
+        assert source.current("GW-3") is None  # no agent: the station creates one (fresh) or refuses
+
+
+def test_several_agents_named_after_one_serial_number_are_refused(tmp_path: Path) -> None:
+    with recording_server(tmp_path, tls=True, agents=["GW-1", "GW-2", "GW-2"]) as server:
+        source = HubSource(server.url, server.ca, "s3cret-admin-token")
+        with pytest.raises(DuplicateAgentsError) as raised:
+            source.fresh("GW-2", time.time() + DAY)
+        assert "GW-2" in str(raised.value) and raised.value.exit_code == ExitCode.HUB
+        assert not [path for path, _ in server.seen if "/agents/" in path]  # no configuration was asked for
