@@ -7,6 +7,8 @@ import contextlib
 import http.server
 import json
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -25,7 +27,7 @@ from factory.station import Event, Station, StationConfig
 from hub.tls import create_tls_material
 from signing.keys import KeyAlgorithm, PublicKey
 from tests.board_helpers import ca_bundle
-from tests.conftest import CliResult, run_cli
+from tests.conftest import BIN_DIR, CliResult, run_cli
 from tests.console_helpers import ConsoleProcess, new_board
 from tests.signing_helpers import signer_for
 
@@ -146,6 +148,32 @@ def batch_source(path: Path) -> BatchSource:
 
 def factory(*args: str | Path, **kwargs: Any) -> CliResult:
     return run_cli("mers-factory", *args, **kwargs)
+
+
+#: sets RLIMIT_FSIZE, then becomes the command (no preexec_fn in a threaded pytest process)
+_FSIZE_LAUNCHER = """
+import os, resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def factory_with_file_size_limit(limit: int, *args: str | Path) -> CliResult:
+    """`mers-factory ARGS` as a real process whose writes past byte `limit` of any file fail with EFBIG
+    (RLIMIT_FSIZE: the kernel's own failure, as a full disk gives; Python ignores SIGXFSZ)."""
+    program = str(BIN_DIR / "mers-factory")
+    completed = subprocess.run(
+        [sys.executable, "-c", _FSIZE_LAUNCHER, str(limit), program, *map(str, args)],
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    return CliResult(
+        completed.returncode,
+        completed.stdout.decode("utf-8", "replace"),
+        completed.stderr.decode("utf-8", "replace"),
+    )
 
 
 def provision_args(files: StationFiles, records: Path | str, *ports: str) -> list[str | Path]:

@@ -28,6 +28,7 @@ from tests.factory_helpers import (
     board_state,
     boarding_document,
     factory,
+    factory_with_file_size_limit,
     json_events,
     make_board,
     provision_args,
@@ -411,6 +412,20 @@ def test_batch_export_from_the_hub_then_provision_offline(tmp_path: Path, hub: R
         assert result.returncode == 0, result.stderr
     [row] = rows(tmp_path / "r.db")
     assert row["agent_id"] == lines[1]["agentId"]
+
+
+def test_a_batch_export_that_cannot_be_written_leaves_no_file_holding_iats(
+    tmp_path: Path, hub: RunningHub
+) -> None:
+    output = tmp_path / "out" / "batch.jsonl"
+    output.parent.mkdir()
+    serials = [f"GW-{number}" for number in range(8)]  # a line is over 1 KiB: the batch is past the limit
+    result = factory_with_file_size_limit(
+        4096, "batch", "export", *serials, *hub_args(hub, tmp_path), "-o", output
+    )
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert "cannot write the batch file" in result.error_line and "File too large" in result.error_line
+    assert list(output.parent.iterdir()) == []
 
 
 def test_an_unreachable_hub_is_a_hub_error_with_the_port_released(tmp_path: Path, hub: RunningHub) -> None:
