@@ -103,7 +103,7 @@ def parse_boarding(serial_number: str, agent_id: str | None, document: object) -
     if claims.get("sub") != client_id:
         raise ValueError("the IAT was not issued for the configuration's clientId")
     # what the records keep must be storable: checked before a board is written, not after it is locked
-    _check_text(serial_number, "the serial number", wire.MAX_SERIAL_NUMBER)
+    check_serial_number(serial_number)
     _check_text(jti, "the IAT's jti", MAX_JTI)
     _check_text(client_id, "clientId", MAX_ID)
     if agent_id is not None:
@@ -113,6 +113,11 @@ def parse_boarding(serial_number: str, agent_id: str | None, document: object) -
     except UnicodeEncodeError:
         raise ValueError("the boarding configuration holds text that is not UTF-8") from None
     return Boarding(serial_number, agent_id, config, client_id, jti, int(expires))
+
+
+def check_serial_number(serial_number: str) -> None:
+    """`ValueError` unless the board's protocol can carry `serial_number` (and the records keep it)."""
+    _check_text(serial_number, "the serial number", wire.MAX_SERIAL_NUMBER)
 
 
 def _check_text(value: str, what: str, longest: int) -> None:

@@ -32,14 +32,22 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import IO, Any, Final, NoReturn
 
 import click
 
 from signing.errors import SigningError
 from signing.keys import PublicKey, load_public_key
 
-from .boarding_source import PROFILES, BatchSource, BoardingSource, HubSource, canonical_json, export_batch
+from .boarding_source import (
+    PROFILES,
+    BatchSource,
+    BoardingSource,
+    HubSource,
+    canonical_json,
+    check_serial_number,
+    export_batch,
+)
 from .errors import ExitCode, FactoryError, InputError, KeyFileError, RecordsNotFoundError
 
 try:
@@ -133,6 +141,31 @@ def read_network(path: Path | None) -> bytes | None:
     if not isinstance(document, dict):
         raise InputError(f"{path} is not a JSON object", field="network")
     return canonical_json(document)
+
+
+def read_serials(arguments: Sequence[str], serials_file: IO[bytes] | None) -> list[str]:
+    """The serial numbers given as arguments and in `serials_file` (one a line, blank lines and the
+    blanks around a number ignored), each checked as the board's protocol bounds it: refused as bad input
+    naming its place, before any hub request, rather than as an agent made for a serial no board carries."""
+    found = [
+        (f"serial number argument {index}", "serials", serial) for index, serial in enumerate(arguments, 1)
+    ]
+    if serials_file is not None:
+        for index, raw in enumerate(serials_file, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise InputError(
+                    f"{serials_file.name} line {index} is not UTF-8", field="serials-file"
+                ) from None
+            if line:
+                found.append((f"{serials_file.name} line {index}", "serials-file", line))
+    for where, option, serial in found:
+        try:
+            check_serial_number(serial)
+        except ValueError as error:
+            raise InputError(f"{where}: {error}", field=option) from None
+    return [serial for _, _, serial in found]
 
 
 def hub_source(url: str | None, token_file: Path | None, ca: Path | None, profile: str) -> HubSource:
@@ -345,7 +378,7 @@ def batch() -> None:
 
 @batch.command("export", epilog=EPILOG)
 @click.argument("serials", nargs=-1)
-@click.option("--serials-file", type=click.File("r"), help="Serial numbers, one a line.")
+@click.option("--serials-file", type=click.File("rb"), help="Serial numbers, one a line (UTF-8).")
 @click.option("--hub", "hub_url", required=True)
 @click.option("--hub-token-file", required=True, type=click.Path(path_type=Path))
 @click.option("--hub-ca", required=True, type=click.Path(path_type=Path))
@@ -354,7 +387,7 @@ def batch() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def batch_export(
     serials: tuple[str, ...],
-    serials_file: Any,
+    serials_file: IO[bytes] | None,
     hub_url: str,
     hub_token_file: Path,
     hub_ca: Path,
@@ -369,9 +402,7 @@ def batch_export(
     --hub-ca ca.pem -o batch.jsonl
     """
     with _reported():
-        names = list(serials) + (
-            [line.strip() for line in serials_file if line.strip()] if serials_file else []
-        )
+        names = read_serials(serials, serials_file)
         if not names:
             raise InputError("give at least one serial number", field="serials")
         source = hub_source(hub_url, hub_token_file, hub_ca, profile)

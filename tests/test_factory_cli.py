@@ -428,6 +428,31 @@ def test_a_batch_export_that_cannot_be_written_leaves_no_file_holding_iats(
     assert list(output.parent.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("serials_file", "arguments", "where"),
+    [
+        (b"GW-1\nGW-\xff2\n", [], "serials.txt line 2 is not UTF-8"),
+        (b"\nGW-\x072\n", [], "serials.txt line 2: the serial number"),
+        (b"GW-1\n" + b"G" * 129 + b"\n", [], "serials.txt line 2: the serial number"),
+        (b"GW-1\n", ["GW-2", "G" * 129], "serial number argument 2: the serial number"),
+    ],
+)
+def test_a_serial_number_no_board_could_carry_is_refused_by_its_place_before_any_hub_request(
+    tmp_path: Path, serials_file: bytes, arguments: list[str], where: str
+) -> None:
+    listing = tmp_path / "serials.txt"
+    listing.write_bytes(serials_file)
+    token = tmp_path / "token"
+    token.write_text("s3cret-admin-token\n")
+    with recording_server(tmp_path / "server", tls=True) as server:
+        hub: list[str | Path] = ["--hub", server.url, "--hub-token-file", token, "--hub-ca", server.ca]
+        result = factory(
+            "batch", "export", *arguments, "--serials-file", listing, *hub, "-o", tmp_path / "batch.jsonl"
+        )
+        assert result.returncode == ExitCode.USAGE and where in result.error_line
+        assert server.seen == []
+
+
 def test_an_unreachable_hub_is_a_hub_error_with_the_port_released(tmp_path: Path, hub: RunningHub) -> None:
     files = station_files(tmp_path / "files")
     token = tmp_path / "token"
