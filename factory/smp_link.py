@@ -11,6 +11,8 @@ answers), the message format `board.protocol`'s; this module adds only what a re
 - Every attempt carries a new SMP sequence number, and `board.protocol.decode_answer` refuses an answer to
   another one, so a late answer to an earlier attempt is never taken for this one. Writes are idempotent on
   the board (DESIGN section 5), so resending a request whose answer was lost is safe.
+- A request read back from the line is skipped: a half-duplex RS-485 adapter or a console in echo mode
+  hands the station its own bytes before the board's answer.
 - A frame that arrives broken (CRC16, base64, length) during the wait is almost surely the answer, damaged
   by the line: the request is resent at once rather than after the timeout.
 """
@@ -196,8 +198,8 @@ class SmpLink:
                 try:
                     return wire.decode_answer(command, sequence, message)
                 except wire.ProtocolError as error:
-                    if _answers_another_request(message, sequence):
-                        continue  # a late answer to an earlier attempt
+                    if _not_an_answer_to(message, sequence):
+                        continue  # a late answer to an earlier attempt, or our request echoed
                     raise BoardProtocolError(f"{command.name}: {error}") from None
             if self._reader.broken > broken_before:
                 return None
@@ -216,12 +218,18 @@ class SmpLink:
         return data
 
 
-def _answers_another_request(message: bytes, sequence: int) -> bool:
+def _not_an_answer_to(message: bytes, sequence: int) -> bool:
+    """Whether a message that is not the answer to `sequence` is to be skipped rather than refused.
+
+    A request (op READ or WRITE) is never a board's answer: it is the station's own request handed back
+    by the line, as half-duplex RS-485 adapters and consoles in echo mode do, with a valid CRC16 and the
+    same sequence. Refusing it would fail every request on such a line; only a response that answers
+    this sequence wrongly is the board's fault."""
     try:
         header, _ = wire.decode_message(message)
     except wire.ProtocolError:
         return True  # a damaged message that CRC16 let through: treat it as noise, the retry decides
-    return bool(header.sequence != sequence)
+    return header.op in (wire.Op.READ, wire.Op.WRITE) or header.sequence != sequence
 
 
 def _open_error(path: str, error: Exception) -> PortError:

@@ -29,7 +29,7 @@ from smp.exceptions import SMPDecodeError
 from board import protocol as wire
 from board.console import PtyPort, impaired, serve
 from board.interface import Identity
-from board.line import LineConditions
+from board.line import LineConditions, Port
 from board.simboard import SimBoard
 from signing.keys import KeyAlgorithm
 from tests.board_helpers import ca_bundle
@@ -192,17 +192,41 @@ def client_for(path: str) -> Iterator[SmpTestClient]:
 # --- consoles --------------------------------------------------------------------------------------------
 
 
+class EchoingPort:
+    """A line with local echo, as half-duplex RS-485 adapters and consoles left in echo mode are: every
+    byte the station sends comes back to it, ahead of the board's answer."""
+
+    def __init__(self, inner: Port) -> None:
+        self.inner = inner
+
+    def read(self, timeout: float) -> bytes:
+        data = self.inner.read(timeout)
+        if data:
+            self.inner.write(data)
+        return data
+
+    def write(self, data: bytes) -> None:
+        self.inner.write(data)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 @contextlib.contextmanager
-def console_in_thread(board_dir: Path, conditions: LineConditions | None = None) -> Iterator[str]:
-    """A console serving `board_dir` on a new pty from a thread; yields the path a station opens."""
+def console_in_thread(
+    board_dir: Path, conditions: LineConditions | None = None, *, echo: bool = False
+) -> Iterator[str]:
+    """A console serving `board_dir` on a new pty from a thread; yields the path a station opens. With
+    `echo`, the line hands the station back every byte it sends (`EchoingPort`)."""
     board = SimBoard.open(board_dir)
     pty = PtyPort.open()
     stop = threading.Event()
     failures: list[BaseException] = []
+    line: Port = EchoingPort(pty) if echo else pty
 
     def run() -> None:
         try:
-            serve(board, impaired(pty, conditions or LineConditions()), stop)
+            serve(board, impaired(line, conditions or LineConditions()), stop)
         except BaseException as error:
             failures.append(error)
 

@@ -30,7 +30,13 @@ from factory.errors import (
 from factory.records import Attempt, Outcome, Records
 from factory.station import DEFAULT_SERIAL_CLAIM_TIMEOUT_S, Event
 from tests.board_helpers import ca_bundle
-from tests.console_helpers import ConsoleProcess, boarding_config, keystore_bytes, trust_key
+from tests.console_helpers import (
+    ConsoleProcess,
+    boarding_config,
+    console_in_thread,
+    keystore_bytes,
+    trust_key,
+)
 from tests.factory_helpers import (
     DAY,
     StationFiles,
@@ -380,6 +386,19 @@ def test_a_noisy_line_at_a_byte_error_rate_of_1e_3_still_completes(tmp_path: Pat
         assert result.error is None, result.error
         assert board_state(board_dir)[0]
         assert board_state(board_dir)[2] == canonical_json(documents[serial])
+
+
+def test_a_line_that_echoes_every_request_back_still_provisions_the_board(
+    tmp_path: Path, records: Records
+) -> None:
+    files = station_files(tmp_path / "files")
+    document = boarding_document("GW-1")
+    source = BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": document}))
+    board_dir = make_board(tmp_path / "GW-1", "GW-1")
+    with console_in_thread(board_dir, echo=True) as port:
+        result = station(files, source, records).provision(port)
+    assert result.error is None and result.outcome is Outcome.PROVISIONED, result.error
+    assert board_state(board_dir)[0] and board_state(board_dir)[2] == canonical_json(document)
 
 
 def step_boundaries(tmp_path: Path, files: StationFiles, records: Records) -> dict[str, int]:
