@@ -230,9 +230,7 @@ def validate_boarding_data(data: BoardingData) -> BoardingSummary:
     client_id = _text_field(content, "clientId")
     tenant = _text_field(content, "tenant")
     base_url = _text_field(content, "baseUrl")
-    parsed = urllib.parse.urlsplit(base_url)
-    if parsed.scheme not in ("https", "http") or not parsed.hostname:
-        raise BoardingDataError(f"baseUrl {base_url!r} is not an http(s) URL", field="config.content.baseUrl")
+    _check_base_url(base_url)
     profiles = _profiles(content.get("clientCredentialProfile"))
     claims = _iat_claims(_text_field(content, "iat"))
     if claims.get("sub") != client_id:
@@ -289,6 +287,19 @@ def _text_field(content: dict[str, Any], name: str) -> str:
             f"content.{name} is missing or not a non-empty string", field=f"config.content.{name}"
         )
     return value
+
+
+def _check_base_url(base_url: str) -> None:
+    """An http(s) URL with a host. urlsplit raises ValueError on some malformed URLs (an unclosed IPv6
+    bracket, ``https://[hub.example``): that is bad boarding data naming its field, not an internal error
+    of the board."""
+    field = "config.content.baseUrl"
+    try:
+        parsed = urllib.parse.urlsplit(base_url)
+    except ValueError as exc:
+        raise BoardingDataError(f"baseUrl {base_url!r} is not a URL: {exc}", field=field) from exc
+    if parsed.scheme not in ("https", "http") or not parsed.hostname:
+        raise BoardingDataError(f"baseUrl {base_url!r} is not an http(s) URL", field=field)
 
 
 def _profiles(value: object) -> tuple[str, ...]:

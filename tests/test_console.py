@@ -218,6 +218,9 @@ def test_boarding_data_is_validated_on_the_board_and_refused_data_writes_nothing
         "unknown profile": wire.WriteBoardingRequest(
             boarding_config(clientCredentialProfile=["PASSWORD"]), ca_bundle()
         ),
+        "malformed baseUrl": wire.WriteBoardingRequest(
+            boarding_config(baseUrl="https://[hub.example"), ca_bundle()
+        ),
         "not json": wire.WriteBoardingRequest(b"{nope", ca_bundle()),
         "no certificate": wire.WriteBoardingRequest(boarding_config(), b"-----BEGIN NOTHING-----"),
         "network not json": wire.WriteBoardingRequest(boarding_config(), ca_bundle(), b"proxy=1"),

@@ -256,6 +256,7 @@ def _with_config(raw: bytes) -> BoardingData:
         (boarding(baseUrl=None), "config.content.baseUrl"),
         (boarding(baseUrl="ftp://hub"), "config.content.baseUrl"),
         (boarding(baseUrl="https://"), "config.content.baseUrl"),
+        (boarding(baseUrl="https://[hub.example"), "config.content.baseUrl"),
         (boarding(clientId=None), "config.content.clientId"),
         (boarding(clientId=""), "config.content.clientId"),
         (boarding(tenant=7), "config.content.tenant"),
