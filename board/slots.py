@@ -231,6 +231,11 @@ def encode_record(record: SlotRecord | None) -> bytes:
 
 
 def decode_record(data: bytes, *, source: str) -> SlotRecord | None:
+    """The record in a record file, None for a slot being written; anything else is a `SlotRecordError`.
+
+    Every field is read inside the ``try``: a damaged record file, or one an older release wrote without
+    a field, must be this error (a failed slot check to the bootloader, one error line to `mers-board
+    info`), never a KeyError's traceback."""
     try:
         body = json.loads(data)
         if body["format"] != _RECORD_FORMAT or body["format_version"] != _RECORD_FORMAT_VERSION:
@@ -238,11 +243,14 @@ def decode_record(data: bytes, *, source: str) -> SlotRecord | None:
         if body["content"] == "writing":
             return None
         record = slot_record(base64.b64decode(body["header_and_tlvs"], validate=True))
+        stated = (body["payload_size"], body["image_version"])
     except SlotRecordError as exc:
         raise SlotRecordError(f"{source}: {exc}") from exc
-    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
+    except KeyError as exc:
+        raise SlotRecordError(f"{source} is not a slot record: it has no {exc}") from exc
+    except (ValueError, TypeError, binascii.Error, RecursionError) as exc:
         raise SlotRecordError(f"{source} is not a slot record: {exc}") from exc
-    if (record.payload_size, record.version) != (body["payload_size"], body["image_version"]):
+    if (record.payload_size, record.version) != stated:
         raise SlotRecordError(f"{source}: its payload size or version disagrees with its image header")
     return record
 

@@ -119,6 +119,20 @@ def test_boot_with_both_environment_copies_bad_is_one_line_and_exit_4(mers_board
     assert "valid CRC" in result.error_line
 
 
+def test_a_slot_record_missing_a_field_fails_boot_and_info_in_one_line(mers_board, tmp_path):
+    create(mers_board, tmp_path / "gw", "--image", signed_image(tmp_path, "1.0.0"))
+    record = tmp_path / "gw" / "slot-a.record"
+    body = json.loads(record.read_text())
+    del body["payload_size"]  # damaged, or written by a release that did not keep it
+    record.write_text(json.dumps(body))
+    booted = mers_board("boot", tmp_path / "gw")
+    assert (booted.returncode, booted.stderr) == (1, "")
+    assert booted.stdout.startswith("boot of slot a failed (committed):") and "payload_size" in booted.stdout
+    described = mers_board("info", tmp_path / "gw", "--check-slots")
+    assert described.returncode == 3 and described.error_line.startswith("mers-board: error: [slot]")
+    assert "payload_size" in described.error_line
+
+
 def test_info_describes_a_simulated_board_in_text_and_json(mers_board, tmp_path):
     create(mers_board, tmp_path / "gw", "--image", signed_image(tmp_path, "1.0.0"))
     text = mers_board("info", tmp_path / "gw")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -17,10 +18,11 @@ from board.errors import (
     SlotFullError,
     SlotRecordError,
 )
-from board.interface import SlotName, SlotStatus
+from board.interface import SlotName, SlotRecord, SlotStatus
 from board.slots import (
     SlotDevice,
     _SplicedImage,
+    decode_record,
     encode_record,
     payload_offset,
     slot_record,
@@ -249,6 +251,50 @@ def test_a_damaged_record_file_makes_the_slot_a_mismatch_not_a_crash(slot, image
     assert slot.check().status is SlotStatus.MISMATCH
     with pytest.raises(SlotRecordError):
         slot.record()
+
+
+RECORD_FIELDS = ("format", "format_version", "content", "image_version", "payload_size", "header_and_tlvs")
+
+
+@pytest.mark.parametrize("missing", RECORD_FIELDS)
+def test_a_record_file_missing_a_field_makes_the_slot_a_mismatch_not_a_crash(slot, image, missing):
+    fill_slot(slot.device, image)
+    body = json.loads(encode_record(slot_record_of_image(image)))
+    del body[missing]
+    slot.record_path.write_text(json.dumps(body))
+    check = slot.check()
+    assert check.status is SlotStatus.MISMATCH and missing in check.detail
+    with pytest.raises(SlotRecordError):
+        slot.record()
+
+
+@pytest.fixture(scope="module")
+def record_file(tmp_path_factory) -> bytes:
+    directory = tmp_path_factory.mktemp("record")
+    return encode_record(slot_record_of_image(make_image(directory, payload=os.urandom(300))))
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    removed=st.sets(st.sampled_from(RECORD_FIELDS)),
+    replaced=st.dictionaries(st.sampled_from(RECORD_FIELDS), JSON_VALUES, max_size=3),
+)
+def test_a_damaged_record_file_is_a_record_or_a_slot_record_error(record_file, removed, replaced):
+    body = json.loads(record_file)
+    for name in removed:
+        del body[name]
+    body.update(replaced)
+    try:
+        decoded = decode_record(json.dumps(body).encode(), source="slot-a.record")
+    except SlotRecordError:
+        return
+    assert decoded is None or isinstance(decoded, SlotRecord)
 
 
 def test_a_record_too_large_for_the_slot_is_refused_and_the_old_record_stays(tmp_path, image):
