@@ -40,6 +40,7 @@ from signing.image_format import class_uuid, vendor_uuid
 from signing.keys import PublicKey, public_key_from_bytes
 from signing.verify import Trust
 
+from . import protocol as wire
 from .errors import (
     BoardingDataError,
     BoardLockedError,
@@ -199,10 +200,11 @@ def _short(key_hash: bytes | None) -> str:
 
 # --- boarding data ---------------------------------------------------------------------------------
 
-#: bounds on what a station may put into the OTP file: enough for any real bundle, not a way to fill a disk
-_MAX_CONFIG = 64 * 1024
-_MAX_CA_BUNDLE = 1024 * 1024
-_MAX_NETWORK = 64 * 1024
+#: bounds on what a station may put into the OTP file: enough for any real bundle, not a way to fill a disk;
+#: part of the serial protocol's contract, so a station can refuse too large data before writing a key
+_MAX_CONFIG = wire.MAX_CONFIG_SIZE
+_MAX_CA_BUNDLE = wire.MAX_CA_BUNDLE_SIZE
+_MAX_NETWORK = wire.MAX_NETWORK_SIZE
 CREDENTIAL_PROFILES = frozenset({"SHARED_SECRET", "RSA_3072"})
 
 

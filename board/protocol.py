@@ -86,7 +86,15 @@ MAX_MESSAGE_SIZE: Final = BUFFER_SIZE - 4
 """The largest SMP message (header and body) a board accepts; a larger frame is refused."""
 
 MAX_BOARDING_SIZE: Final = 256 * 1024
-"""The largest chunked `write_boarding` upload (its ``len``): bounds the board's staging memory."""
+"""The largest chunked `write_boarding` upload (its ``len``, `WriteBoardingRequest.upload_size`): bounds
+the board's staging memory."""
+
+MAX_CONFIG_SIZE: Final = 64 * 1024
+"""The largest boarding configuration JSON a board stores (``config``)."""
+MAX_CA_BUNDLE_SIZE: Final = 1024 * 1024
+"""The largest CA bundle a board stores (``ca``); over the serial line `MAX_BOARDING_SIZE` bounds it first."""
+MAX_NETWORK_SIZE: Final = 64 * 1024
+"""The largest network configuration JSON a board stores (``network``)."""
 
 RECOMMENDED_CHUNK_SIZE: Final = 256
 """A `write_boarding` chunk size that survives a byte error rate of 1e-3 about two times in three."""
@@ -753,6 +761,10 @@ class WriteBoardingRequest:
 
     def hashes(self) -> BoardingHashes:
         return BoardingHashes.of(self.config, self.ca, self.network)
+
+    def upload_size(self) -> int:
+        """The bytes `chunks` uploads, which the board holds to `MAX_BOARDING_SIZE`."""
+        return len(self.to_cbor())
 
     def chunks(self, chunk_size: int = RECOMMENDED_CHUNK_SIZE) -> list[WriteBoardingChunk]:
         """This request as a chunked upload: the CBOR of its whole form, cut into `chunk_size` pieces."""

@@ -73,6 +73,18 @@ class BatchFileError(InputError):
     field = "boarding-batch"
 
 
+class BoardingTooLargeError(InputError):
+    """Boarding data larger than a board accepts (`board.protocol`'s limits). A board measures it only at
+    write_boarding, after write_key has burned its write-once key slots, so the station checks first:
+    the CA bundle and network configuration when its configuration is built, each board's boarding
+    configuration before that board's IAT is claimed. `size` and `limit` are in bytes."""
+
+    def __init__(self, message: str, size: int, limit: int, *, field: str) -> None:
+        super().__init__(message, field=field)
+        self.size = size
+        self.limit = limit
+
+
 # --- the serial line -----------------------------------------------------------------------------------
 
 

@@ -6,7 +6,9 @@ irreversible step, and one record per attempt whatever happens.
       locked over anything else: refused
     -> boarding configuration: the serial number claimed for this attempt in the records (a second board
        with the same serial on another port or station at the same moment is refused here), the IAT
-       valid beyond the margin and claimed for this serial in the records
+       valid beyond the margin, the boarding data within the board's size limits (the CA bundle and
+       network configuration are checked once, when the `StationConfig` is built), the IAT claimed for
+       this serial in the records
     -> write_key (slots in order), write_boarding (chunked) -> info: read-back must match
     -> lock {digest} -> info: locked over that digest -> record, claim released
 
@@ -35,6 +37,7 @@ from signing.keys import PublicKey
 
 from .boarding_source import Boarding, BoardingSource
 from .errors import (
+    BoardingTooLargeError,
     BoardProtocolError,
     FactoryError,
     IatError,
@@ -77,6 +80,7 @@ class StationConfig:
             raise InputError(f"give between 1 and {wire.KEY_SLOTS} keys", field="key")
         if len({key.key_hash for key in self.keys}) != len(self.keys):
             raise InputError("the same key is given twice", field="key")
+        check_fits_a_board(wire.WriteBoardingRequest(b"", self.device_ca, self.network))
 
     def key_hashes(self) -> list[bytes | None]:
         """The slots as the station means them: its keys in order, the rest empty."""
@@ -287,6 +291,9 @@ class Station:
                 progress.boarding = error.facts  # the record names the refused IAT
             raise
         progress.boarding = boarding
+        check_fits_a_board(
+            wire.WriteBoardingRequest(boarding.config, self.config.device_ca, self.config.network)
+        )
         self.records.claim_iat(boarding.iat_jti, serial_number)
         return boarding
 
@@ -394,6 +401,32 @@ class Station:
             # a board without its record is a failure: the line must not ship it unnoticed
             progress.outcome, progress.error = Outcome.FAILED, progress.error or error
             self._emit(progress, "record", "failed", _describe(error))
+
+
+def check_fits_a_board(request: wire.WriteBoardingRequest) -> None:
+    """`BoardingTooLargeError` for boarding data a board would refuse for its size: as each part, or as
+    the upload it becomes (its encoded form, the size the board measures). The board refuses it only at
+    write_boarding, after the write-once key slots are burned and the IAT claimed; see the error."""
+    parts = (
+        ("the boarding configuration", "boarding", request.config, wire.MAX_CONFIG_SIZE),
+        ("the CA bundle", "device-ca", request.ca, wire.MAX_CA_BUNDLE_SIZE),
+        ("the network configuration", "network", request.network or b"", wire.MAX_NETWORK_SIZE),
+    )
+    for what, name, data, limit in parts:
+        if len(data) > limit:
+            raise BoardingTooLargeError(
+                f"{what} is {len(data)} bytes; a board accepts at most {limit}", len(data), limit, field=name
+            )
+    size = request.upload_size()
+    if size > wire.MAX_BOARDING_SIZE:
+        what, name, data, _ = max(parts, key=lambda part: len(part[2]))
+        raise BoardingTooLargeError(
+            f"{what} ({len(data)} bytes) makes the boarding upload {size} bytes; "
+            f"a board accepts at most {wire.MAX_BOARDING_SIZE}",
+            size,
+            wire.MAX_BOARDING_SIZE,
+            field=name,
+        )
 
 
 def _call(link: SmpLink, command: wire.Command, body: bytes, answer_size: int = 128) -> bytes:

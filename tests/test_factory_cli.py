@@ -21,7 +21,7 @@ from factory.cli import _stop_between_steps
 from factory.errors import ExitCode
 from factory.records import Records
 from tests.conftest import BIN_DIR
-from tests.console_helpers import ConsoleProcess, read_line
+from tests.console_helpers import ConsoleProcess, keystore_bytes, read_line
 from tests.factory_helpers import (
     DAY,
     batch_for,
@@ -239,6 +239,21 @@ def test_a_wrong_key_file_is_a_usage_error_that_touches_no_board(tmp_path: Path)
         assert "not-a-key.pem" in result.error_line
         assert port_is_free(console.port)
     assert board_state(tmp_path / "GW-1")[2] is None
+
+
+def test_a_device_ca_too_large_for_a_board_is_a_usage_error_before_any_step(tmp_path: Path) -> None:
+    files = station_files(tmp_path / "files")
+    files.device_ca.write_bytes(files.ca_bytes * (300_000 // len(files.ca_bytes) + 1))
+    batch = batch_for(tmp_path / "batch.jsonl", "GW-1")
+    with ConsoleProcess(make_board(tmp_path / "GW-1", "GW-1")) as console:
+        before = keystore_bytes(tmp_path / "GW-1")
+        args = provision_args(files, tmp_path / "r.db", console.port)
+        result = factory(*args, "--boarding-batch", batch, "--device-ca", files.device_ca, "--json")
+        assert result.returncode == ExitCode.USAGE
+        assert "[device-ca]" in result.error_line and "at most 262144" in result.error_line
+        assert json_events(result.stdout) == []
+        assert keystore_bytes(tmp_path / "GW-1") == before
+        assert port_is_free(console.port)
 
 
 def test_a_busy_port_is_refused_and_recorded(tmp_path: Path) -> None:

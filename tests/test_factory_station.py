@@ -14,10 +14,12 @@ from typing import Any
 import jwt
 import pytest
 
+from board import protocol as wire
 from board.interface import BoardingData
 from board.simboard import SimBoard
 from factory.boarding_source import BatchSource, Boarding, BoardingSource, canonical_json
 from factory.errors import (
+    BoardingTooLargeError,
     IatError,
     LineError,
     LockedOverOtherDataError,
@@ -28,7 +30,7 @@ from factory.errors import (
     VerificationError,
 )
 from factory.records import Attempt, Outcome, Records
-from factory.station import DEFAULT_SERIAL_CLAIM_TIMEOUT_S, Event
+from factory.station import DEFAULT_SERIAL_CLAIM_TIMEOUT_S, Event, StationConfig
 from tests.board_helpers import ca_bundle
 from tests.console_helpers import (
     ConsoleProcess,
@@ -112,6 +114,49 @@ def test_an_iat_expiring_within_the_margin_is_refused_before_anything_is_written
         # a smaller margin accepts the same IAT
         assert station(files, source, records, iat_margin=600).provision(console.port).error is None
     assert [row["outcome"] for row in records.rows("GW-1")] == ["failed", "provisioned"]
+
+
+def ca_making_an_upload_of(size: int, ca: bytes) -> bytes:
+    """`ca` repeated and padded so that with an empty boarding configuration the upload is `size` bytes."""
+    overhead = wire.WriteBoardingRequest(b"", bytes(size)).upload_size() - size  # CBOR's map and headers
+    body = ca * ((size - overhead) // len(ca))
+    return body + b"\n" * (size - overhead - len(body))
+
+
+def test_boarding_data_too_large_for_a_board_is_refused_before_any_board_is_touched(tmp_path: Path) -> None:
+    key = station_files(tmp_path / "files").public_keys
+    with pytest.raises(BoardingTooLargeError) as caught:
+        StationConfig(keys=key, device_ca=ca_bundle() * (300_000 // len(ca_bundle())))
+    assert (caught.value.field, caught.value.limit) == ("device-ca", wire.MAX_BOARDING_SIZE)
+    assert f"at most {wire.MAX_BOARDING_SIZE}" in str(caught.value)
+    with pytest.raises(BoardingTooLargeError) as caught:
+        StationConfig(
+            keys=key, device_ca=ca_bundle(), network=b'{"proxy": "%s"}' % (b"p" * wire.MAX_NETWORK_SIZE)
+        )
+    assert (caught.value.field, caught.value.limit) == ("network", wire.MAX_NETWORK_SIZE)
+    fits = ca_making_an_upload_of(wire.MAX_BOARDING_SIZE, ca_bundle())
+    assert StationConfig(keys=key, device_ca=fits).device_ca == fits
+
+
+def test_a_boarding_configuration_that_overflows_the_upload_is_refused_before_its_iat_is_claimed(
+    tmp_path: Path, records: Records
+) -> None:
+    files = station_files(tmp_path / "files")
+    files.device_ca.write_bytes(ca_making_an_upload_of(wire.MAX_BOARDING_SIZE, files.ca_bytes))
+    document = boarding_document("GW-1")
+    source = BatchSource.load(write_batch(tmp_path / "b.jsonl", {"GW-1": document}))
+    events: list[Event] = []
+    with ConsoleProcess(make_board(tmp_path / "GW-1", "GW-1")) as console:
+        before = keystore_bytes(tmp_path / "GW-1")
+        result = station(files, source, records, events).provision(console.port)
+        assert isinstance(result.error, BoardingTooLargeError) and result.outcome is Outcome.FAILED
+        assert keystore_bytes(tmp_path / "GW-1") == before
+    assert ("boarding", "failed") in [(event.step, event.status) for event in events]
+    assert not {"write_key", "write_boarding"} & {event.step for event in events}
+    assert (
+        records.iat_owner(jwt.decode(document["content"]["iat"], options={"verify_signature": False})["jti"])
+        is None
+    )
 
 
 def test_an_iat_already_claimed_for_another_serial_is_never_burned(tmp_path: Path, records: Records) -> None:
