@@ -252,6 +252,23 @@ def test_an_update_needs_if_match_and_refuses_a_stale_etag(hub: RunningHub) -> N
     assert_hub_error(replay, 412)
 
 
+def test_if_match_with_a_weak_etag_never_matches_and_changes_nothing(hub: RunningHub) -> None:
+    """RFC 9110 section 13.1.1: `If-Match` uses the strong comparison, so `W/"1"` is not the current
+    `"1"`, whatever the resource."""
+    agent = create_agent(hub, "gw-1")
+    body = {"name": "gw-renamed", "securityProfile": "SHARED_SECRET"}
+    configuration = agent_path(agent["id"], "/dataSourceConfiguration")
+    before = agent_record(hub, agent["id"])
+    for weak in ('W/"1"', "W/1"):
+        headers = {"If-Match": weak}
+        updated = hub.admin("PUT", agent_path(agent["id"]), json=body, headers=headers)
+        assert_hub_error(updated, 412, "precondition_failed")
+        assert_hub_error(hub.admin("DELETE", agent_path(agent["id"]), headers=headers), 412)
+        assert_hub_error(hub.admin("PUT", configuration, json=DOCUMENT, headers=headers), 412)
+    assert agent_record(hub, agent["id"]) == before
+    assert hub.admin("GET", configuration).json()["eTag"] == "1"
+
+
 def test_renaming_to_a_taken_name_is_a_conflict(hub: RunningHub) -> None:
     create_agent(hub, "gw-1")
     second = create_agent(hub, "gw-2")

@@ -343,6 +343,17 @@ def test_if_match_with_a_stale_etag_is_a_failed_precondition(hub: RunningHub, pu
     assert read(hub, task_id)["eTag"] == "4"
 
 
+def test_if_match_with_a_weak_etag_never_matches_a_task(hub: RunningHub, published: Published) -> None:
+    """`If-Match` compares strongly (RFC 9110 section 13.1.1): `W/"1"` fails even while the task is at 1."""
+    task_id = published.task["id"]
+    url = f"{TASKS}/{task_id}"
+    for weak in ('W/"1"', "W/1"):
+        refused = hub.admin("PATCH", url, json={"progress": 0.1}, headers={"If-Match": weak})
+        assert refused.status_code == 412, refused.text
+        assert refused.json()["error"] == "precondition_failed"
+    assert read(hub, task_id)["eTag"] == "1"
+
+
 def race_final_reports(hub: RunningHub, published: Published) -> None:
     """From ACTIVATING, ACTIVATED and CANCELED reported at the same moment: exactly one applies."""
     task_id = new_task(hub, add_agent(hub), published.release["id"])["id"]
