@@ -3,28 +3,33 @@
 The document is validated here, once, with pydantic, before it is stored: every string and list is
 bounded (a configuration is read by every agent poll, so an unbounded one is a memory and bandwidth
 attack), data point ids are unique across the whole configuration (the platform keys time series by them,
-so a duplicate would silently merge two series), and free-form `customData` is bounded in size and depth.
+so a duplicate would silently merge two series), free-form `customData` is bounded in size and depth,
+and no text holds a NUL, `customData`'s keys and strings included: the document is stored as JSON, so a
+NUL would pass escaped and be served to every agent, while the hub refuses one in any other text (as
+PostgreSQL's text cannot hold it; see `texts`).
 """
 
 from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
 from .errors import InvalidRequestError
+from .texts import storable_text
 
 MAX_DATA_SOURCES = 100
 MAX_DATA_POINTS = 2000  # across the whole configuration
 MAX_CUSTOM_DATA_BYTES = 8 << 10
 MAX_CUSTOM_DATA_DEPTH = 8
 
-Name = Annotated[str, Field(min_length=1, max_length=128)]
-Description = Annotated[str, Field(max_length=2048)]
+Name = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(storable_text)]
+Description = Annotated[str, Field(max_length=2048), AfterValidator(storable_text)]
 Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
-Unit = Annotated[str, Field(max_length=32)]
+Unit = Annotated[str, Field(max_length=32), AfterValidator(storable_text)]
 
 
 class DataPointType(enum.StrEnum):
@@ -39,13 +44,15 @@ class DataPointType(enum.StrEnum):
 
 def _bounded_custom_data(value: dict[str, JsonValue] | None) -> dict[str, JsonValue] | None:
     """Stops a `customData` blob from growing the stored document without bound, or nesting deep enough
-    to exhaust a client's recursive JSON parser."""
+    to exhaust a client's recursive JSON parser, or carrying a NUL past the check every other text gets."""
     if value is None:
         return value
     if len(json.dumps(value, separators=(",", ":"))) > MAX_CUSTOM_DATA_BYTES:
         raise ValueError(f"customData exceeds {MAX_CUSTOM_DATA_BYTES} bytes")
     if _depth(value) > MAX_CUSTOM_DATA_DEPTH:
         raise ValueError(f"customData nests deeper than {MAX_CUSTOM_DATA_DEPTH} levels")
+    for text in _texts(value):
+        storable_text(text)
     return value
 
 
@@ -55,6 +62,19 @@ def _depth(value: JsonValue) -> int:
     if isinstance(value, list):
         return 1 + max((_depth(item) for item in value), default=0)
     return 0
+
+
+def _texts(value: JsonValue) -> Iterator[str]:
+    """Every key and string in `value`, however deep."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _texts(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _texts(item)
 
 
 CustomData = Annotated[dict[str, JsonValue] | None, AfterValidator(_bounded_custom_data)]
@@ -87,7 +107,7 @@ class DataSourceDocument(_Closed):
     """The configuration as a client sends it (`eTag`, echoed from a GET, is accepted and ignored: the
     `If-Match` header is what guards the update)."""
 
-    configurationId: Annotated[str, Field(min_length=1, max_length=128)]
+    configurationId: Annotated[str, Field(min_length=1, max_length=128), AfterValidator(storable_text)]
     description: Description = ""
     dataSources: list[DataSource] = Field(max_length=MAX_DATA_SOURCES)
     eTag: str | None = Field(default=None, exclude=True, max_length=32)

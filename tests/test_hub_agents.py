@@ -369,6 +369,32 @@ def test_an_invalid_data_source_configuration_is_refused_and_changes_nothing(
     assert hub.admin("GET", path).json()["eTag"] == "1"
 
 
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.update(configurationId="gateway\x00v1"),
+        lambda d: d.update(description="what\x00"),
+        lambda d: d["dataSources"][0].update(name="boiler\x00"),
+        lambda d: d["dataSources"][0]["dataPoints"][0].update(unit="\x00C"),
+        lambda d: d["dataSources"][0]["customData"].update(bus="mod\x00bus"),
+        lambda d: d["dataSources"][0]["dataPoints"][1]["customData"].update({"reg\x00ister": [1]}),
+    ],
+    ids=["configuration-id", "description", "source-name", "unit", "custom-value", "custom-key"],
+)
+def test_a_data_source_configuration_holding_a_nul_is_a_400_on_every_database(
+    hub_on_each_database: RunningHub, mutate: Any
+) -> None:
+    """Refused like an agent's description with a NUL, not stored escaped and served back to agents."""
+    hub = hub_on_each_database
+    agent = create_agent(hub, "gw-1")
+    path = agent_path(agent["id"], "/dataSourceConfiguration")
+    document = json.loads(json.dumps(DOCUMENT))
+    mutate(document)
+    refused = hub.admin("PUT", path, json=document, headers={"If-Match": "1"})
+    assert "NUL" in assert_hub_error(refused, 400, "invalid_request")["error_description"]
+    assert hub.admin("GET", path).json()["eTag"] == "1"
+
+
 def test_an_agent_reads_its_own_data_source_configuration_but_not_anothers(hub: RunningHub) -> None:
     first = onboard_agent(hub, "gw-1")
     second = onboard_agent(hub, "gw-2")
@@ -437,12 +463,14 @@ def test_offboarding_an_unknown_agent_is_a_404(hub: RunningHub) -> None:
 
 # --- the validator, as a property --------------------------------------------------------------------
 
+#: any text a client can send (UTF-8) but a NUL, which no text of a configuration may hold
+_storable = st.characters(codec="utf-8", exclude_characters="\x00")
 _point = st.fixed_dictionaries(
     {
         "id": st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True),
-        "name": st.text(min_size=1, max_size=128),
+        "name": st.text(_storable, min_size=1, max_size=128),
         "type": st.sampled_from(["INT", "LONG", "DOUBLE", "BOOLEAN", "STRING", "BIG_STRING", "TIMESTAMP"]),
-        "unit": st.text(max_size=32),
+        "unit": st.text(_storable, max_size=32),
     }
 )
 _json = st.recursive(
