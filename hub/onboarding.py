@@ -4,7 +4,8 @@ Registration, in three steps so that a refused request changes nothing and two r
 win:
 
 1. check the IAT (signature, audience, expiry: `TokenIssuer.verify`), that it is the agent's current one
-   and unused, and the body (the JWK for RSA_3072);
+   and unused (`authenticate_iat`), and only then the body (the JWK for RSA_3072), so a caller without a
+   valid IAT learns nothing of what a body must be;
 2. claim the registration with one conditional UPDATE of `registering_since`: a second registration while
    the first is in progress gets 429, and a claim older than `registration_timeout` (a crashed client) is
    taken over;
@@ -15,7 +16,8 @@ a gateway whose renewal answer was lost still holds the previous set and renews 
 new RAT or credentials are used, the previous ones die (a stolen old RAT is then worthless).
 
 A RAT outlives the credentials it came with (`RAT_LIFETIME`): a gateway that was offline past their
-expiry recovers by renewing; the RAT dies when its successor is used, or on offboarding.
+expiry recovers by renewing; the RAT dies when its successor is used, or on offboarding. It too is
+checked in full (`authenticate_rat`) before the body is.
 """
 
 from __future__ import annotations
@@ -101,15 +103,30 @@ class Registration:
         }
 
 
-def register(state: HubState, iat: str, request: RegistrationRequest) -> Registration:
-    """Onboard the agent an unused IAT names; 401 `token_validation_failed` for a bad, expired, used or
-    superseded IAT, 400 for a body that does not fit the profile, 429 while another registration runs."""
+@dataclass(frozen=True)
+class Registrant:
+    """The agent an IAT was found valid for: its current, unused IAT."""
+
+    client_id: str
+    iat_jti: str
+    profile: SecurityProfile
+
+
+def authenticate_iat(state: HubState, iat: str) -> Registrant:
+    """The agent this IAT may onboard; 401 `token_validation_failed` for a bad, expired, used or
+    superseded IAT. Called before the body is read."""
     claims = state.issuer.verify(iat, TokenKind.IAT)
     client_id: str = claims["sub"]
     jti: str = claims["jti"]
     with state.database.transaction() as session:
         agent = _agent_for_iat(session, client_id, jti)
-        profile = SecurityProfile(agent.security_profile)
+        return Registrant(client_id, jti, SecurityProfile(agent.security_profile))
+
+
+def register(state: HubState, registrant: Registrant, request: RegistrationRequest) -> Registration:
+    """Onboard the agent `authenticate_iat` found; 400 for a body that does not fit the profile, 429 while
+    another registration runs, 401 if the IAT got used or superseded meanwhile."""
+    client_id, jti, profile = registrant.client_id, registrant.iat_jti, registrant.profile
     public_key = _public_key_for(profile, request.jwks)
     claimed_at = _claim_registration(state, client_id, jti)
     try:
@@ -127,14 +144,25 @@ def register(state: HubState, iat: str, request: RegistrationRequest) -> Registr
     return registration
 
 
-def renew(state: HubState, client_id: str, rat: str, request: RenewalRequest) -> Registration:
-    """A full new credential set for the agent whose current (or previous, still unsuperseded) RAT this
-    is; 401 for any other RAT."""
+@dataclass(frozen=True)
+class Renewer:
+    """The agent a RAT was found valid for, and which of its RATs that is."""
+
+    client_id: str
+    rat_jti: str
+    profile: SecurityProfile
+    #: the current RAT, else the previous one (whose renewal answer was lost)
+    is_current: bool
+    #: the agent's current RAT when checked: a renewal with the previous one replaces only that set
+    current_rat_jti: str | None
+
+
+def authenticate_rat(state: HubState, client_id: str, rat: str) -> Renewer:
+    """The agent whose current (or previous, still unsuperseded) RAT this is; 401 for any other RAT.
+    Called before the body is read."""
     claims = state.issuer.verify(rat, TokenKind.RAT)
     if not _same(claims["sub"], client_id):
         raise UnauthorizedError("this RAT is not for this client", code="token_validation_failed")
-    if request.client_id != client_id:
-        raise InvalidRequestError("client_id in the body must be the client of the registration URI")
     jti: str = claims["jti"]
     with state.database.transaction() as session:
         agent = session.get(Agent, client_id)
@@ -145,12 +173,19 @@ def renew(state: HubState, client_id: str, rat: str, request: RenewalRequest) ->
                 "the RAT was superseded (its successor was used) or revoked (offboarding)",
                 code="token_validation_failed",
             )
-        profile = SecurityProfile(agent.security_profile)
-        current_rat_jti = agent.rat_jti
-    public_key = _public_key_for(profile, request.jwks)
-    registration = _new_credentials(state, client_id, profile, public_key)
+        return Renewer(client_id, jti, SecurityProfile(agent.security_profile), is_current, agent.rat_jti)
+
+
+def renew(state: HubState, renewer: Renewer, request: RenewalRequest) -> Registration:
+    """A full new credential set for the agent `authenticate_rat` found; 400 for a body naming another
+    client or not fitting the profile, 401 if the RAT was used by a concurrent renewal."""
+    client_id, jti, current_rat_jti = renewer.client_id, renewer.rat_jti, renewer.current_rat_jti
+    if request.client_id != client_id:
+        raise InvalidRequestError("client_id in the body must be the client of the registration URI")
+    public_key = _public_key_for(renewer.profile, request.jwks)
+    registration = _new_credentials(state, client_id, renewer.profile, public_key)
     with state.database.transaction() as session:
-        if is_current:
+        if renewer.is_current:
             # the set in use becomes the previous one, until the new one is first used
             statement = (
                 update(Agent)

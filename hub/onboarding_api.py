@@ -2,7 +2,9 @@
 key that verifies access tokens (DESIGN section 6).
 
 Answers that carry credentials are marked `Cache-Control: no-store` (RFC 6749 section 5.1), so no proxy
-or client cache keeps a secret. The token endpoint reads its form body itself (`oauth_form`).
+or client cache keeps a secret. The token endpoint reads its form body itself (`oauth_form`); register
+and renew read their JSON body themselves too (`json_body`), once the token is found valid, so a caller
+without one gets the 401 whatever it sent, never a 400 telling it what a body must be.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from . import oauth, onboarding
 from .auth import State, bearer_token
+from .json_body import json_body, openapi_body
 from .oauth_form import TOKEN_FORM_SCHEMA, parse_token_request
 from .onboarding import RegistrationRequest, RenewalRequest
 
@@ -26,21 +29,31 @@ NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 ClientId = Annotated[str, Path(min_length=1, max_length=64)]
 
 
-@router.post("/register", status_code=status.HTTP_201_CREATED)
-def register(request: Request, state: State, body: RegistrationRequest | None = None) -> JSONResponse:
+@router.post(
+    "/register",
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra=openapi_body(RegistrationRequest, required=False),
+)
+async def register(request: Request, state: State) -> JSONResponse:
     """Onboard with the IAT of the boarding configuration (`Authorization: Bearer <IAT>`): 201 with the
-    credentials, 401 `token_validation_failed` for an expired, used or unknown IAT, 429 while another
-    registration of the same agent is in progress."""
+    credentials, 401 `token_validation_failed` for an expired, used or unknown IAT (whatever the body),
+    400 for a bad body, 429 while another registration of the same agent is in progress."""
     iat = bearer_token(request)
-    registration = onboarding.register(state, iat, body or RegistrationRequest())
+    # database and signatures off the event loop, as FastAPI does for the synchronous routes
+    registrant = await run_in_threadpool(onboarding.authenticate_iat, state, iat)
+    body = await json_body(request, RegistrationRequest, default=RegistrationRequest())
+    registration = await run_in_threadpool(onboarding.register, state, registrant, body)
     return JSONResponse(registration.to_json(), status.HTTP_201_CREATED, headers=NO_STORE)
 
 
-@router.put("/register/{client_id}")
-def renew(client_id: ClientId, body: RenewalRequest, request: Request, state: State) -> JSONResponse:
-    """Renew the credentials with the RAT (`Authorization: Bearer <RAT>`): 200 with a full new set."""
+@router.put("/register/{client_id}", openapi_extra=openapi_body(RenewalRequest, required=True))
+async def renew(client_id: ClientId, request: Request, state: State) -> JSONResponse:
+    """Renew the credentials with the RAT (`Authorization: Bearer <RAT>`): 200 with a full new set, 401
+    for a RAT that is not this client's current or previous one (whatever the body), 400 for a bad body."""
     rat = bearer_token(request)
-    registration = onboarding.renew(state, client_id, rat, body)
+    renewer = await run_in_threadpool(onboarding.authenticate_rat, state, client_id, rat)
+    body = await json_body(request, RenewalRequest)
+    registration = await run_in_threadpool(onboarding.renew, state, renewer, body)
     return JSONResponse(registration.to_json(), headers=NO_STORE)
 
 

@@ -273,6 +273,58 @@ def test_a_bad_registration_body_is_refused_and_leaves_the_iat_usable(
     assert register(hub, iat, "RSA_3072", rsa_keys[0]).status_code == 201
 
 
+#: bodies no registration or renewal accepts, each as `requests` keyword arguments
+MALFORMED_BODIES: dict[str, dict[str, Any]] = {
+    "broken-json": {"data": b'{"jwks": ', "headers": {"Content-Type": "application/json"}},
+    "wrong-shape": {"json": {"jwks": "keys", "client_id": 5}},
+    "not-an-object": {"json": [1, 2]},
+    "not-json": {"data": b"jwks=1", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED_BODIES.values(), ids=MALFORMED_BODIES.keys())
+def test_a_registration_is_authenticated_before_its_body_is_judged(
+    hub: RunningHub, body: dict[str, Any]
+) -> None:
+    """A caller without a valid IAT gets the 401 it would get with a good body: it learns nothing of what
+    a body must be. With the IAT, the same body is a 400, and the IAT stays usable."""
+    agent_id, iat = new_agent_iat(hub, "gw-1", "RSA_3072")
+    used_id, used_iat = new_agent_iat(hub, "gw-2")
+    assert register(hub, used_iat, "SHARED_SECRET").status_code == 201
+    before = agent_record(hub, agent_id)
+    path = f"{AGENTS}/register"
+    assert_hub_error(hub.request("POST", path, **body), 401, "unauthorized")
+    assert_hub_error(hub.request("POST", path, token="not.a.jwt", **body), 401, "token_validation_failed")
+    assert_hub_error(hub.request("POST", path, token=used_iat, **body), 401, "token_validation_failed")
+    assert_hub_error(hub.request("POST", path, token=iat, **body), 400, "invalid_request")
+    assert agent_record(hub, agent_id) == before
+    assert status_of(hub, used_id) == "ONBOARDED"
+
+
+RENEWAL_BODIES = MALFORMED_BODIES | {
+    "no-client-id": {"json": {}},
+    "another-client": {"json": {"client_id": "someone-else"}},
+}
+
+
+@pytest.mark.parametrize("body", RENEWAL_BODIES.values(), ids=RENEWAL_BODIES.keys())
+def test_a_renewal_is_authenticated_before_its_body_is_judged(hub: RunningHub, body: dict[str, Any]) -> None:
+    """Without a RAT, with a forged one or with one whose successor was used, a bad body is the 401 a good
+    one would be; with the current RAT, a 400."""
+    agent = onboard_agent(hub, "gw-1")
+    superseded = agent.rat
+    assert agent.renew().status_code == 200
+    assert agent.renew().status_code == 200  # the successor of `superseded` is used
+    before = agent_record(hub, agent.id)
+    path = agent.registration_client_uri.removeprefix(hub.url)
+    assert_hub_error(hub.request("PUT", path, **body), 401, "unauthorized")
+    assert_hub_error(hub.request("PUT", path, token="not.a.jwt", **body), 401, "token_validation_failed")
+    assert_hub_error(hub.request("PUT", path, token=superseded, **body), 401, "token_validation_failed")
+    assert_hub_error(hub.request("PUT", path, token=agent.rat, **body), 400, "invalid_request")
+    assert agent_record(hub, agent.id) == before
+    assert agent.renew().status_code == 200
+
+
 def test_a_shared_secret_agent_may_not_register_a_key(
     hub: RunningHub, rsa_keys: list[rsa.RSAPrivateKey]
 ) -> None:
