@@ -4,9 +4,10 @@ The body is streamed into a temporary file in the blob directory while it is has
 so an upload of gigabytes costs a few MiB of memory; more than `max_release_size` bytes is refused as it
 arrives (the endless-data attack). The finished file is then verified by the signing library against the
 hub's release trust keys, the same strict checks a device makes, so the hub never hands a device an image
-it would refuse (or one signed by a key the operator did not trust). Only a verified image is renamed to
-`blobs/<sha256>`; a refused, oversized or interrupted upload leaves nothing behind. Identical bytes are
-stored once and answered with the release that already holds them.
+it would refuse (or one signed by a key the operator did not trust). Only a verified image is linked to
+`blobs/<sha256>`; a refused, oversized or interrupted upload, or one whose release the database could not
+record, leaves nothing behind. Identical bytes are stored once and answered with the release that already
+holds them.
 """
 
 from __future__ import annotations
@@ -154,17 +155,26 @@ def _admit(
     database: Database, blobs: Path, name: str, spooled: Spooled, anchors: tuple[PublicKey, ...], clock: Clock
 ) -> Upload:
     """The release the spooled file becomes: the existing one for known bytes, else a new one if the
-    image verifies (its blob moved into place first, so a recorded release always has its bytes). Known
+    image verifies (its blob put in place first, so a recorded release always has its bytes). Known
     bytes whose blob has gone missing (a restore without the blob directory, a hand's `rm`) put it back:
-    they are those very bytes, their SHA-256 says so. A blob whose release could not be recorded (the
-    database failed) stays, and the same upload, retried, records it."""
+    they are those very bytes, their SHA-256 says so. A blob this upload put in place whose release could
+    not be recorded (the database's disk full, say) is withdrawn: nothing else would ever remove it."""
+    target = blob_file(blobs, spooled.sha256)
     existing = find_by_sha256(database, spooled.sha256)
     if existing is not None:
-        _store_blob(spooled.path, blob_file(blobs, spooled.sha256))
+        _store_blob(spooled.path, target)
         return Upload(existing, created=False)
     verified = _verify(spooled.path, anchors)
-    _store_blob(spooled.path, blob_file(blobs, spooled.sha256))
-    return _record(database, name, spooled, verified, clock())
+    placed = _store_blob(spooled.path, target)
+    try:
+        upload = _record(database, name, spooled, verified, clock())
+    except BaseException:
+        if placed:
+            withdraw_blob(database, target, spooled.sha256)
+        raise
+    # a failed upload of these bytes may have withdrawn the blob since: recorded, it must be there
+    _store_blob(spooled.path, target)
+    return upload
 
 
 async def spool(body: AsyncIterable[bytes], directory: Path, max_size: int) -> Spooled:
@@ -240,17 +250,43 @@ def _verify(path: Path, anchors: tuple[PublicKey, ...]) -> VerifiedImage:
         raise ReleaseRejectedError(str(exc)) from exc
 
 
-def _store_blob(spooled: Path, target: Path) -> None:
-    """Rename the verified file into place, durably. Content-addressed: a file already at `target` holds
-    these very bytes (a concurrent upload of the same image), so it is kept as is."""
-    if target.exists():
-        return
-    os.replace(spooled, target)
+def _store_blob(spooled: Path, target: Path) -> bool:
+    """Link the verified file into place, durably; whether this call put it there. Content-addressed: a
+    file already at `target` holds these very bytes (a concurrent upload of the same image), so it is kept
+    as is. A link, not a rename: only one upload puts the blob in place, and each keeps its spooled copy
+    to the end, to put the blob back if a failed upload withdrew it meanwhile (`withdraw_blob`)."""
+    try:
+        os.link(spooled, target)
+    except FileExistsError:
+        return False
     directory = os.open(target.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
+    return True
+
+
+def withdraw_blob(database: Database, target: Path, sha256: str) -> None:
+    """Remove the blob an upload put in place but could not record a release for, unless a release holds
+    these bytes by now (a concurrent upload of the same image recorded its own). Otherwise nothing would
+    ever remove it, and it would hold its space on a disk that was perhaps full already.
+
+    The blob is moved aside before the releases are read: an upload that records these bytes after the
+    read finds the blob gone and puts it back from its own copy (`_admit`); one that recorded them before
+    is seen by the read, and the blob goes back. If the read fails, the blob stays."""
+    aside = target.with_name(f"{UPLOAD_PREFIX}withdrawn-{new_id()}")
+    try:
+        os.rename(target, aside)
+    except FileNotFoundError:
+        return  # removed meanwhile: nothing to withdraw
+    referenced = True
+    try:
+        referenced = find_by_sha256(database, sha256) is not None
+    finally:
+        if referenced:
+            _store_blob(aside, target)
+        aside.unlink(missing_ok=True)
 
 
 def _record(database: Database, name: str, spooled: Spooled, verified: VerifiedImage, now: float) -> Upload:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -140,6 +141,17 @@ def small_filesystem(mount_point: Path, size: int) -> Iterator[Path]:
         yield mount_point
     finally:  # lazily: a failed test may still hold a file open in it, and the mount must not outlive it
         subprocess.run([require_tool("umount"), "-l", str(mount_point)], check=True)  # -l: lazy
+
+
+def fill_filesystem(mount_point: Path) -> Path:
+    """Write a file into `mount_point` until its filesystem has no room left (ENOSPC); the file, which
+    frees the room again once removed."""
+    filler = mount_point / "filler"
+    with filler.open("wb") as output, contextlib.suppress(OSError):
+        while True:
+            output.write(bytes(64 << 10))
+            output.flush()
+    return filler
 
 
 def grow_filesystem(mount_point: Path, size: int) -> None:

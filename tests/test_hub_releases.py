@@ -21,6 +21,7 @@ from hub.home import HubHome, HubSettings
 from hub.server import bind, build_server
 from signing import Trust, verify_image
 from signing.keys import KeyAlgorithm
+from tests.conftest import fill_filesystem, small_filesystem
 from tests.firmware_helpers import stored_files, trust, upload
 from tests.hub_helpers import FIRMWARE, RunningHub, running_hub
 from tests.signing_helpers import make_image, signer_for
@@ -275,6 +276,64 @@ def test_a_full_disk_answers_507_and_stores_nothing(
     assert refused.json()["error"] == "insufficient_storage"
     assert_nothing_stored(hub)
     assert upload(hub, image).status_code == 201, "space freed: the same upload succeeds"
+
+
+def test_a_release_the_full_database_cannot_record_leaves_no_blob_behind(tmp_path: Path) -> None:
+    """The database's disk is full (SQLITE_FULL), the blob directory's is not: the image is verified and
+    its blob put in place, then recording the release fails. The 507 leaves no unreferenced blob (nothing
+    would ever remove it); with room again, the same upload stores it."""
+    signer = signer_for(KeyAlgorithm.ED25519)
+    image = make_image(tmp_path, [signer], payload=os.urandom(4000))
+    sha256 = hashlib.sha256(image.read_bytes()).hexdigest()
+    with small_filesystem(tmp_path / "small", 1 << 20) as small:
+        settings = HubSettings(database_url=f"sqlite:///{small / 'hub.db'}")
+        with running_hub(tmp_path / "hub", settings) as hub:
+            trust(hub, signer)
+            filler = fill_filesystem(small)
+            refused = upload(hub, image)
+            assert refused.status_code == 507, refused.text
+            assert "database" in refused.json()["error_description"]
+            assert_nothing_stored(hub)
+            filler.unlink()
+            assert upload(hub, image).status_code == 201
+            assert stored_files(hub) == [sha256]
+
+
+def test_bytes_an_earlier_release_holds_keep_their_blob_when_the_database_is_full(tmp_path: Path) -> None:
+    """Content-addressed: uploading known bytes again while the database's disk is full answers the
+    release that holds them, and the blob that release needs stays, put back if it had gone missing."""
+    signer = signer_for(KeyAlgorithm.ED25519)
+    image = make_image(tmp_path, [signer], payload=os.urandom(4000))
+    sha256 = hashlib.sha256(image.read_bytes()).hexdigest()
+    with small_filesystem(tmp_path / "small", 1 << 20) as small:
+        settings = HubSettings(database_url=f"sqlite:///{small / 'hub.db'}")
+        with running_hub(tmp_path / "hub", settings) as hub:
+            trust(hub, signer)
+            first = upload(hub, image)
+            assert first.status_code == 201, first.text
+            fill_filesystem(small)
+            again = upload(hub, image, "the same bytes")
+            assert (again.status_code, again.json()["id"]) == (200, first.json()["id"])
+            assert stored_files(hub) == [sha256]
+            releases.blob_file(hub.state.blobs, sha256).unlink()
+            assert upload(hub, image).status_code == 200
+            assert stored_files(hub) == [sha256]
+
+
+def test_a_blob_is_withdrawn_only_while_no_release_holds_its_bytes(hub: RunningHub, tmp_path: Path) -> None:
+    """What a failed upload withdraws: a release recorded by a concurrent upload of the same bytes keeps
+    its blob; bytes no release holds go, and leave no file aside."""
+    signer = signer_for(KeyAlgorithm.ED25519)
+    trust(hub, signer)
+    image = make_image(tmp_path, [signer])
+    assert upload(hub, image).status_code == 201
+    held = hashlib.sha256(image.read_bytes()).hexdigest()
+    releases.withdraw_blob(hub.state.database, releases.blob_file(hub.state.blobs, held), held)
+    assert stored_files(hub) == [held]
+    orphan = hashlib.sha256(b"no release").hexdigest()
+    releases.blob_file(hub.state.blobs, orphan).write_bytes(b"no release")
+    releases.withdraw_blob(hub.state.database, releases.blob_file(hub.state.blobs, orphan), orphan)
+    assert stored_files(hub) == [held]
 
 
 def test_temporary_files_of_uploads_cut_short_are_swept_when_the_hub_starts(tmp_path: Path) -> None:
