@@ -38,6 +38,8 @@ from .errors import BoardingDataError, CorruptStateError, InputError, StorageErr
 IMPORT_FILE = "boarding-import.json"
 MAX_IMPORT_FILE = 2 * 1024 * 1024
 _NETWORK_KEYS = frozenset({"proxy", "username", "password"})
+# schemes a proxy URL commonly has, safe to name in a message (only plain http is supported)
+_PROXY_SCHEMES = frozenset({"http", "https", "socks4", "socks4a", "socks5", "socks5h"})
 
 
 class CredentialProfile(enum.StrEnum):
@@ -131,7 +133,10 @@ def parse_network(raw: bytes) -> NetworkConfig:
             "network configuration: the proxy is not a valid http://host:port URL"
         ) from None
     if parts.scheme != "http" or not parts.hostname:
-        raise BoardingDataError(f"network configuration: proxy {proxy!r} must be an http://host:port URL")
+        # not quoted either: only a scheme named in _PROXY_SCHEMES is shown, as any other "scheme" may be
+        # the start of `user:password@...` written without one
+        shown = f" (not {parts.scheme}://)" if parts.scheme in _PROXY_SCHEMES - {"http"} else ""
+        raise BoardingDataError(f"network configuration: the proxy must be an http://host:port URL{shown}")
     if any(char.isspace() or not char.isprintable() for char in parts.hostname):  # older urllib3 let it by
         raise BoardingDataError(
             "network configuration: the proxy's host holds a blank or a control character"

@@ -16,9 +16,9 @@ import pytest
 from hub import oauth
 from hub.oauth_form import TokenRequest
 from hub.state import HubState
-from mers.client import REGISTRATION_SENT_FILE, RenewalStep
+from mers.client import LAST_ERROR_FILE, REGISTRATION_SENT_FILE, RenewalStep
 from mers.clock import HubClock
-from mers.errors import EXIT_UNREACHABLE, HubUnreachableError
+from mers.errors import EXIT_UNREACHABLE, EXIT_USAGE, HubUnreachableError
 from mers.http import HubSession
 from tests.conftest import run_cli
 from tests.device_helpers import (
@@ -333,3 +333,26 @@ def test_a_proxy_that_refuses_the_credentials_is_a_clear_error(hub: RunningHub, 
         assert proxy.refused >= 1 and not proxy.tunnels
     assert result.returncode == EXIT_UNREACHABLE and "407" in result.error_line
     assert "wrong" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "proxy",
+    [
+        "https://gw:pw-s3cret@proxy.example:3128",  # a scheme other than http
+        "http://gw:pw-s3cret@:3128",  # no host
+        "gw:pw-s3cret@proxy.example:3128",  # no scheme: urlsplit reads "gw" as one
+        "pw-s3cret:x@proxy.example:3128",  # no scheme, the password first
+    ],
+)
+def test_a_proxy_url_refused_is_never_quoted_with_its_password(
+    hub: RunningHub, tmp_path: Path, proxy: str
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw", network=json.dumps({"proxy": proxy}).encode())
+    onboard = run_cli("mers", "onboard", "--board", gateway.path)
+    assert onboard.returncode == EXIT_USAGE and "http://host:port" in onboard.error_line
+    status = run_cli("mers", "status", "--board", gateway.path)
+    status_json = run_cli("mers", "status", "--json", "--board", gateway.path)
+    last_error = gateway.board.state.read(LAST_ERROR_FILE) or b""
+    assert b"http://host:port" in last_error
+    for shown in (onboard.stderr, status.stdout, status_json.stdout, last_error.decode()):
+        assert "pw-s3cret" not in shown
