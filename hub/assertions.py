@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -66,7 +66,7 @@ class ClientKey:
     """One credential an agent may sign assertions with, and the only algorithms it may use."""
 
     algorithms: tuple[str, ...]
-    key: bytes | rsa.RSAPublicKey
+    key: bytes | rsa.RSAPublicKey = field(repr=False)  # bytes: the agent's shared secret
 
     @classmethod
     def shared_secret(cls, secret: str) -> ClientKey:

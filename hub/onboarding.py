@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -69,10 +69,10 @@ class Registration:
 
     client_id: str
     profile: SecurityProfile
-    client_secret: str | None
+    client_secret: str | None = field(repr=False)
     public_key: AgentPublicKey | None
     expires_at: float
-    registration_access_token: str
+    registration_access_token: str = field(repr=False)
     rat_jti: str
     registration_client_uri: str
 

@@ -12,7 +12,7 @@ import enum
 import hashlib
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -79,7 +79,7 @@ class HubKey:
 
 @dataclass(frozen=True)
 class IssuedToken:
-    token: str
+    token: str = field(repr=False)
     jti: str
     issued_at: float
     expires_at: float

@@ -21,7 +21,7 @@ import binascii
 import enum
 import json
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ class BoardingSource(enum.StrEnum):
 class NetworkConfig:
     """An HTTP proxy that tunnels (CONNECT) all hub traffic; `proxy_url` carries the credentials."""
 
-    proxy_url: str
+    proxy_url: str = field(repr=False)
 
     @property
     def display(self) -> str:
@@ -70,13 +70,13 @@ class NetworkConfig:
 class Boarding:
     """Validated boarding data and the fields the client uses."""
 
-    data: BoardingData
+    data: BoardingData = field(repr=False)  # its configuration holds the IAT
     source: BoardingSource
     client_id: str
     tenant: str
     base_url: str
     profile: CredentialProfile
-    iat: str
+    iat: str = field(repr=False)
     iat_id: str
     iat_expires_at: int | None
     network: NetworkConfig | None

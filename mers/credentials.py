@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from board.interface import BoardingData, StateStore
@@ -33,10 +33,10 @@ FORMAT = 1
 class CredentialSet:
     """One answer of the register or renew endpoint. `expires_at` is hub time (epoch seconds)."""
 
-    rat: str
+    rat: str = field(repr=False)
     registration_client_uri: str
     expires_at: float
-    client_secret: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
 
     @property
     def id(self) -> str:
@@ -72,7 +72,7 @@ class StoredCredentials:
     profile: CredentialProfile
     base_url: str
     iat_id: str  # the IAT registered with: onboarding again with the same one is a no-op
-    boarding: BoardingData
+    boarding: BoardingData = field(repr=False)  # its configuration holds the IAT
     current: CredentialSet
     previous: CredentialSet | None = None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -59,7 +59,7 @@ def token_form(assertion: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class AccessToken:
-    token: str
+    token: str = field(repr=False)
     expires_at: float  # hub time
     set_id: str  # the credential set that obtained it
 

@@ -1,17 +1,26 @@
-"""Pure pieces of the device client: the hub clock, network configuration, answers and assertions."""
+"""Pure pieces of the device client: the hub clock, network configuration, answers and assertions, and
+the reprs of values holding a secret, on the device and the hub."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import jwt
 import pytest
 
-from mers.boarding import CredentialProfile, parse_network
+from board.interface import BoardingData
+from hub.assertions import ClientKey
+from hub.models import SecurityProfile
+from hub.onboarding import Registration
+from hub.tokens import IssuedToken
+from mers.boarding import BoardingSource, CredentialProfile, parse_boarding, parse_network
 from mers.clock import HubClock
+from mers.credentials import CredentialSet, StoredCredentials
 from mers.errors import BoardingDataError, HubProtocolError
 from mers.onboarding import parse_credential_set
-from mers.tokens import client_assertion
+from mers.tokens import AccessToken, client_assertion
+from tests.board_helpers import ca_bundle, config, iat
 
 
 def test_the_clock_learns_the_offset_and_ignores_a_bad_header() -> None:
@@ -96,3 +105,48 @@ def test_an_assertion_carries_the_claims_of_design_section_6() -> None:
     assert claims["iss"] == claims["sub"] == "agent" and claims["ten"] == "mers"
     assert claims["iat"] == claims["nbf"] == 1_700_000_000 and claims["exp"] == 1_700_000_300
     assert claims["schemas"] == ["urn:siemens:mindsphere:v1"] and claims["jti"]
+
+
+SECRET = "s3cret-Value"  # stands for every secret below
+BOARDING = BoardingData(
+    config(iat=iat(secret=SECRET)),
+    ca_bundle(),
+    json.dumps({"proxy": "http://proxy:3128", "username": "gw", "password": SECRET}).encode(),
+)
+SECRET_SET = CredentialSet(f"rat-{SECRET}", "https://hub/x", 1.0, f"secret-{SECRET}")
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: SECRET_SET,
+        lambda: StoredCredentials(
+            "agent-1", "t", CredentialProfile.SHARED_SECRET, "https://hub", "i", BOARDING, SECRET_SET
+        ),
+        lambda: AccessToken(f"token-{SECRET}", 1.0, "set"),
+        lambda: parse_network(BOARDING.network or b""),
+        lambda: parse_boarding(BOARDING, BoardingSource.IMPORTED),
+        lambda: Registration(
+            "a", SecurityProfile.SHARED_SECRET, SECRET, None, 1.0, SECRET, "jti", "https://hub/x"
+        ),
+        lambda: ClientKey.shared_secret(SECRET),
+        lambda: IssuedToken(f"token-{SECRET}", "jti", 0.0, 1.0),
+    ],
+    ids=[
+        "CredentialSet",
+        "StoredCredentials",
+        "AccessToken",
+        "NetworkConfig",
+        "Boarding",
+        "Registration",
+        "ClientKey",
+        "IssuedToken",
+    ],
+)
+def test_no_secret_appears_in_a_repr(build: Callable[[], object]) -> None:
+    """A secret in a repr ends up in a log line or a traceback the first time someone prints the object."""
+    value = build()
+    iat_in_boarding = json.loads(BOARDING.config)["content"]["iat"]
+    for shown in (repr(value), str(value)):
+        assert SECRET not in shown and iat_in_boarding not in shown
+        assert "gw:" not in shown  # the proxy URL with its credentials
