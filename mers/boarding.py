@@ -36,6 +36,8 @@ from board.keystore import validate_boarding_data
 from .errors import BoardingDataError, CorruptStateError, InputError, StorageError
 
 IMPORT_FILE = "boarding-import.json"
+#: the IAT of pending boarding data the hub refused for good (used or expired) while credentials were held
+REFUSED_FILE = "boarding-refused.json"
 MAX_IMPORT_FILE = 2 * 1024 * 1024
 _NETWORK_KEYS = frozenset({"proxy", "username", "password"})
 # schemes a proxy URL commonly has, safe to name in a message (only plain http is supported)
@@ -191,13 +193,32 @@ def store_imported(board: Board, boarding: Boarding) -> BoardingSource:
         if not board.is_locked():
             board.write_boarding_data(boarding.data)
             board.state.delete(IMPORT_FILE)  # an older import would shadow what was just written
+            board.state.delete(REFUSED_FILE)  # what the operator imports now is tried again
             return BoardingSource.BOARD
     except BoardLockedError:
         pass  # locked between the check and the write: keep it in the state directory
     except BoardError as exc:
         raise StorageError(f"cannot write boarding data to the board: {exc}") from exc
     board.state.write(IMPORT_FILE, json.dumps(boarding_to_json(boarding.data)).encode())
+    board.state.delete(REFUSED_FILE)
     return BoardingSource.IMPORTED
+
+
+def set_aside_refused(board: Board, iat_id: str) -> None:
+    """Remember that the hub refused the IAT `iat_id` for good, so a gateway that still holds working
+    credentials stops registering with it: each try only got the same refusal, and stopped the daemon."""
+    board.state.write(REFUSED_FILE, json.dumps({"iat_id": iat_id}).encode())
+
+
+def refused_iat(board: Board) -> str | None:
+    """The IAT set aside by `set_aside_refused`, if any; an unreadable record counts as none (the worst
+    that costs is one more refused registration)."""
+    raw = board.state.read(REFUSED_FILE)
+    try:
+        iat_id = None if raw is None else json.loads(raw).get("iat_id")
+    except (ValueError, AttributeError):
+        return None
+    return iat_id if isinstance(iat_id, str) else None
 
 
 def read_import_file(

@@ -5,7 +5,10 @@ install them, one at a time.
 SIGTERM sets a flag that the installer checks between chunks: it fsyncs the slot, journals the offset and
 returns, so a stop never costs more than the chunk in hand and never leaves a journal ahead of the slot.
 Errors are logged on one line each (never a URL or a secret) and retried with exponential backoff; an
-error the operator must fix (a refused IAT, a corrupt state file) stops the daemon with its exit code. A
+error the operator must fix (a refused IAT, a corrupt state file) stops the daemon with its exit code.
+A refused IAT stops it only when there are no credentials to go on with: pending boarding data whose IAT
+the hub refused for good (used or expired) is logged once and set aside while the stored credentials
+still work, as systemd would otherwise keep a working gateway down (`RestartPreventExitStatus`). A
 failing slot is the exception among storage errors: it is logged and retried with the backoff, since an
 exit only had systemd start the daemon again 30 s later to re-read the slot and fail again; with
 `--once`, whose exit code is all a script sees, it exits 4 as `mers install` does.
@@ -22,6 +25,7 @@ from types import FrameType
 
 from board.errors import BoardError
 
+from .boarding import current_boarding, refused_iat, set_aside_refused
 from .client import DeviceClient
 from .confirm import HEALTH_TIMEOUT, Confirmer, ConfirmOutcome
 from .credentials import load_credentials
@@ -124,7 +128,7 @@ class Daemon:
         confirmed = confirmer.confirm()
         if confirmed.outcome is not ConfirmOutcome.NOTHING:
             log.info("confirm: %s", confirmed.message)
-        self.client.onboard()
+        self._onboard(onboarded)
         self.client.renew()
         installer = Installer(
             board, self.client, settings=self.settings.install, should_stop=self._stop.is_set
@@ -142,6 +146,35 @@ class Daemon:
             return False
         log.info("install: %s (%s)", result.outcome, result.journal.phase)
         return result.outcome is InstallOutcome.REBOOTING
+
+    def _onboard(self, onboarded: bool) -> None:
+        """Onboard if needed. Holding credentials, a refusal of the pending boarding data's IAT for good is
+        no reason to stop: the credentials are kept (a failed registration never replaces them) and the
+        IAT is set aside, so it is tried again only once imported again. Whether the credentials really
+        still work is for the renewal and token calls that follow: a revoked agent ends in
+        ReonboardingRequiredError there. Without credentials the refusal stops the daemon as before."""
+        if not onboarded:
+            self.client.onboard()
+            return
+        pending = self._pending_iat()
+        if pending is not None and pending == refused_iat(self.client.board):
+            return  # refused for good earlier, and logged then
+        try:
+            self.client.onboard()
+        except (IatUsedError, IatExpiredError) as refused:
+            if pending is None or self._pending_iat() != pending:  # replaced meanwhile: tried next pass
+                log.error("pending boarding data refused, going on with the stored credentials: %s", refused)
+                return
+            set_aside_refused(self.client.board, pending)
+            log.error("pending boarding data set aside, going on with the stored credentials: %s", refused)
+
+    def _pending_iat(self) -> str | None:
+        """The IAT id of the boarding data onboarding would use; None when unreadable (onboard says why)."""
+        try:
+            boarding = current_boarding(self.client.board)
+        except (MersError, BoardError):
+            return None
+        return None if boarding is None else boarding.iat_id
 
     def _delay(self) -> float:
         return backoff_delay(self.settings, self._failures)

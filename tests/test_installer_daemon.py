@@ -15,11 +15,13 @@ import pytest
 from board.interface import SlotName
 from mers.credentials import load_credentials
 from mers.daemon import Daemon, DaemonSettings, backoff_delay
+from mers.errors import EXIT_REFUSED
 from mers.install import Installer, InstallOutcome, InstallStep
 from mers.journal import Phase, load_journal
 from tests.conftest import BIN_DIR
-from tests.hub_helpers import RunningHub
-from tests.installer_helpers import PAYLOAD_SIZE, TEST_INSTALL, make_rig
+from tests.device_helpers import DAY, bundle_file, make_gateway
+from tests.hub_helpers import RunningHub, create_agent
+from tests.installer_helpers import PAYLOAD_SIZE, TEST_INSTALL, Rig, make_rig
 
 
 def test_daemon_installs_an_open_task_then_confirms_it_after_the_boot(
@@ -97,6 +99,50 @@ def test_a_device_never_onboarded_commits_a_healthy_trial_from_a_file_instead_of
     assert board.active_slot() is SlotName.B and board.security_counter_floor() == 3
     assert load_journal(board.state).message.startswith("ACTIVATED")
     assert load_credentials(board.state) is not None, "then it onboarded, in the same pass"
+
+
+def refused_bundle(rig: Rig, tmp_path: Path, reason: str) -> Path:
+    """An import bundle whose IAT the hub refuses for good: used by another board, or expired."""
+    if reason == "used":
+        other = make_gateway(rig.hub, tmp_path / "other")
+        with other.client() as client:
+            client.onboard()
+        return bundle_file(tmp_path / "used.json", rig.hub, other.agent_id)
+    bundle = bundle_file(tmp_path / "late.json", rig.hub, create_agent(rig.hub, "gw-late")["id"])
+    rig.hub.clock.advance(8 * DAY)  # the IAT lives 7 days; the gateway's RAT still renews its credentials
+    return bundle
+
+
+@pytest.mark.parametrize("reason", ["used", "expired"])
+def test_a_pending_import_refused_for_good_is_set_aside_and_the_daemon_goes_on_with_its_credentials(
+    hub: RunningHub, tmp_path: Path, reason: str
+) -> None:
+    """systemd does not restart a daemon that exits 6: a stale USB stick must not take down a gateway
+    whose credentials still work. The import is tried (and refused) once, then left alone."""
+    rig = make_rig(hub, tmp_path)
+    before = load_credentials(rig.board.state)
+    imported = rig.mers("boarding", "import", refused_bundle(rig, tmp_path, reason))
+    assert imported.returncode == EXIT_REFUSED, imported.stderr
+
+    first = rig.mers("run", "--once", "-v")
+    assert first.returncode == 0, first.stderr
+    assert "set aside" in first.stderr and "no open installation task" in first.stderr
+    second = rig.mers("run", "--once", "-v")
+    assert second.returncode == 0, second.stderr
+    assert "IAT" not in second.stderr and "no open installation task" in second.stderr
+    after = load_credentials(rig.board.state)
+    assert before is not None and after is not None and after.iat_id == before.iat_id
+
+
+def test_a_refused_import_still_stops_a_daemon_that_has_no_credentials(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    rig = make_rig(hub, tmp_path, onboard=False)
+    imported = rig.mers("boarding", "import", refused_bundle(rig, tmp_path, "used"), "--no-onboard")
+    assert imported.returncode == 0, imported.stderr
+    run = rig.mers("run", "--once")
+    assert run.returncode == EXIT_REFUSED and "IAT works once" in run.error_line
+    assert load_credentials(rig.board.state) is None
 
 
 @pytest.mark.parametrize("failures", [0, 1, 3, 4, 1023, 1024, 5000, 10**9])
