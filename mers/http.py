@@ -6,7 +6,8 @@ bounded retries with exponential backoff and jitter, bounded answers, and the hu
   replacing our bearer token) and route through an environment proxy. The proxy comes only from the
   boarding data's network configuration.
 - Retries: urllib3's `Retry` through requests' `HTTPAdapter`, for connection errors, timeouts, dropped
-  connections and 429/5xx, on every method; an answer cut short after its headers is asked for again
+  connections and 429/5xx, on every method; a `Retry-After` is honoured only up to `backoff_max`
+  (`BoundedRetry`); an answer cut short after its headers is asked for again
   with the same budget. That is safe here: registering again is refused as in
   progress (429) or as a used IAT; renewing again with the same RAT is what the hub's previous-RAT rule
   exists for; a token request sent again is refused as a spent assertion, and the client signs a new one
@@ -40,6 +41,18 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 RetryKind = TypeVar("RetryKind", bound=Retry)
 
 
+class BoundedRetry(Retry):
+    """urllib3's `Retry`, honouring a `Retry-After` only up to `backoff_max`.
+
+    urllib3 caps a `Retry-After` at its own `retry_after_max` (six hours by default, and a parameter
+    only recent releases take), not at `backoff_max`: a hub or proxy answering 429/503 with a long
+    `Retry-After` would hold one call, and the state directory's lock with it, for hours per retry.
+    Capping here works with every urllib3 2.x."""
+
+    def parse_retry_after(self, retry_after: str) -> float:
+        return min(super().parse_retry_after(retry_after), self.backoff_max)
+
+
 @dataclass(frozen=True)
 class HttpSettings:
     """Timeouts (seconds) and the retry budget; the defaults suit a gateway on a slow uplink."""
@@ -51,7 +64,7 @@ class HttpSettings:
     backoff_max: float = 60.0
     backoff_jitter: float = 1.0  # plus up to this much, so a fleet rebooting together spreads out
 
-    def retry(self, kind: type[RetryKind] = Retry) -> RetryKind:  # type: ignore[assignment]
+    def retry(self, kind: type[RetryKind] = BoundedRetry) -> RetryKind:  # type: ignore[assignment]
         return retry_policy(self.retries, self.backoff_factor, self.backoff_max, self.backoff_jitter, kind)
 
 
@@ -60,11 +73,11 @@ def retry_policy(
     backoff_factor: float,
     backoff_max: float,
     backoff_jitter: float,
-    kind: type[RetryKind] = Retry,  # type: ignore[assignment]
+    kind: type[RetryKind] = BoundedRetry,  # type: ignore[assignment]
 ) -> RetryKind:
     """urllib3's retries as every hub call wants them: connection errors, read errors and the transient
     statuses alike, exponential backoff with jitter, no redirects, and the last answer returned rather
-    than raised so the caller can report its status. `kind` is `Retry` or a subclass of it."""
+    than raised so the caller can report its status. `kind` is `BoundedRetry` or a subclass of it."""
     return kind(
         total=retries,
         connect=retries,
@@ -243,7 +256,7 @@ class _Tries:
         return self.reached or self.failed == 0
 
 
-class _TrackedRetry(Retry):
+class _TrackedRetry(BoundedRetry):
     """The retry policy, noting in `tries` what each failed try came to: urllib3 keeps its history on the
     last answer, but drops it when the tries run out with an error."""
 

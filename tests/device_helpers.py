@@ -43,6 +43,7 @@ FAST_HTTP = HttpSettings(
 )
 FAST = ClientSettings(http=FAST_HTTP)
 DAY = 24 * 3600.0
+BUSY_RETRY_AFTER = 5  # seconds, the `busy` bad server's Retry-After: far above FAST_HTTP.backoff_max
 PROFILES = ("SHARED_SECRET", "RSA_3072")
 
 
@@ -110,9 +111,9 @@ def lock_board(board: SimBoard) -> None:
 
 @dataclass
 class BadServer:
-    """A TLS server on 127.0.0.1 that answers every request with 500, hangs, drops the connection, or
-    cuts its answer short after the headers (`cut`; `cut-once` only on the first connection, then answers
-    whole); `connections` counts the attempts the client made."""
+    """A TLS server on 127.0.0.1 that answers every request with 500, with 503 and `Retry-After: 5`
+    (`busy`), hangs, drops the connection, or cuts its answer short after the headers (`cut`; `cut-once`
+    only on the first connection, then answers whole); `connections` counts the attempts the client made."""
 
     mode: str
     ca_pem: bytes
@@ -140,9 +141,9 @@ def bad_server(mode: str) -> Iterator[BadServer]:
     server = BadServer(mode, material.ca_certificate_pem, listener.getsockname()[1])
     held: list[socket.socket] = []
 
-    def answer(connection: ssl.SSLSocket, status: str, body: bytes) -> None:
+    def answer(connection: ssl.SSLSocket, status: str, body: bytes, extra: str = "") -> None:
         connection.sendall(
-            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n".encode()
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{extra}".encode()
             + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
             + body
         )
@@ -155,6 +156,8 @@ def bad_server(mode: str) -> Iterator[BadServer]:
             if mode == "500":
                 error = b'{"error": "server_error", "error_description": "the database is down"}'
                 answer(connection, "500 Internal Server Error", error)
+            elif mode == "busy":
+                answer(connection, "503 Service Unavailable", b"{}", f"Retry-After: {BUSY_RETRY_AFTER}\r\n")
             elif mode == "drop":
                 connection.close()
             elif mode == "cut" or (mode == "cut-once" and number == 1):

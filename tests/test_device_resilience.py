@@ -22,6 +22,7 @@ from mers.errors import EXIT_UNREACHABLE, EXIT_USAGE, HubUnreachableError
 from mers.http import HubSession
 from tests.conftest import run_cli
 from tests.device_helpers import (
+    BUSY_RETRY_AFTER,
     DAY,
     FAST_HTTP,
     PROFILES,
@@ -196,6 +197,21 @@ def test_a_misbehaving_hub_gets_bounded_retries_then_a_clear_error(
     }
     assert expected[mode] in str(failure.value)
     assert elapsed < (FAST_HTTP.read_timeout + 1) * (FAST_HTTP.retries + 1) + 5
+
+
+def test_a_retry_after_longer_than_the_backoff_limit_waits_only_the_limit(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    with bad_server("busy") as server:
+        ca.write_bytes(server.ca_pem)
+        session = HubSession(server.url, ca, HubClock(), settings=FAST_HTTP)
+        started = time.monotonic()
+        with pytest.raises(HubUnreachableError, match="kept failing: 503"):
+            session.request("GET", "/api/firmwaredeployment/v3/installationTasks", bearer="token")
+        elapsed = time.monotonic() - started
+        session.close()
+        assert server.connections == FAST_HTTP.retries + 1
+    # obeying the header would take BUSY_RETRY_AFTER per retry (10 s); the cap is backoff_max (0.05 s)
+    assert elapsed < BUSY_RETRY_AFTER, f"waited {elapsed:.1f} s for {FAST_HTTP.retries} retries"
 
 
 def test_an_answer_cut_short_after_its_headers_is_asked_for_again(tmp_path: Path) -> None:
