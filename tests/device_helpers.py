@@ -60,11 +60,11 @@ class Gateway:
         return self.board.directory
 
     def client(self, *, skew: float = 0.0, **options: Any) -> DeviceClient:
-        """A client of this board whose local clock follows the hub's (so time the test moves passes on
-        the device too), off by `skew` seconds."""
+        """A client of this board whose wall and monotonic clocks follow the hub's (so time the test
+        moves passes on the device too), the wall clock off by `skew` seconds."""
         options.setdefault("settings", FAST)
         hub = self.hub
-        options.setdefault("clock", HubClock(lambda: hub.clock() + skew))
+        options.setdefault("clock", HubClock(lambda: hub.clock() + skew, elapsed=hub.clock))
         return DeviceClient(SimBoard.open(self.path), **options)
 
     def stored_rat_ids(self) -> set[str]:

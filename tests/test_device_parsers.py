@@ -33,6 +33,17 @@ def test_the_clock_learns_the_offset_and_ignores_a_bad_header() -> None:
     assert clock.offset == pytest.approx(8200 + 0.5 - 999.0)
 
 
+def test_hub_time_runs_on_the_monotonic_clock_whatever_the_wall_clock_does() -> None:
+    wall, elapsed = [1000.0], [50.0]
+    clock = HubClock(lambda: wall[0], elapsed=lambda: elapsed[0])
+    clock.observe({"server-time": "8200"})
+    wall[0] += 30 * 365 * 86400.0  # NTP steps the wall clock of an RTC-less gateway by decades
+    assert clock.now() == pytest.approx(8200.5)
+    elapsed[0] += 60.0
+    wall[0] -= 3600.0
+    assert clock.now() == pytest.approx(8260.5)
+
+
 def test_proxy_credentials_are_folded_into_the_url_and_hidden_from_display() -> None:
     config = parse_network(b'{"proxy": "http://proxy:3128", "username": "gw 1", "password": "p@ss:word"}')
     assert config.proxy_url == "http://gw%201:p%40ss%3Aword@proxy:3128"

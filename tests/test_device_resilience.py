@@ -173,6 +173,24 @@ def test_renewal_decisions_follow_the_hub_clock_not_the_device_clock(hub: Runnin
         assert behind.credentials().current.rat != before, "renewed: the hub says under 25 h remain"
 
 
+def test_a_wall_clock_step_after_the_hub_time_was_learned_changes_no_decision(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    step = [-30 * 365 * DAY]  # a gateway without an RTC boots decades in the past
+    clock = HubClock(lambda: hub.clock() + step[0], elapsed=hub.clock)
+    with gateway.client(clock=clock) as client:
+        client.onboard()
+        token = client.access_token()
+        before = client.credentials().current.rat
+        step[0] = 0.0  # NTP sets the wall clock right while the client runs
+        assert client.access_token() == token, "the cached token still has its half hour"
+        assert client.credentials().current.rat == before, "no renewal: the hub says 7 days remain"
+        hub.clock.advance(6.5 * DAY)
+        client.access_token()
+        assert client.credentials().current.rat != before, "renewed: the hub says under 25 h remain"
+
+
 @pytest.mark.parametrize("mode", ["500", "hang", "drop"])
 def test_a_misbehaving_hub_gets_bounded_retries_then_a_clear_error(
     hub: RunningHub, tmp_path: Path, mode: str
