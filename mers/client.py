@@ -5,10 +5,12 @@
 - every decision against a time the hub set is made in hub time (`mers.clock`); before the first one,
   the client asks the hub for its time;
 - credentials are renewed through the RAT when less than `renew_margin` (25 h) remain, or when the token
-  endpoint refuses them; the new set is written (atomically, with the previous set kept) **before** it is
-  used, and the previous set is dropped only once the new one has worked. A crash at any step therefore
-  leaves a stored set the hub still accepts and a RAT it still honours (`RenewalStep` names the steps;
-  tests kill the process at each one);
+  endpoint refuses them; the margin (and the access token's) is at most half the lifetime the hub
+  granted, so a hub set to grant 25 h or less does not make every call renew (`ClientSettings`); the
+  new set is written (atomically, with the previous set kept) **before** it is used, and the previous
+  set is dropped only once the new one has worked. A crash at any step therefore leaves a stored set
+  the hub still accepts and a RAT it still honours (`RenewalStep` names the steps; tests kill the
+  process at each one);
 - onboarding, renewal and token refresh hold an exclusive lock on the state directory, so the daemon and
   a CLI command never renew with the same RAT at once.
 """
@@ -23,7 +25,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,21 @@ class ClientSettings:
     renew_margin: float = 25 * HOUR  # renew the credentials when less than this remains
     token_margin: float = 120.0  # replace an access token this long before it expires
     http: HttpSettings = field(default_factory=HttpSettings)
+
+    def renewal_margin(self, held: CredentialSet) -> float:
+        """`renew_margin`, but at most half the lifetime the hub granted: a hub may grant 25 h or less
+        (a setting it accepts), and a fixed margin would then renew, and rotate the RAT, on every call.
+        The full margin when the lifetime is unknown (a set stored before it was kept)."""
+        return _clamped(self.renew_margin, held.lifetime)
+
+    def token_refresh_margin(self, token: AccessToken) -> float:
+        """`token_margin`, but at most half the token's lifetime: a hub granting tokens for 120 s or less
+        would otherwise have every call fetch a new one."""
+        return _clamped(self.token_margin, token.lifetime)
+
+
+def _clamped(margin: float, lifetime: float | None) -> float:
+    return margin if lifetime is None else min(margin, max(lifetime, 0.0) / 2)
 
 
 class OnboardOutcome(enum.StrEnum):
@@ -166,7 +183,10 @@ class DeviceClient:
                 record = {"iat_id": boarding.iat_id, "sent_at": self.clock.now()}
                 self.board.state.write(REGISTRATION_SENT_FILE, json.dumps(record).encode())
             try:
-                first = onboarding.register(session, boarding, key, sent_before=sent_before)
+                first = replace(
+                    onboarding.register(session, boarding, key, sent_before=sent_before),
+                    issued_at=self.clock.now(),
+                )
             except HubRefusedError as refused:
                 # the hub settled this registration, unless it says one is still in progress (perhaps our
                 # own earlier one) or that ours most likely used the IAT
@@ -222,13 +242,13 @@ class DeviceClient:
             stored = self.credentials()
             session = self._session_for(stored)
             self._synchronise(session)
-            if stored.current.expires_at - self.clock.now() < self.settings.renew_margin:
+            if self._renewal_due(stored):
                 return self._renew(stored, session).token
             cached = load_token(self.board.state)
             if (
                 cached is not None
                 and cached.set_id == stored.current.id
-                and cached.expires_at - self.clock.now() > self.settings.token_margin
+                and cached.expires_at - self.clock.now() > self.settings.token_refresh_margin(cached)
             ):
                 return cached.token
             return self._fetch_token(stored, session).token
@@ -239,10 +259,14 @@ class DeviceClient:
             stored = self.credentials()
             session = self._session_for(stored)
             self._synchronise(session)
-            if force or stored.current.expires_at - self.clock.now() < self.settings.renew_margin:
+            if force or self._renewal_due(stored):
                 self._renew(stored, session)
                 return True
             return False
+
+    def _renewal_due(self, stored: StoredCredentials) -> bool:
+        remaining = stored.current.expires_at - self.clock.now()
+        return remaining < self.settings.renewal_margin(stored.current)
 
     def forget_token(self) -> None:
         """Drop the cached access token (the hub said it is no longer valid)."""
@@ -269,7 +293,7 @@ class DeviceClient:
             new = onboarding.renew(session, stored.client_id, stored.profile, stored.previous, key)
             used_previous = True
         self._step(RenewalStep.ANSWERED)
-        stored = stored.renewed(new, used_previous=used_previous)
+        stored = stored.renewed(replace(new, issued_at=self.clock.now()), used_previous=used_previous)
         save_credentials(self.board.state, stored)
         self._step(RenewalStep.PERSISTED)
         answer = self._request_token(stored, stored.current, session)

@@ -37,6 +37,13 @@ class CredentialSet:
     registration_client_uri: str
     expires_at: float
     client_secret: str | None = field(default=None, repr=False)
+    #: hub time the device received the set; None in files written before it was kept
+    issued_at: float | None = None
+
+    @property
+    def lifetime(self) -> float | None:
+        """How long the hub granted the set for (the renewal margin is clamped to it), when known."""
+        return None if self.issued_at is None else self.expires_at - self.issued_at
 
     @property
     def id(self) -> str:
@@ -49,6 +56,7 @@ class CredentialSet:
             "registrationClientUri": self.registration_client_uri,
             "expiresAt": self.expires_at,
             "clientSecret": self.client_secret,
+            "issuedAt": self.issued_at,
         }
 
     @classmethod
@@ -62,7 +70,10 @@ class CredentialSet:
             raise CorruptStateError(f"{CREDENTIALS_FILE}: a credential set lacks rat, URI or expiry")
         if secret is not None and not isinstance(secret, str):
             raise CorruptStateError(f"{CREDENTIALS_FILE}: clientSecret is not a string")
-        return cls(rat, uri, float(expires), secret)
+        issued = document.get("issuedAt")
+        if issued is not None and (isinstance(issued, bool) or not isinstance(issued, int | float)):
+            raise CorruptStateError(f"{CREDENTIALS_FILE}: issuedAt is not a number")
+        return cls(rat, uri, float(expires), secret, None if issued is None else float(issued))
 
 
 @dataclass(frozen=True)

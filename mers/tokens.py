@@ -3,8 +3,8 @@
 The device authenticates at the token endpoint with a short self-signed JWT: HS256 keyed with the raw
 client secret (SHARED_SECRET), or RS256 with its own RSA-3072 key (RSA_3072). Its times are hub time
 (see `mers.clock`): the hub refuses an assertion dated more than a minute off. The access token is cached
-(`access-token.json`, 0600) with its expiry in hub time and the id of the credential set it came from,
-and replaced `margin` seconds before it expires.
+(`access-token.json`, 0600) with its expiry and issue in hub time and the id of the credential set it
+came from, and replaced `margin` seconds before it expires (at most half its lifetime: `mers.client`).
 """
 
 from __future__ import annotations
@@ -62,9 +62,19 @@ class AccessToken:
     token: str = field(repr=False)
     expires_at: float  # hub time
     set_id: str  # the credential set that obtained it
+    issued_at: float | None = None  # hub time; None in a cache written before it was kept
+
+    @property
+    def lifetime(self) -> float | None:
+        return None if self.issued_at is None else self.expires_at - self.issued_at
 
     def to_json(self) -> dict[str, Any]:
-        return {"token": self.token, "expiresAt": self.expires_at, "setId": self.set_id}
+        return {
+            "token": self.token,
+            "expiresAt": self.expires_at,
+            "setId": self.set_id,
+            "issuedAt": self.issued_at,
+        }
 
 
 def parse_token_answer(document: dict[str, Any], now: float, set_id: str) -> AccessToken:
@@ -73,7 +83,7 @@ def parse_token_answer(document: dict[str, Any], now: float, set_id: str) -> Acc
         raise HubProtocolError("the token endpoint's answer has no access_token")
     if not isinstance(expires_in, int | float) or not 0 < expires_in <= 86400:
         raise HubProtocolError("the token endpoint's answer has no usable expires_in")
-    return AccessToken(token, now + float(expires_in), set_id)
+    return AccessToken(token, now + float(expires_in), set_id, now)
 
 
 def load_token(state: StateStore) -> AccessToken | None:
@@ -83,8 +93,14 @@ def load_token(state: StateStore) -> AccessToken | None:
         return None
     try:
         document = json.loads(raw)
-        return AccessToken(str(document["token"]), float(document["expiresAt"]), str(document["setId"]))
-    except (ValueError, KeyError, TypeError):
+        issued = document.get("issuedAt")
+        return AccessToken(
+            str(document["token"]),
+            float(document["expiresAt"]),
+            str(document["setId"]),
+            None if issued is None else float(issued),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

@@ -89,11 +89,31 @@ def test_renewal_follows_a_shortened_credential_lifetime(tmp_path: Path) -> None
         with gateway.client() as client:
             client.onboard()
             before = client.credentials().current
-            assert client.renew() is False, "26 h left: not due"
             short_hub.clock.advance(3600 + 60)
+            assert client.renew() is False, "under 25 h but over half the 26 h granted left: not due"
+            short_hub.clock.advance(12 * 3600)
             client.access_token()
             after = client.credentials().current
             assert after.rat != before.rat and after.expires_at > before.expires_at
+
+
+def test_a_lifetime_under_the_margins_renews_and_refreshes_at_half_of_it(tmp_path: Path) -> None:
+    settings = HubSettings(credential_lifetime=24 * 3600, access_token_lifetime=100)
+    with running_hub(tmp_path / "hub", settings) as short_hub:
+        gateway = make_gateway(short_hub, tmp_path / "gw")
+        with gateway.client() as client:
+            client.onboard()
+            token = client.access_token()
+            rat = client.credentials().current.rat
+            for _ in range(3):
+                assert client.access_token() == token, "a 100 s token is cached for its first half"
+            assert client.credentials().current.rat == rat, "24 h granted: not renewed at once"
+            short_hub.clock.advance(51)
+            assert client.access_token() != token, "under half of the token's 100 s left: a new one"
+            assert client.credentials().current.rat == rat
+            short_hub.clock.advance(12 * 3600)
+            client.access_token()
+            assert client.credentials().current.rat != rat, "under half of the 24 h left: renewed"
 
 
 def test_credentials_expired_while_offline_are_renewed_through_the_rat(

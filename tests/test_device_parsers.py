@@ -15,6 +15,7 @@ from hub.models import SecurityProfile
 from hub.onboarding import Registration
 from hub.tokens import IssuedToken
 from mers.boarding import BoardingSource, CredentialProfile, parse_boarding, parse_network
+from mers.client import ClientSettings
 from mers.clock import HubClock
 from mers.credentials import CredentialSet, StoredCredentials
 from mers.errors import BoardingDataError, HubProtocolError
@@ -42,6 +43,19 @@ def test_hub_time_runs_on_the_monotonic_clock_whatever_the_wall_clock_does() -> 
     elapsed[0] += 60.0
     wall[0] -= 3600.0
     assert clock.now() == pytest.approx(8260.5)
+
+
+def test_the_margins_are_at_most_half_the_lifetime_and_whole_when_it_is_unknown() -> None:
+    settings = ClientSettings()
+    written_before = {"rat": "r", "registrationClientUri": "https://hub/r", "expiresAt": 90000.0}
+    held = CredentialSet.from_json(written_before)
+    assert held.lifetime is None and settings.renewal_margin(held) == settings.renew_margin
+    held = CredentialSet.from_json({**written_before, "issuedAt": 3600.0})
+    assert settings.renewal_margin(held) == (90000.0 - 3600.0) / 2
+    assert settings.renewal_margin(CredentialSet("r", "u", 8 * 86400.0, None, 86400.0)) == 25 * 3600
+    assert settings.token_refresh_margin(AccessToken("t", 1100.0, "s", 1000.0)) == 50.0
+    assert settings.token_refresh_margin(AccessToken("t", 2800.0, "s", 1000.0)) == settings.token_margin
+    assert settings.token_refresh_margin(AccessToken("t", 2800.0, "s")) == settings.token_margin
 
 
 def test_proxy_credentials_are_folded_into_the_url_and_hidden_from_display() -> None:
