@@ -36,6 +36,10 @@ SHARED_SECRET_ALGORITHMS = ("HS256",)
 RSA_ALGORITHMS = ("RS256", "RS384")
 MAX_CLIENT_ID_LENGTH = 64
 MAX_JTI_LENGTH = 255
+#: how long the assertions mers devices sign are valid (`mers.tokens.ASSERTION_LIFETIME`: `mers` may not
+#: import the hub nor the hub `mers`, so the value is stated in both and a test ties them). A hub whose
+#: `max_assertion_lifetime` is shorter would refuse every device's token request.
+DEVICE_ASSERTION_LIFETIME = 300
 _LARGEST_TIME = 2**53
 
 #: signature only; every claim is checked below, against the hub's clock rather than the system's

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .assertions import DEVICE_ASSERTION_LIFETIME
 from .errors import HubSetupError
 
 DAY = 24 * 3600
@@ -38,7 +39,8 @@ class HubSettings:
     registration_timeout: float = 60
     #: clock difference tolerated on client assertions (`iat`, `nbf`, `exp`)
     assertion_leeway: float = 60
-    #: the longest validity a client assertion may claim, so a stolen one is useful briefly
+    #: the longest validity a client assertion may claim, so a stolen one is useful briefly; at least
+    #: what mers devices sign (`DEVICE_ASSERTION_LIFETIME`), or every device token request is refused
     max_assertion_lifetime: float = 3600
     max_release_size: int = 8 << 30
     #: bodies of every other request (JSON, forms)
@@ -76,6 +78,8 @@ _SETTING_TYPES: dict[object, type] = {"str": str, "int": int, "float": float}
 MAX_DURATION = 10 * 365 * DAY
 #: shorter limits of their own: a device refuses an access token said to last more than a day
 _LONGEST = {"access_token_lifetime": DAY}
+#: longer minimums of their own: the hub must accept the assertions devices sign
+_SHORTEST = {"max_assertion_lifetime": DEVICE_ASSERTION_LIFETIME}
 
 
 def _checked(key: str, value: object, expected: type, source: str) -> object:
@@ -86,9 +90,9 @@ def _checked(key: str, value: object, expected: type, source: str) -> object:
     if isinstance(value, int | float) and (not math.isfinite(value) or value <= 0):
         raise HubSetupError(f"{source}: {key} must be positive")
     if isinstance(value, float):  # every float setting is a duration in seconds
-        longest = _LONGEST.get(key, MAX_DURATION)
-        if not 1 <= value <= longest:
-            raise HubSetupError(f"{source}: {key} must be from 1 to {longest:.0f} seconds")
+        shortest, longest = _SHORTEST.get(key, 1), _LONGEST.get(key, MAX_DURATION)
+        if not shortest <= value <= longest:
+            raise HubSetupError(f"{source}: {key} must be from {shortest} to {longest:.0f} seconds")
     return value
 
 

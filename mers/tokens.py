@@ -26,7 +26,9 @@ TOKEN_KEY_PATH = "/api/agentmanagement/v3/oauth/token_key"  # noqa: S105 - a pat
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 AUDIENCE = "southgate"
 SCHEMAS = ["urn:siemens:mindsphere:v1"]
-ASSERTION_LIFETIME = 300  # seconds: long enough for a slow uplink, short enough that a leaked one expires
+#: seconds: long enough for a slow uplink, short enough that a leaked one expires. The hub refuses a
+#: `max_assertion_lifetime` below it (`hub.assertions.DEVICE_ASSERTION_LIFETIME`, tied by a test)
+ASSERTION_LIFETIME = 300
 TOKEN_FILE = "access-token.json"  # noqa: S105 - a file name
 
 

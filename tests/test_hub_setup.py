@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from hub import setup as hub_setup
+from hub.assertions import DEVICE_ASSERTION_LIFETIME
 from hub.errors import HubSetupError
 from hub.home import DAY, MAX_DURATION, HubHome, HubSettings
 from hub.setup import create_hub, hash_admin_token
@@ -278,8 +279,9 @@ def test_a_duration_setting_is_whole_seconds_to_ten_years(key: str) -> None:
     one the hub's own check refused (its expiry past 12 digits); an access token lifetime of 0.5 s gave
     devices `expires_in: 0`, which they refuse."""
     longest = DAY if key == "access_token_lifetime" else MAX_DURATION
-    for refused in (1e12, longest + 1, 0.5):
-        with pytest.raises(HubSetupError, match=f"{key} must be from 1 to"):
+    shortest = DEVICE_ASSERTION_LIFETIME if key == "max_assertion_lifetime" else 1
+    for refused in (1e12, longest + 1, 0.5, shortest - 0.5):
+        with pytest.raises(HubSetupError, match=f"{key} must be from {shortest} to"):
             HubSettings.from_toml(f"{key} = {refused}\n", source="hub.toml")
-    for accepted in (1, 1.5, longest):
+    for accepted in (shortest, shortest + 0.5, longest):
         assert getattr(HubSettings.from_toml(f"{key} = {accepted}\n", source="hub.toml"), key) == accepted

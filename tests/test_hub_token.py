@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -19,9 +20,13 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hub.errors import InvalidRequestError
+from hub.assertions import DEVICE_ASSERTION_LIFETIME
+from hub.errors import HubSetupError, InvalidRequestError
+from hub.home import HubSettings
 from hub.models import SpentAssertion
 from hub.oauth_form import MAX_FIELDS, parse_form
+from mers import tokens as device_tokens
+from tests.device_helpers import make_gateway
 from tests.hub_helpers import (
     AGENTS,
     JWT_BEARER,
@@ -32,6 +37,7 @@ from tests.hub_helpers import (
     at_once,
     client_assertion,
     onboard_agent,
+    running_hub,
     token_form,
 )
 
@@ -450,6 +456,26 @@ def test_an_oversized_token_request_is_refused(hub: RunningHub, secret_agent: On
     )
     assert 400 <= response.status_code < 500
     assert set(response.json()) == {"error", "error_description"}
+
+
+def test_a_hub_refuses_an_assertion_limit_below_what_devices_sign_and_grants_them_at_it(
+    tmp_path: Path,
+) -> None:
+    """A `max_assertion_lifetime` of 120 s was accepted, and then every device token request refused."""
+    assert device_tokens.ASSERTION_LIFETIME == DEVICE_ASSERTION_LIFETIME
+    too_short = HubSettings(max_assertion_lifetime=DEVICE_ASSERTION_LIFETIME - 1)
+    refusal = f"max_assertion_lifetime must be from {DEVICE_ASSERTION_LIFETIME} to"
+    with (
+        pytest.raises(HubSetupError, match=refusal),
+        running_hub(tmp_path / "too-short", too_short),
+    ):
+        pass
+    shortest = HubSettings(max_assertion_lifetime=DEVICE_ASSERTION_LIFETIME)
+    with running_hub(tmp_path / "hub", shortest) as strict:
+        gateway = make_gateway(strict, tmp_path / "gw")
+        with gateway.client() as client:
+            client.onboard()
+            assert client.access_token().count(".") == 2
 
 
 def test_the_token_endpoint_documents_its_form_body(hub: RunningHub) -> None:
