@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from .agents import rowcount
 from .boarding import revoked_credentials
-from .errors import InvalidRequestError, TooManyRequestsError, UnauthorizedError
+from .errors import ConflictError, InvalidRequestError, TooManyRequestsError, UnauthorizedError
 from .home import DAY
 from .jwks import AgentPublicKey, Jwks, agent_public_key
 from .models import Agent, BoardingStatus, SecurityProfile
@@ -178,7 +178,12 @@ def authenticate_rat(state: HubState, client_id: str, rat: str) -> Renewer:
 
 def renew(state: HubState, renewer: Renewer, request: RenewalRequest) -> Registration:
     """A full new credential set for the agent `authenticate_rat` found; 400 for a body naming another
-    client or not fitting the profile, 401 if the RAT was used by a concurrent renewal."""
+    client or not fitting the profile, 409 if a concurrent renewal with the same RAT won the race.
+
+    409, not 401: the RAT was valid when checked, and the usual concurrent renewal is the agent's own
+    earlier try of this request, which its transport gave up on while the hub was still working on it.
+    That try made this RAT the previous one, still accepted: a 401 would tell a healthy agent its RAT is
+    dead and it must be onboarded again."""
     client_id, jti, current_rat_jti = renewer.client_id, renewer.rat_jti, renewer.current_rat_jti
     if request.client_id != client_id:
         raise InvalidRequestError("client_id in the body must be the client of the registration URI")
@@ -212,9 +217,9 @@ def renew(state: HubState, renewer: Renewer, request: RenewalRequest) -> Registr
                 .values(**registration.column_values())
             )
         if rowcount(session.execute(statement)) != 1:
-            raise UnauthorizedError(
-                "the RAT was used by a concurrent renewal; use what that renewal returned",
-                code="token_validation_failed",
+            raise ConflictError(
+                "the RAT was used by a concurrent renewal; use what that renewal returned, or, if it was "
+                "this agent's own earlier try whose answer never arrived, renew again with the same RAT"
             )
     return registration
 

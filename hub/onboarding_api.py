@@ -49,7 +49,8 @@ async def register(request: Request, state: State) -> JSONResponse:
 @router.put("/register/{client_id}", openapi_extra=openapi_body(RenewalRequest, required=True))
 async def renew(client_id: ClientId, request: Request, state: State) -> JSONResponse:
     """Renew the credentials with the RAT (`Authorization: Bearer <RAT>`): 200 with a full new set, 401
-    for a RAT that is not this client's current or previous one (whatever the body), 400 for a bad body."""
+    for a RAT that is not this client's current or previous one (whatever the body), 400 for a bad body,
+    409 when a concurrent renewal with the same RAT won (the RAT is then the previous one, still valid)."""
     rat = bearer_token(request)
     renewer = await run_in_threadpool(onboarding.authenticate_rat, state, client_id, rat)
     body = await json_body(request, RenewalRequest)

@@ -93,12 +93,20 @@ def renew(
     held: CredentialSet,
     key: rsa.RSAPrivateKey | None,
 ) -> CredentialSet:
-    """Trade `held`'s RAT for a full new set (the same RSA key again: it stays on the device)."""
+    """Trade `held`'s RAT for a full new set (the same RSA key again: it stays on the device).
+
+    A refusal (401, or the hub's 409 "used by a concurrent renewal") of a request the transport sent more
+    than once may be the work of our own earlier try: the hub renewed with it, but its answer was lost
+    (a read timeout on a loaded hub). That made `held`'s RAT the hub's previous one, which it still takes,
+    so one more try with it gets a new set instead of a spurious "re-onboarding is needed". Nothing was
+    stored meanwhile: the caller persists what this returns, `held` kept as the previous set."""
     body: dict[str, Any] = {"client_id": client_id}
     if profile is CredentialProfile.RSA_3072:
         assert key is not None
         body["jwks"] = {"keys": [public_jwk(key)]}
     answer = session.request("PUT", held.registration_client_uri, bearer=held.rat, json=body)
+    if answer.repeated and answer.status in (401, 409):
+        answer = session.request("PUT", held.registration_client_uri, bearer=held.rat, json=body)
     if answer.status == 401:
         _, description = answer.error()
         raise ReonboardingRequiredError(

@@ -8,12 +8,14 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from hub import oauth
+from hub import onboarding as hub_onboarding
 from hub.oauth_form import TokenRequest
 from hub.state import HubState
 from mers.client import LAST_ERROR_FILE, REGISTRATION_SENT_FILE, RenewalStep
@@ -111,6 +113,47 @@ def test_a_lost_renewal_answer_is_recovered_with_the_previous_rat(hub: RunningHu
     assert agent_record(hub, gateway.agent_id)["previous_rat_jti"] == rat_id(held.rat)
     assert_recovers(hub, gateway)
     assert rat_id(held.rat) not in gateway.stored_rat_ids()
+
+
+def test_a_renewal_retried_while_the_hub_still_works_on_it_is_not_a_call_to_re_onboard(
+    hub: RunningHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loaded hub outlives the device's read timeout on a renewal; the transport sends it again; the
+    hub commits the first try and refuses the retry, whose RAT a concurrent renewal used. That renewal was
+    the device's own: its RAT is the hub's previous one now, and one more try with it renews."""
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+        held = client.credentials().current
+    hub.clock.advance(6.5 * DAY)
+    renew = hub_onboarding.renew
+    tries: list[str] = []
+    retry_arrived, first_committed = threading.Event(), threading.Event()
+
+    def first_try_outlives_the_read_timeout(
+        state: HubState, renewer: hub_onboarding.Renewer, request: hub_onboarding.RenewalRequest
+    ) -> hub_onboarding.Registration:
+        tries.append(renewer.rat_jti)
+        if len(tries) == 1:  # held until the device gave up on it and sent it again
+            assert retry_arrived.wait(30), "the transport did not send the renewal again"
+            try:
+                return renew(state, renewer, request)
+            finally:
+                first_committed.set()
+        if len(tries) == 2:  # checked while the first was running; writes once the first committed
+            retry_arrived.set()
+            assert first_committed.wait(30)
+        return renew(state, renewer, request)
+
+    monkeypatch.setattr(hub_onboarding, "renew", first_try_outlives_the_read_timeout)
+    with gateway.client() as client:
+        token = client.access_token()
+        renewed = client.credentials()
+    assert tries == [rat_id(held.rat)] * 3
+    record = agent_record(hub, gateway.agent_id)
+    assert rat_id(renewed.current.rat) == record["rat_jti"]
+    response = hub.request("GET", "/api/firmwaredeployment/v3/installationTasks", token=token)
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("profile", PROFILES)

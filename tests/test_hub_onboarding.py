@@ -387,11 +387,34 @@ def test_concurrent_renewals_with_the_previous_rat_leave_no_caller_with_a_dead_s
     with ThreadPoolExecutor(1) as background, writes_held(hub, agent.id) as wait_for:
         statuses = background.submit(at_once, [renew_with_the_previous_rat] * 2)
         wait_for("UPDATE agents", 2)  # both read the agent before either could write
-    assert sorted(statuses.result()) == [200, 401]
-    refused = next(answer for answer in answers if answer.status_code == 401)
-    assert_hub_error(refused, 401, "token_validation_failed")
+    assert sorted(statuses.result()) == [200, 409]
+    refused = next(answer for answer in answers if answer.status_code == 409)
+    assert_hub_error(refused, 409, "conflict")
     winner = next(answer for answer in answers if answer.status_code == 200)
     agent.adopt(winner.json())
+    assert agent.request_token().status_code == 200
+
+
+def test_a_renewal_that_lost_the_race_to_one_with_the_same_rat_is_a_conflict_and_may_renew_again(
+    hub_on_each_database: RunningHub,
+) -> None:
+    """Two renewals with the current RAT (a gateway's own try and the transport's resend of it): one
+    wins; the other is told 409, not 401 (which means "onboard again"), and its RAT, now the previous
+    one, renews again."""
+    hub = hub_on_each_database
+    agent = onboard_agent(hub, "gw-1")
+    rat = agent.rat
+
+    def renew_with_the_current_rat() -> requests.Response:
+        return renew_raw(hub, agent, rat, {"client_id": agent.id})
+
+    with ThreadPoolExecutor(1) as background, writes_held(hub, agent.id) as wait_for:
+        statuses = background.submit(at_once, [renew_with_the_current_rat] * 2)
+        wait_for("UPDATE agents", 2)  # both checked the RAT before either could write
+    assert sorted(statuses.result()) == [200, 409]
+    again = renew_with_the_current_rat()
+    assert again.status_code == 200, again.text
+    agent.adopt(again.json())
     assert agent.request_token().status_code == 200
 
 
