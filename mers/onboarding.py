@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import urllib.parse
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -60,7 +61,7 @@ def register(
             if lost is not None:
                 raise lost
         raise registration_refusal(answer)
-    return parse_credential_set(answer.json(), boarding.client_id, boarding.profile)
+    return parse_credential_set(answer.json(), boarding.client_id, boarding.profile, session.base_url)
 
 
 def _lost_registration(answer: HubAnswer, client_id: str, sent_before: float | None) -> IatUsedError | None:
@@ -116,14 +117,15 @@ def renew(
         )
     if answer.status != 200:
         raise refusal(answer, "renewal")
-    return parse_credential_set(answer.json(), client_id, profile)
+    return parse_credential_set(answer.json(), client_id, profile, session.base_url)
 
 
 def parse_credential_set(
-    document: dict[str, Any], client_id: str, profile: CredentialProfile
+    document: dict[str, Any], client_id: str, profile: CredentialProfile, base_url: str
 ) -> CredentialSet:
     """Check a register/renew answer before anything is stored: a set without its RAT, for another client,
-    or without the secret its profile needs would strand the device."""
+    or without the secret its profile needs would strand the device; a registration URI off the hub's
+    origin (`base_url`) would have the next renewal send the RAT to whoever the answer named."""
     if document.get("client_id") != client_id:
         raise HubProtocolError("the hub's registration answer is for another client_id")
     rat, uri, expires = (
@@ -133,6 +135,12 @@ def parse_credential_set(
     secret = document.get("client_secret")
     if not isinstance(rat, str) or not rat or not isinstance(uri, str) or not uri.startswith("https://"):
         raise HubProtocolError("the hub's registration answer lacks the RAT or an https registration URI")
+    origin = _origin(uri)
+    if origin is None or origin != _origin(base_url):
+        raise HubProtocolError(
+            "the hub's registration answer names a registration URI off the hub's own origin "
+            f"{_display_origin(base_url)}: the RAT is only ever sent to the hub"
+        )
     if isinstance(expires, bool) or not isinstance(expires, int | float) or expires <= 0:
         raise HubProtocolError("the hub's registration answer lacks client_secret_expires_at")
     if profile is CredentialProfile.SHARED_SECRET and not (isinstance(secret, str) and secret):
@@ -143,6 +151,25 @@ def parse_credential_set(
         expires_at=float(expires),
         client_secret=secret if profile is CredentialProfile.SHARED_SECRET else None,
     )
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """Scheme, host and port as they decide where a request goes (host case and a default port do not);
+    None for a URL with user info (requests would turn it into credentials of its own) or a bad port."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.username is not None or parts.password is not None or not parts.hostname:
+        return None
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname, port if port is not None else 443 if scheme == "https" else 80
+
+
+def _display_origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 def registration_refusal(answer: HubAnswer) -> HubRefusedError:

@@ -31,6 +31,7 @@ from mers.errors import (
     EXIT_NOT_ONBOARDED,
     EXIT_REFUSED,
     EXIT_USAGE,
+    HubProtocolError,
     HubRefusedError,
     IatExpiredError,
     IatUsedError,
@@ -395,3 +396,53 @@ def test_reonboarding_error_keeps_the_stored_credentials(hub: RunningHub, tmp_pa
         with pytest.raises(ReonboardingRequiredError):
             client.access_token()
         assert (gateway.board.state.directory / "credentials.json").read_bytes() == before
+
+
+# --- answers the device must not store -------------------------------------------------------------------
+
+
+def hub_answers(monkeypatch: pytest.MonkeyPatch, **changes: Any) -> None:
+    """Have the real hub's register and renew answers carry `changes` (a value, or a function of the
+    answer's value): a broken or hostile hub, at the wire."""
+    to_json = Registration.to_json
+
+    def changed(registration: Registration) -> dict[str, Any]:
+        body = to_json(registration)
+        for name, value in changes.items():
+            body[name] = value(body[name]) if callable(value) else value
+        return body
+
+    monkeypatch.setattr(Registration, "to_json", changed)
+
+
+def assert_answers_refused(
+    hub: RunningHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, match: str, **changes: Any
+) -> None:
+    """A registration and a renewal whose answers carry `changes` are refused as not the protocol, and
+    store nothing: no credentials, then the credentials held before the renewal, byte for byte."""
+    registering, renewing = make_gateway(hub, tmp_path / "reg"), make_gateway(hub, tmp_path / "ren")
+    with renewing.client() as client:
+        client.onboard()
+    held = (renewing.board.state.directory / "credentials.json").read_bytes()
+    hub_answers(monkeypatch, **changes)
+    with registering.client() as client, pytest.raises(HubProtocolError, match=match):
+        client.onboard()
+    assert load_credentials(registering.board.state) is None
+    with renewing.client() as client, pytest.raises(HubProtocolError, match=match):
+        client.renew(force=True)
+    assert (renewing.board.state.directory / "credentials.json").read_bytes() == held
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        lambda uri: uri.replace("https://127.0.0.1:", "https://localhost:"),
+        lambda uri: uri.replace("https://127.0.0.1:", "https://127.0.0.1:1"),
+        lambda uri: uri.replace("https://", "https://collector.example/?"),
+        "https://collector.example/api/agentmanagement/v3/register/x",
+    ],
+)
+def test_a_registration_uri_off_the_hubs_origin_is_refused_before_the_rat_goes_there(
+    hub: RunningHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uri: Any
+) -> None:
+    assert_answers_refused(hub, tmp_path, monkeypatch, "origin", registration_client_uri=uri)

@@ -102,15 +102,22 @@ def test_a_bad_network_configuration_is_refused(raw: bytes) -> None:
         parse_network(raw)
 
 
+GOOD_ANSWER = {
+    "client_id": "a",
+    "client_secret": "s",
+    "client_secret_expires_at": 5,
+    "registration_access_token": "r",
+    "registration_client_uri": "https://hub/x",
+}
+
+
+def parse(answer: dict[str, object], base_url: str = "https://hub") -> CredentialSet:
+    return parse_credential_set(answer, "a", CredentialProfile.SHARED_SECRET, base_url)
+
+
 def test_a_registration_answer_without_what_the_profile_needs_is_refused() -> None:
-    good = {
-        "client_id": "a",
-        "client_secret": "s",
-        "client_secret_expires_at": 5,
-        "registration_access_token": "r",
-        "registration_client_uri": "https://hub/x",
-    }
-    assert parse_credential_set(good, "a", CredentialProfile.SHARED_SECRET).rat == "r"
+    good = GOOD_ANSWER
+    assert parse(good).rat == "r"
     for broken in (
         {**good, "client_id": "b"},
         {**good, "client_secret": None},
@@ -119,7 +126,39 @@ def test_a_registration_answer_without_what_the_profile_needs_is_refused() -> No
         {**good, "client_secret_expires_at": True},
     ):
         with pytest.raises(HubProtocolError):
-            parse_credential_set(broken, "a", CredentialProfile.SHARED_SECRET)
+            parse(broken)
+
+
+@pytest.mark.parametrize(
+    ("base_url", "uri"),
+    [
+        ("https://hub.example", "https://HUB.Example:443/api/agentmanagement/v3/register/a"),
+        ("https://hub.example:443", "https://hub.example/x"),
+        ("https://Hub.example:8443/prefix", "https://hub.example:8443/other"),
+        ("https://[::1]:8443", "https://[::1]:8443/x"),
+    ],
+)
+def test_a_registration_uri_on_the_hubs_own_origin_is_taken_whatever_its_spelling(
+    base_url: str, uri: str
+) -> None:
+    assert parse({**GOOD_ANSWER, "registration_client_uri": uri}, base_url).registration_client_uri == uri
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://elsewhere.example/x",
+        "https://hub.example.elsewhere.example/x",
+        "https://hub.example:8443/x",
+        "https://hub.example:99999/x",
+        "https://hub.example@elsewhere.example/x",
+        "https://user:pass@hub.example/x",
+        "https:///x",
+    ],
+)
+def test_a_registration_uri_off_the_hubs_origin_is_refused(uri: str) -> None:
+    with pytest.raises(HubProtocolError, match="origin"):
+        parse({**GOOD_ANSWER, "registration_client_uri": uri}, "https://hub.example")
 
 
 def test_an_assertion_carries_the_claims_of_design_section_6() -> None:
