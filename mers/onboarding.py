@@ -18,6 +18,7 @@ from jwt.algorithms import RSAAlgorithm
 from .boarding import Boarding, CredentialProfile
 from .credentials import CredentialSet
 from .errors import (
+    CorruptStateError,
     HubProtocolError,
     HubRefusedError,
     IatExpiredError,
@@ -25,6 +26,7 @@ from .errors import (
     ReonboardingRequiredError,
 )
 from .http import HubAnswer, HubSession
+from .tokens import sendable
 
 REGISTER_PATH = "/api/agentmanagement/v3/register"
 REONBOARD_HINT = (
@@ -101,6 +103,8 @@ def renew(
     (a read timeout on a loaded hub). That made `held`'s RAT the hub's previous one, which it still takes,
     so one more try with it gets a new set instead of a spurious "re-onboarding is needed". Nothing was
     stored meanwhile: the caller persists what this returns, `held` kept as the previous set."""
+    if not sendable(held.rat):  # stored before answers were checked: never put into a header
+        raise CorruptStateError(f"the stored RAT is not a bearer token (RFC 6750 b64token); {REONBOARD_HINT}")
     body: dict[str, Any] = {"client_id": client_id}
     if profile is CredentialProfile.RSA_3072:
         assert key is not None
@@ -135,6 +139,8 @@ def parse_credential_set(
     secret = document.get("client_secret")
     if not isinstance(rat, str) or not rat or not isinstance(uri, str) or not uri.startswith("https://"):
         raise HubProtocolError("the hub's registration answer lacks the RAT or an https registration URI")
+    if not sendable(rat):
+        raise HubProtocolError("the hub's registration answer holds a RAT that is not an RFC 6750 b64token")
     origin = _origin(uri)
     if origin is None or origin != _origin(base_url):
         raise HubProtocolError(

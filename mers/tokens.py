@@ -10,6 +10,7 @@ came from, and replaced `margin` seconds before it expires (at most half its lif
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,15 @@ SCHEMAS = ["urn:siemens:mindsphere:v1"]
 #: `max_assertion_lifetime` below it (`hub.assertions.DEVICE_ASSERTION_LIFETIME`, tied by a test)
 ASSERTION_LIFETIME = 300
 TOKEN_FILE = "access-token.json"  # noqa: S105 - a file name
+#: RFC 6750 `b64token`, what `Authorization: Bearer` carries: printable ASCII without spaces
+B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+
+
+def sendable(token: object) -> bool:
+    """Whether `token` is a bearer token the device can send. Anything else must not be stored: outside
+    latin-1 it fails in http.client with an untyped traceback, and with CR/LF, a space or a control
+    character requests refuses the header on every try, quoting its value (the token) in the error."""
+    return isinstance(token, str) and B64TOKEN.fullmatch(token) is not None
 
 
 def client_assertion(client_id: str, tenant: str, key: str | rsa.RSAPrivateKey, now: float) -> str:
@@ -83,6 +93,8 @@ def parse_token_answer(document: dict[str, Any], now: float, set_id: str) -> Acc
     token, expires_in = document.get("access_token"), document.get("expires_in")
     if not isinstance(token, str) or not token or isinstance(expires_in, bool):
         raise HubProtocolError("the token endpoint's answer has no access_token")
+    if not sendable(token):
+        raise HubProtocolError("the token endpoint's access_token is not a bearer token (RFC 6750 b64token)")
     if not isinstance(expires_in, int | float) or not 0 < expires_in <= 86400:
         raise HubProtocolError("the token endpoint's answer has no usable expires_in")
     return AccessToken(token, now + float(expires_in), set_id, now)
@@ -96,7 +108,7 @@ def load_token(state: StateStore) -> AccessToken | None:
     try:
         document = json.loads(raw)
         issued = document.get("issuedAt")
-        return AccessToken(
+        token = AccessToken(
             str(document["token"]),
             float(document["expiresAt"]),
             str(document["setId"]),
@@ -104,6 +116,7 @@ def load_token(state: StateStore) -> AccessToken | None:
         )
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
+    return token if sendable(token.token) else None  # one cached before tokens were checked
 
 
 def save_token(state: StateStore, token: AccessToken) -> None:

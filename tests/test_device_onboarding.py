@@ -21,6 +21,7 @@ from urllib3.exceptions import (
 )
 
 from board.simboard import SimBoard
+from hub import oauth
 from hub import onboarding as hub_onboarding
 from hub.home import HubSettings
 from hub.onboarding import Registration
@@ -30,6 +31,7 @@ from mers.credentials import load_credentials
 from mers.errors import (
     EXIT_NOT_ONBOARDED,
     EXIT_REFUSED,
+    EXIT_STORAGE,
     EXIT_USAGE,
     HubProtocolError,
     HubRefusedError,
@@ -40,6 +42,7 @@ from mers.errors import (
 )
 from mers.http import try_may_have_reached_the_hub
 from mers.tasks import TaskClient, TaskState
+from mers.tokens import TOKEN_FILE
 from signing.keys import KeyAlgorithm
 from tests.conftest import CliResult, run_cli
 from tests.device_helpers import DAY, PROFILES, Gateway, bundle_file, lock_board, make_gateway, rat_id
@@ -446,3 +449,57 @@ def test_a_registration_uri_off_the_hubs_origin_is_refused_before_the_rat_goes_t
     hub: RunningHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uri: Any
 ) -> None:
     assert_answers_refused(hub, tmp_path, monkeypatch, "origin", registration_client_uri=uri)
+
+
+UNSENDABLE = ["\u20ac", "\r\nX-Injected: 1", " and more", "\x00"]
+
+
+@pytest.mark.parametrize("suffix", UNSENDABLE)
+def test_a_rat_the_transport_cannot_send_is_refused_before_it_is_stored(
+    hub: RunningHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    assert_answers_refused(
+        hub, tmp_path, monkeypatch, "b64token", registration_access_token=lambda rat: rat + suffix
+    )
+
+
+@pytest.mark.parametrize("suffix", UNSENDABLE)
+def test_an_access_token_the_transport_cannot_send_is_refused_before_it_is_cached(
+    hub: RunningHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+    to_json = oauth.AccessTokenGrant.to_json
+
+    def unsendable(grant: oauth.AccessTokenGrant) -> dict[str, Any]:
+        return {**to_json(grant), "access_token": grant.issued.token + suffix}
+
+    monkeypatch.setattr(oauth.AccessTokenGrant, "to_json", unsendable)
+    with gateway.client() as client, pytest.raises(HubProtocolError, match="b64token") as refused:
+        client.access_token()
+    assert suffix.strip() not in str(refused.value)
+    assert gateway.board.state.read(TOKEN_FILE) is None
+
+
+def test_tokens_stored_before_they_were_checked_never_go_into_a_header(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """A cached access token that cannot be sent is replaced; a stored RAT that cannot be sent is a
+    damaged state, reported without quoting it (it is a credential), rather than an untyped traceback or
+    "cannot reach the hub" forever."""
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+        good = client.access_token()
+    cache = json.loads(gateway.board.state.read(TOKEN_FILE) or b"")
+    gateway.board.state.write(TOKEN_FILE, json.dumps({**cache, "token": good + "\r\nX: 1"}).encode())
+    with gateway.client() as client:
+        assert client.access_token().count(".") == 2
+    path = gateway.board.state.directory / "credentials.json"
+    stored = json.loads(path.read_bytes())
+    stored["current"]["rat"] += "\u20ac"
+    path.write_text(json.dumps(stored))
+    renew = mers(gateway.path, "renew", "--force")
+    assert renew.returncode == EXIT_STORAGE, renew.stderr
+    assert "b64token" in renew.error_line and stored["current"]["rat"][:40] not in renew.stderr
