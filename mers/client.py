@@ -184,7 +184,7 @@ class DeviceClient:
                 self.board.state.write(REGISTRATION_SENT_FILE, json.dumps(record).encode())
             try:
                 first = replace(
-                    onboarding.register(session, boarding, key, sent_before=sent_before),
+                    onboarding.register(session, boarding, key, now=self.clock.now, sent_before=sent_before),
                     issued_at=self.clock.now(),
                 )
             except HubRefusedError as refused:
@@ -283,14 +283,18 @@ class DeviceClient:
         key = self._agent_key() if stored.profile is CredentialProfile.RSA_3072 else None
         self._step(RenewalStep.REQUESTING)
         try:
-            new = onboarding.renew(session, stored.client_id, stored.profile, stored.current, key)
+            new = onboarding.renew(
+                session, stored.client_id, stored.profile, stored.current, key, now=self.clock.now
+            )
             used_previous = False
         except ReonboardingRequiredError:
             if stored.previous is None:
                 raise
             # the current set never reached the hub's books as ours (replaced unseen): the previous RAT
             # is the one the hub still honours
-            new = onboarding.renew(session, stored.client_id, stored.profile, stored.previous, key)
+            new = onboarding.renew(
+                session, stored.client_id, stored.profile, stored.previous, key, now=self.clock.now
+            )
             used_previous = True
         self._step(RenewalStep.ANSWERED)
         stored = stored.renewed(replace(new, issued_at=self.clock.now()), used_previous=used_previous)

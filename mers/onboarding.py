@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -29,6 +30,10 @@ from .http import HubAnswer, HubSession
 from .tokens import sendable
 
 REGISTER_PATH = "/api/agentmanagement/v3/register"
+#: the furthest ahead of hub time a credential set may expire: the hub gives 7 days, and a year covers any
+#: configuration; beyond it the value is not seconds (milliseconds, say), and a set that never looks due
+#: would never be renewed
+MAX_CREDENTIAL_LIFETIME = 366 * 24 * 3600.0
 REONBOARD_HINT = (
     "re-onboarding is needed: ask the operator for a new boarding configuration, then run "
     "`mers boarding import FILE` and `mers onboard`"
@@ -48,10 +53,12 @@ def register(
     boarding: Boarding,
     key: rsa.RSAPrivateKey | None,
     *,
+    now: Callable[[], float],
     sent_before: float | None = None,
 ) -> CredentialSet:
-    """Trade the IAT for the first credential set. `sent_before` is when an earlier registration of this
-    device with this IAT went out without an answer it could store (it explains an "IAT used" refusal)."""
+    """Trade the IAT for the first credential set. `now` is hub time (it dates the answer's expiry).
+    `sent_before` is when an earlier registration of this device with this IAT went out without an
+    answer it could store (it explains an "IAT used" refusal)."""
     body: dict[str, Any] = {}
     if boarding.profile is CredentialProfile.RSA_3072:
         assert key is not None, "an RSA_3072 agent registers its key"
@@ -63,7 +70,7 @@ def register(
             if lost is not None:
                 raise lost
         raise registration_refusal(answer)
-    return parse_credential_set(answer.json(), boarding.client_id, boarding.profile, session.base_url)
+    return parse_credential_set(answer.json(), boarding.client_id, boarding.profile, session.base_url, now())
 
 
 def _lost_registration(answer: HubAnswer, client_id: str, sent_before: float | None) -> IatUsedError | None:
@@ -95,8 +102,11 @@ def renew(
     profile: CredentialProfile,
     held: CredentialSet,
     key: rsa.RSAPrivateKey | None,
+    *,
+    now: Callable[[], float],
 ) -> CredentialSet:
-    """Trade `held`'s RAT for a full new set (the same RSA key again: it stays on the device).
+    """Trade `held`'s RAT for a full new set (the same RSA key again: it stays on the device); `now` is
+    hub time.
 
     A refusal (401, or the hub's 409 "used by a concurrent renewal") of a request the transport sent more
     than once may be the work of our own earlier try: the hub renewed with it, but its answer was lost
@@ -121,15 +131,17 @@ def renew(
         )
     if answer.status != 200:
         raise refusal(answer, "renewal")
-    return parse_credential_set(answer.json(), client_id, profile, session.base_url)
+    return parse_credential_set(answer.json(), client_id, profile, session.base_url, now())
 
 
 def parse_credential_set(
-    document: dict[str, Any], client_id: str, profile: CredentialProfile, base_url: str
+    document: dict[str, Any], client_id: str, profile: CredentialProfile, base_url: str, now: float
 ) -> CredentialSet:
     """Check a register/renew answer before anything is stored: a set without its RAT, for another client,
     or without the secret its profile needs would strand the device; a registration URI off the hub's
-    origin (`base_url`) would have the next renewal send the RAT to whoever the answer named."""
+    origin (`base_url`) would have the next renewal send the RAT to whoever the answer named; an expiry
+    that is not a finite time after `now` (hub time), within `MAX_CREDENTIAL_LIFETIME`, would never make
+    the set look due for renewal (milliseconds, Infinity) or could not be shown as a date."""
     if document.get("client_id") != client_id:
         raise HubProtocolError("the hub's registration answer is for another client_id")
     rat, uri, expires = (
@@ -147,8 +159,14 @@ def parse_credential_set(
             "the hub's registration answer names a registration URI off the hub's own origin "
             f"{_display_origin(base_url)}: the RAT is only ever sent to the hub"
         )
-    if isinstance(expires, bool) or not isinstance(expires, int | float) or expires <= 0:
+    if isinstance(expires, bool) or not isinstance(expires, int | float):
         raise HubProtocolError("the hub's registration answer lacks client_secret_expires_at")
+    # compared, not converted: NaN fails both comparisons, and an int too large for a float compares exactly
+    if not now < expires <= now + MAX_CREDENTIAL_LIFETIME:
+        raise HubProtocolError(
+            "the hub's registration answer has a client_secret_expires_at that is not a time (epoch "
+            f"seconds) in the coming {MAX_CREDENTIAL_LIFETIME / 86400:.0f} days by the hub's clock"
+        )
     if profile is CredentialProfile.SHARED_SECRET and not (isinstance(secret, str) and secret):
         raise HubProtocolError("the hub's registration answer lacks the client_secret")
     return CredentialSet(

@@ -81,9 +81,9 @@ def device_status(board: Board) -> DeviceStatus:
         hub=stored.base_url if stored else boarding.base_url if boarding else None,
         proxy=network.display if network is not None else None,
         iat_expires_at=_iso(boarding.iat_expires_at) if boarding is not None else None,
-        credentials_expire_at=_iso(stored.current.expires_at) if stored else None,
+        credentials_expire_at=_stored_time(stored.current.expires_at) if stored else None,
         previous_set_kept=stored is not None and stored.previous is not None,
-        token_expires_at=_iso(token.expires_at)
+        token_expires_at=_stored_time(token.expires_at)
         if token and stored and token.set_id == stored.current.id
         else None,
         last_error=error[1] if error else None,
@@ -100,6 +100,16 @@ def _last_error(board: Board) -> tuple[str, str] | None:
         return _iso(float(record["at"])) or "", f"{record['kind']}: {record['message']}"
     except (ValueError, KeyError, TypeError, OverflowError, OSError):  # a time past what datetime holds
         return None
+
+
+def _stored_time(epoch: float) -> str:
+    """A stored expiry as a date, or, when it is none (NaN, Infinity, milliseconds taken as seconds by a
+    client that did not check them: years past 9999), the stored value marked unusable, in its place:
+    status shows damage, and never ends on it."""
+    try:
+        return _iso(epoch) or ""
+    except (ValueError, OverflowError, OSError):
+        return f"unusable: {epoch!r} is not a time in epoch seconds"
 
 
 def _iso(epoch: float | None) -> str | None:

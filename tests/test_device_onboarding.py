@@ -503,3 +503,39 @@ def test_tokens_stored_before_they_were_checked_never_go_into_a_header(
     renew = mers(gateway.path, "renew", "--force")
     assert renew.returncode == EXIT_STORAGE, renew.stderr
     assert "b64token" in renew.error_line and stored["current"]["rat"][:40] not in renew.stderr
+
+
+@pytest.mark.parametrize(
+    "expires",
+    [lambda expires: expires * 1000, lambda _: 10**400, lambda _: 1, lambda expires: expires + 400 * DAY],
+)
+def test_a_credential_expiry_that_is_not_a_time_in_the_coming_year_is_refused_before_it_is_stored(
+    hub: RunningHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, expires: Any
+) -> None:
+    assert_answers_refused(
+        hub, tmp_path, monkeypatch, "client_secret_expires_at", client_secret_expires_at=expires
+    )
+
+
+@pytest.mark.parametrize("stored", [1796635660000.0, float("nan"), float("inf")])
+def test_status_shows_an_unusable_stored_expiry_in_its_place(
+    hub: RunningHub, tmp_path: Path, stored: float
+) -> None:
+    """Stored by a client that did not check the hub's answer (milliseconds, NaN, Infinity): `mers
+    status` shows the value as unusable, with everything else, rather than a traceback."""
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+        client.access_token()
+    for name, field in (("credentials.json", "current"), (TOKEN_FILE, None)):
+        document = json.loads(gateway.board.state.read(name) or b"")
+        (document[field] if field else document)["expiresAt"] = stored
+        gateway.board.state.write(name, json.dumps(document).encode())
+    shown = mers(gateway.path, "status", "--json")
+    assert shown.returncode == 0, shown.stderr
+    status = json.loads(shown.stdout)
+    assert status["state"] == "onboarded" and status["client_id"] == gateway.agent_id
+    assert status["credentials_expire_at"] == f"unusable: {stored!r} is not a time in epoch seconds"
+    assert status["token_expires_at"] == status["credentials_expire_at"]
+    text = mers(gateway.path, "status")
+    assert text.returncode == 0 and "credentials expire at: unusable" in text.stdout, text.stderr

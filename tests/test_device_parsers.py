@@ -19,7 +19,7 @@ from mers.client import ClientSettings
 from mers.clock import HubClock
 from mers.credentials import CredentialSet, StoredCredentials
 from mers.errors import BoardingDataError, HubProtocolError
-from mers.onboarding import parse_credential_set
+from mers.onboarding import MAX_CREDENTIAL_LIFETIME, parse_credential_set
 from mers.tokens import AccessToken, client_assertion
 from tests.board_helpers import ca_bundle, config, iat
 
@@ -111,8 +111,8 @@ GOOD_ANSWER = {
 }
 
 
-def parse(answer: dict[str, object], base_url: str = "https://hub") -> CredentialSet:
-    return parse_credential_set(answer, "a", CredentialProfile.SHARED_SECRET, base_url)
+def parse(answer: dict[str, object], base_url: str = "https://hub", now: float = 0.0) -> CredentialSet:
+    return parse_credential_set(answer, "a", CredentialProfile.SHARED_SECRET, base_url, now)
 
 
 def test_a_registration_answer_without_what_the_profile_needs_is_refused() -> None:
@@ -214,3 +214,39 @@ def test_no_secret_appears_in_a_repr(build: Callable[[], object]) -> None:
     for shown in (repr(value), str(value)):
         assert SECRET not in shown and iat_in_boarding not in shown
         assert "gw:" not in shown  # the proxy URL with its credentials
+
+
+NOW = 1_750_000_000.0
+
+
+@pytest.mark.parametrize("expires", [NOW + 1, NOW + 7 * 86400, int(NOW + MAX_CREDENTIAL_LIFETIME)])
+def test_a_credential_expiry_in_the_coming_year_by_the_hubs_clock_is_taken(expires: float) -> None:
+    assert parse({**GOOD_ANSWER, "client_secret_expires_at": expires}, now=NOW).expires_at == expires
+
+
+@pytest.mark.parametrize(
+    "expires",
+    [
+        str(int(NOW + 7 * 86400) * 1000),  # milliseconds
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "1e400",  # a float JSON reads as Infinity
+        "1" + "0" * 400,  # an int no float holds
+        str(int(NOW)),  # expired as it is handed out
+        str(int(NOW - 86400)),
+        str(int(NOW + MAX_CREDENTIAL_LIFETIME + 1)),
+        "0",
+        f'"{int(NOW + 86400)}"',
+    ],
+)
+def test_a_credential_expiry_that_is_not_a_time_in_the_coming_year_is_refused(expires: str) -> None:
+    """As the wire carries it: JSON text, which Python's parser reads into NaN, Infinity or a huge int."""
+    document = json.loads(
+        json.dumps(GOOD_ANSWER).replace(
+            '"client_secret_expires_at": 5', f'"client_secret_expires_at": {expires}'
+        )
+    )
+    assert document["client_secret_expires_at"] != GOOD_ANSWER["client_secret_expires_at"]
+    with pytest.raises(HubProtocolError, match="client_secret_expires_at"):
+        parse(document, now=NOW)
