@@ -13,7 +13,7 @@ from typing import Any
 
 from board.interface import Board
 
-from .boarding import current_boarding
+from .boarding import current_boarding, refused_iat
 from .client import LAST_ERROR_FILE
 from .credentials import load_credentials
 from .errors import MersError
@@ -22,7 +22,8 @@ from .tokens import load_token
 
 @dataclass(frozen=True)
 class DeviceStatus:
-    # no-boarding-data | not-onboarded | onboarded | onboarded-new-boarding-pending | credentials-unreadable
+    # no-boarding-data | not-onboarded | onboarded | onboarded-new-boarding-pending
+    # | onboarded-new-boarding-refused | credentials-unreadable
     state: str
     boarding_source: str | None
     boarding_problem: str | None
@@ -65,7 +66,9 @@ def device_status(board: Board) -> DeviceStatus:
     elif stored is None:
         state = "not-onboarded" if boarding is not None or problem else "no-boarding-data"
     elif boarding is not None and boarding.iat_id != stored.iat_id:
-        state = "onboarded-new-boarding-pending"
+        # refused: the hub refused its IAT for good and `mers run` set it aside (see `mers.daemon`)
+        refused = boarding.iat_id == refused_iat(board)
+        state = "onboarded-new-boarding-refused" if refused else "onboarded-new-boarding-pending"
     else:
         state = "onboarded"
     error = _last_error(board)

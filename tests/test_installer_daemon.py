@@ -4,6 +4,7 @@ where it stopped."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -132,6 +133,8 @@ def test_a_pending_import_refused_for_good_is_set_aside_and_the_daemon_goes_on_w
     assert "IAT" not in second.stderr and "no open installation task" in second.stderr
     after = load_credentials(rig.board.state)
     assert before is not None and after is not None and after.iat_id == before.iat_id
+    status = json.loads(rig.mers("status", "--json").stdout)
+    assert status["state"] == "onboarded-new-boarding-refused"
 
 
 def test_a_refused_import_still_stops_a_daemon_that_has_no_credentials(
