@@ -179,9 +179,10 @@ def parse_credential_set(
 
 def _origin(url: str) -> tuple[str, str, int] | None:
     """Scheme, host and port as they decide where a request goes (host case and a default port do not);
-    None for a URL with user info (requests would turn it into credentials of its own) or a bad port."""
-    parts = urllib.parse.urlsplit(url)
+    None for a URL with user info (requests would turn it into credentials of its own), a bad port or
+    one urlsplit cannot read (an unclosed IPv6 bracket)."""
     try:
+        parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError:
         return None

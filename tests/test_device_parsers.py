@@ -154,6 +154,7 @@ def test_a_registration_uri_on_the_hubs_own_origin_is_taken_whatever_its_spellin
         "https://hub.example@elsewhere.example/x",
         "https://user:pass@hub.example/x",
         "https:///x",
+        "https://[hub.example/x",  # urlsplit raises ValueError
     ],
 )
 def test_a_registration_uri_off_the_hubs_origin_is_refused(uri: str) -> None:
