@@ -3,6 +3,7 @@ once under their SHA-256; bad ones are refused with the verifier's reason and le
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -278,10 +279,10 @@ def test_a_full_disk_answers_507_and_stores_nothing(
     assert upload(hub, image).status_code == 201, "space freed: the same upload succeeds"
 
 
-def test_a_release_the_full_database_cannot_record_leaves_no_blob_behind(tmp_path: Path) -> None:
-    """The database's disk is full (SQLITE_FULL), the blob directory's is not: the image is verified and
-    its blob put in place, then recording the release fails. The 507 leaves no unreferenced blob (nothing
-    would ever remove it); with room again, the same upload stores it."""
+@contextlib.contextmanager
+def hub_with_a_small_database(tmp_path: Path) -> Iterator[tuple[RunningHub, Path, Path, str]]:
+    """A hub whose SQLite database sits on a 1 MiB filesystem of its own (to be filled), its blobs
+    elsewhere; an image signed by a key it trusts, and the image's SHA-256."""
     signer = signer_for(KeyAlgorithm.ED25519)
     image = make_image(tmp_path, [signer], payload=os.urandom(4000))
     sha256 = hashlib.sha256(image.read_bytes()).hexdigest()
@@ -289,35 +290,37 @@ def test_a_release_the_full_database_cannot_record_leaves_no_blob_behind(tmp_pat
         settings = HubSettings(database_url=f"sqlite:///{small / 'hub.db'}")
         with running_hub(tmp_path / "hub", settings) as hub:
             trust(hub, signer)
-            filler = fill_filesystem(small)
-            refused = upload(hub, image)
-            assert refused.status_code == 507, refused.text
-            assert "database" in refused.json()["error_description"]
-            assert_nothing_stored(hub)
-            filler.unlink()
-            assert upload(hub, image).status_code == 201
-            assert stored_files(hub) == [sha256]
+            yield hub, small, image, sha256
+
+
+def test_a_release_the_full_database_cannot_record_leaves_no_blob_behind(tmp_path: Path) -> None:
+    """The database's disk is full (SQLITE_FULL), the blob directory's is not: the image is verified and
+    its blob put in place, then recording the release fails. The 507 leaves no unreferenced blob (nothing
+    would ever remove it); with room again, the same upload stores it."""
+    with hub_with_a_small_database(tmp_path) as (hub, small, image, sha256):
+        filler = fill_filesystem(small)
+        refused = upload(hub, image)
+        assert refused.status_code == 507, refused.text
+        assert "database" in refused.json()["error_description"]
+        assert_nothing_stored(hub)
+        filler.unlink()
+        assert upload(hub, image).status_code == 201
+        assert stored_files(hub) == [sha256]
 
 
 def test_bytes_an_earlier_release_holds_keep_their_blob_when_the_database_is_full(tmp_path: Path) -> None:
     """Content-addressed: uploading known bytes again while the database's disk is full answers the
     release that holds them, and the blob that release needs stays, put back if it had gone missing."""
-    signer = signer_for(KeyAlgorithm.ED25519)
-    image = make_image(tmp_path, [signer], payload=os.urandom(4000))
-    sha256 = hashlib.sha256(image.read_bytes()).hexdigest()
-    with small_filesystem(tmp_path / "small", 1 << 20) as small:
-        settings = HubSettings(database_url=f"sqlite:///{small / 'hub.db'}")
-        with running_hub(tmp_path / "hub", settings) as hub:
-            trust(hub, signer)
-            first = upload(hub, image)
-            assert first.status_code == 201, first.text
-            fill_filesystem(small)
-            again = upload(hub, image, "the same bytes")
-            assert (again.status_code, again.json()["id"]) == (200, first.json()["id"])
-            assert stored_files(hub) == [sha256]
-            releases.blob_file(hub.state.blobs, sha256).unlink()
-            assert upload(hub, image).status_code == 200
-            assert stored_files(hub) == [sha256]
+    with hub_with_a_small_database(tmp_path) as (hub, small, image, sha256):
+        first = upload(hub, image)
+        assert first.status_code == 201, first.text
+        fill_filesystem(small)
+        again = upload(hub, image, "the same bytes")
+        assert (again.status_code, again.json()["id"]) == (200, first.json()["id"])
+        assert stored_files(hub) == [sha256]
+        releases.blob_file(hub.state.blobs, sha256).unlink()
+        assert upload(hub, image).status_code == 200
+        assert stored_files(hub) == [sha256]
 
 
 def test_a_blob_is_withdrawn_only_while_no_release_holds_its_bytes(hub: RunningHub, tmp_path: Path) -> None:
