@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -104,11 +104,13 @@ class KeySlot:
 @dataclass(frozen=True)
 class BoardingData:
     """What the factory gives a device to reach its hub: the boarding configuration JSON (with the IAT),
-    the CA bundle it trusts for the hub, and an optional network configuration JSON (HTTPS proxy)."""
+    the CA bundle it trusts for the hub, and an optional network configuration JSON (HTTPS proxy). The
+    configuration holds the IAT and the network configuration perhaps a proxy password: neither is in
+    the repr, so a log line or a traceback that shows this value shows no secret."""
 
-    config: bytes
+    config: bytes = field(repr=False)
     ca_bundle: bytes
-    network: bytes | None = None
+    network: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -196,6 +196,7 @@ SECRET_SET = CredentialSet(f"rat-{SECRET}", "https://hub/x", 1.0, f"secret-{SECR
         ),
         lambda: ClientKey.shared_secret(SECRET),
         lambda: IssuedToken(f"token-{SECRET}", "jti", 0.0, 1.0),
+        lambda: BOARDING,
     ],
     ids=[
         "CredentialSet",
@@ -206,6 +207,7 @@ SECRET_SET = CredentialSet(f"rat-{SECRET}", "https://hub/x", 1.0, f"secret-{SECR
         "Registration",
         "ClientKey",
         "IssuedToken",
+        "BoardingData",
     ],
 )
 def test_no_secret_appears_in_a_repr(build: Callable[[], object]) -> None:
