@@ -265,8 +265,11 @@ class DeviceClient:
             return False
 
     def _renewal_due(self, stored: StoredCredentials) -> bool:
+        """Within the margin of the expiry, or holding an expiry that is no time the hub could have
+        granted (NaN, milliseconds: stored before answers were checked), which renewing replaces."""
         remaining = stored.current.expires_at - self.clock.now()
-        return remaining < self.settings.renewal_margin(stored.current)
+        margin = self.settings.renewal_margin(stored.current)
+        return not margin <= remaining <= onboarding.MAX_CREDENTIAL_LIFETIME
 
     def forget_token(self) -> None:
         """Drop the cached access token (the hub said it is no longer valid)."""

@@ -539,3 +539,21 @@ def test_status_shows_an_unusable_stored_expiry_in_its_place(
     assert status["token_expires_at"] == status["credentials_expire_at"]
     text = mers(gateway.path, "status")
     assert text.returncode == 0 and "credentials expire at: unusable" in text.stdout, text.stderr
+
+
+@pytest.mark.parametrize("stored", [1796635660000.0, float("nan"), float("inf")])
+def test_an_unusable_stored_expiry_makes_the_renewal_due(
+    hub: RunningHub, tmp_path: Path, stored: float
+) -> None:
+    """No comparison with NaN holds, and milliseconds are centuries away: either way the set was never
+    renewed again, until it expired for real and the gateway had to be onboarded anew. Renewing now
+    replaces it with a set whose expiry is checked."""
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+        document = json.loads(gateway.board.state.read("credentials.json") or b"")
+        document["current"]["expiresAt"] = stored
+        gateway.board.state.write("credentials.json", json.dumps(document).encode())
+        assert client.renew() is True
+        renewed, now = client.credentials().current.expires_at, client.clock.now()
+    assert now < renewed < now + 8 * DAY
