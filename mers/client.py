@@ -178,6 +178,9 @@ class DeviceClient:
                 return self._result(OnboardOutcome.ALREADY_ONBOARDED, stored, boarding.source)
             key = self._agent_key(create=True) if boarding.profile is CredentialProfile.RSA_3072 else None
             session = self._session(boarding.base_url, boarding.data.ca_bundle, boarding.network)
+            # before the IAT is spent: the answer's expiry is checked in hub time, and a hub that never
+            # tells its time would have its answer refused after the IAT was used
+            self._synchronise(session)
             sent_before = self._unanswered_registration(boarding.iat_id)
             if sent_before is None:
                 record = {"iat_id": boarding.iat_id, "sent_at": self.clock.now()}

@@ -112,13 +112,15 @@ def lock_board(board: SimBoard) -> None:
 @dataclass
 class BadServer:
     """A TLS server on 127.0.0.1 that answers every request with 500, with 503 and `Retry-After: 5`
-    (`busy`), hangs, drops the connection, or cuts its answer short after the headers (`cut`; `cut-once`
-    only on the first connection, then answers whole); `connections` counts the attempts the client made."""
+    (`busy`), with 200 and `{}` but no `Server-Time` (`timeless`), hangs, drops the connection, or cuts
+    its answer short after the headers (`cut`; `cut-once` only on the first connection, then answers
+    whole); `connections` counts the attempts the client made, `requests` holds their request lines."""
 
     mode: str
     ca_pem: bytes
     port: int = 0
     connections: int = 0
+    requests: list[str] = field(default_factory=list)  # the request line of each
     _stop: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -152,8 +154,11 @@ def bad_server(mode: str) -> Iterator[BadServer]:
     def serve_one(raw: socket.socket, number: int) -> None:
         try:
             connection = context.wrap_socket(raw, server_side=True)
-            connection.recv(65536)
-            if mode == "500":
+            request = connection.recv(65536)
+            server.requests.append(request.split(b"\r\n", 1)[0].decode("latin-1"))
+            if mode == "timeless":
+                answer(connection, "200 OK", b"{}")
+            elif mode == "500":
                 error = b'{"error": "server_error", "error_description": "the database is down"}'
                 answer(connection, "500 Internal Server Error", error)
             elif mode == "busy":

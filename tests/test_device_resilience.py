@@ -14,14 +14,18 @@ from pathlib import Path
 
 import pytest
 
+from board.interface import BoardingData, Identity
+from board.simboard import SimBoard
 from hub import oauth
 from hub import onboarding as hub_onboarding
 from hub.oauth_form import TokenRequest
 from hub.state import HubState
 from mers.client import LAST_ERROR_FILE, REGISTRATION_SENT_FILE, RenewalStep
 from mers.clock import HubClock
-from mers.errors import EXIT_UNREACHABLE, EXIT_USAGE, HubUnreachableError
+from mers.credentials import load_credentials
+from mers.errors import EXIT_UNREACHABLE, EXIT_USAGE, HubProtocolError, HubUnreachableError
 from mers.http import HubSession
+from tests.board_helpers import config
 from tests.conftest import run_cli
 from tests.device_helpers import (
     BUSY_RETRY_AFTER,
@@ -433,3 +437,18 @@ def test_a_proxy_url_refused_is_never_quoted_with_its_password(
     assert b"http://host:port" in last_error
     for shown in (onboard.stderr, status.stdout, status_json.stdout, last_error.decode()):
         assert "pw-s3cret" not in shown
+
+
+def test_a_hub_that_never_tells_its_time_is_refused_before_the_iat_is_spent(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """A proxy that strips `Server-Time`, on a gateway whose clock has no RTC: the registration answer's
+    expiry cannot be judged in hub time, and refusing it after the hub recorded the registration would
+    leave a used IAT and no credentials. The hub's time is asked first, and nothing is registered."""
+    with bad_server("timeless") as server:
+        board = SimBoard.create(tmp_path / "gw", Identity("SN-1", "Acme", "gw-100", "B"))
+        board.write_boarding_data(BoardingData(config(baseUrl=server.url), server.ca_pem))
+        with Gateway(board, "agent-1", hub).client() as client, pytest.raises(HubProtocolError, match="time"):
+            client.onboard()
+        assert server.requests and not any(line.startswith("POST") for line in server.requests)
+    assert load_credentials(board.state) is None
