@@ -76,8 +76,13 @@ _SETTING_TYPES: dict[object, type] = {"str": str, "int": int, "float": float}
 #: task read would fail. The shortest is a second: tokens and URLs carry whole seconds, and a lifetime of
 #: 0.5 would give devices `expires_in: 0` or a URL expired when issued
 MAX_DURATION = 10 * 365 * DAY
-#: shorter limits of their own: a device refuses an access token said to last more than a day
-_LONGEST = {"access_token_lifetime": DAY}
+#: the longest credential lifetime mers devices take (`mers.onboarding.MAX_CREDENTIAL_LIFETIME`, stated in
+#: both packages, which may not import each other, and tied by a test): a device refuses a longer one, but
+#: only after the hub has recorded the registration, which leaves it a used IAT and no credentials
+DEVICE_MAX_CREDENTIAL_LIFETIME = 366 * DAY
+#: shorter limits of their own: a device refuses an access token said to last more than a day, and
+#: credentials said to last more than `DEVICE_MAX_CREDENTIAL_LIFETIME`
+_LONGEST = {"access_token_lifetime": DAY, "credential_lifetime": DEVICE_MAX_CREDENTIAL_LIFETIME}
 #: longer minimums of their own: the hub must accept the assertions devices sign
 _SHORTEST = {"max_assertion_lifetime": DEVICE_ASSERTION_LIFETIME}
 

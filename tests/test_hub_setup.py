@@ -21,10 +21,11 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from hub import setup as hub_setup
 from hub.assertions import DEVICE_ASSERTION_LIFETIME
 from hub.errors import HubSetupError
-from hub.home import DAY, MAX_DURATION, HubHome, HubSettings
+from hub.home import DAY, DEVICE_MAX_CREDENTIAL_LIFETIME, MAX_DURATION, HubHome, HubSettings
 from hub.setup import create_hub, hash_admin_token
 from hub.state import load_state
 from hub.tokens import HubKey
+from mers.onboarding import MAX_CREDENTIAL_LIFETIME
 
 SECRET_FILES = (
     "signing-key.pem",
@@ -278,10 +279,20 @@ def test_a_duration_setting_is_whole_seconds_to_ten_years(key: str) -> None:
     """A signed URL lifetime of 1e12 s made every task read a 500 (no date has that year) and every URL
     one the hub's own check refused (its expiry past 12 digits); an access token lifetime of 0.5 s gave
     devices `expires_in: 0`, which they refuse."""
-    longest = DAY if key == "access_token_lifetime" else MAX_DURATION
+    longest = {"access_token_lifetime": DAY, "credential_lifetime": DEVICE_MAX_CREDENTIAL_LIFETIME}.get(
+        key, MAX_DURATION
+    )
     shortest = DEVICE_ASSERTION_LIFETIME if key == "max_assertion_lifetime" else 1
     for refused in (1e12, longest + 1, 0.5, shortest - 0.5):
         with pytest.raises(HubSetupError, match=f"{key} must be from {shortest} to"):
             HubSettings.from_toml(f"{key} = {refused}\n", source="hub.toml")
     for accepted in (shortest, shortest + 0.5, longest):
         assert getattr(HubSettings.from_toml(f"{key} = {accepted}\n", source="hub.toml"), key) == accepted
+
+
+def test_the_longest_credential_lifetime_is_the_one_devices_take() -> None:
+    """A hub granting 400 days recorded the registration, then the device refused the answer: a used IAT
+    and no credentials. The two packages may not import each other, so the bound is stated twice."""
+    assert DEVICE_MAX_CREDENTIAL_LIFETIME == MAX_CREDENTIAL_LIFETIME
+    with pytest.raises(HubSetupError, match="credential_lifetime must be from 1 to"):
+        HubSettings.from_toml(f"credential_lifetime = {400 * DAY}\n", source="hub.toml")
