@@ -301,6 +301,23 @@ def test_a_registration_is_authenticated_before_its_body_is_judged(
     assert status_of(hub, used_id) == "ONBOARDED"
 
 
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        b"\xef\xbb\xbf{}",  # a UTF-8 byte order mark
+        "{}".encode("utf-16"),
+        b'{"client_name": "\\ud800"}',  # a lone surrogate escape, in a field the hub ignores
+    ],
+    ids=["utf-8-bom", "utf-16", "lone-surrogate"],
+)
+def test_a_registration_body_reads_as_fastapi_reads_json(hub: RunningHub, encoded: bytes) -> None:
+    """The body is read by the route, after the IAT is checked: it takes what FastAPI's own parsing took."""
+    _, iat = new_agent_iat(hub, "gw-1")
+    headers = {"Content-Type": "application/json"}
+    answer = hub.request("POST", f"{AGENTS}/register", token=iat, data=encoded, headers=headers)
+    assert answer.status_code == 201, answer.text
+
+
 RENEWAL_BODIES = MALFORMED_BODIES | {
     "no-client-id": {"json": {}},
     "another-client": {"json": {"client_id": "someone-else"}},
