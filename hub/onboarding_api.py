@@ -9,9 +9,9 @@ without one gets the 401 whatever it sent, never a 400 telling it what a body mu
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Path, Request, status
+from fastapi import APIRouter, Request, status
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -25,8 +25,6 @@ PREFIX = "/api/agentmanagement/v3"
 router = APIRouter(prefix=PREFIX, tags=["onboarding"])
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-
-ClientId = Annotated[str, Path(min_length=1, max_length=64)]
 
 
 @router.post(
@@ -47,10 +45,12 @@ async def register(request: Request, state: State) -> JSONResponse:
 
 
 @router.put("/register/{client_id}", openapi_extra=openapi_body(RenewalRequest, required=True))
-async def renew(client_id: ClientId, request: Request, state: State) -> JSONResponse:
+async def renew(client_id: str, request: Request, state: State) -> JSONResponse:
     """Renew the credentials with the RAT (`Authorization: Bearer <RAT>`): 200 with a full new set, 401
     for a RAT that is not this client's current or previous one (whatever the body), 400 for a bad body,
-    409 when a concurrent renewal with the same RAT won (the RAT is then the previous one, still valid)."""
+    409 when a concurrent renewal with the same RAT won (the RAT is then the previous one, still valid).
+    The client id in the path has no checks of its own: the RAT must name it, so anything else is the 401
+    too, not a 400 telling an unauthenticated caller what a client id looks like."""
     rat = bearer_token(request)
     renewer = await run_in_threadpool(onboarding.authenticate_rat, state, client_id, rat)
     body = await json_body(request, RenewalRequest)

@@ -497,3 +497,11 @@ def test_expired_credentials_give_no_token_but_the_rat_renews_them(hub: RunningH
     assert agent_record(hub, agent.id) == before
     assert agent.renew().status_code == 200
     assert agent.access_token()
+
+
+def test_a_renewal_path_no_rat_names_is_the_401_whatever_its_shape(hub: RunningHub) -> None:
+    agent = onboard_agent(hub, "gw-1")
+    path = f"{AGENTS}/register/{'x' * 65}"
+    body = {"client_id": "x" * 65}
+    assert_hub_error(hub.request("PUT", path, json=body), 401, "unauthorized")
+    assert_hub_error(hub.request("PUT", path, token=agent.rat, json=body), 401, "token_validation_failed")
