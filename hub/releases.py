@@ -34,6 +34,7 @@ from signing.verify import Trust, VerifiedImage, verify_image
 
 from .database import Database
 from .errors import (
+    HubSetupError,
     InsufficientStorageError,
     NotFoundError,
     PayloadTooLargeError,
@@ -214,6 +215,28 @@ def _storage_error(exc: OSError) -> Exception:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InsufficientStorageError("the hub's storage is full: the release was not stored")
     return exc
+
+
+def check_hard_links(directory: Path) -> None:
+    """`HubSetupError` unless `directory` (the blob directory) takes hard links: blobs are linked into
+    place (`_store_blob`), and on a filesystem without them (vfat, exFAT, some network shares) every upload
+    would be a 500. Said once when the hub starts, with the remedy, rather than at each upload."""
+    probe = directory / f"{UPLOAD_PREFIX}link-probe-{new_id()}"
+    linked = probe.with_name(f"{probe.name}-linked")
+    try:
+        probe.touch(exist_ok=False)
+    except OSError as exc:
+        raise HubSetupError(f"cannot write in the blob directory {directory}: {exc.strerror}") from None
+    try:
+        os.link(probe, linked)
+    except OSError as exc:
+        raise HubSetupError(
+            f"the blob directory {directory} does not take hard links ({exc.strerror}), which storing "
+            "releases needs: put the hub directory on a filesystem that does (ext4, XFS, btrfs, tmpfs)"
+        ) from None
+    finally:
+        linked.unlink(missing_ok=True)
+        probe.unlink(missing_ok=True)
 
 
 def sweep_upload_leftovers(directory: Path, now: float, min_age: float = LEFTOVER_AGE_S) -> int:

@@ -19,7 +19,7 @@ from cryptography import x509
 from .app import create_app
 from .errors import HubSetupError
 from .home import HubHome
-from .releases import sweep_upload_leftovers
+from .releases import check_hard_links, sweep_upload_leftovers
 from .state import HubState, load_state
 from .tokens import Clock
 
@@ -119,6 +119,7 @@ def build_server(
     _check_tls_files(home)
     url = url_for(sock)
     state = load_state(home, device_url(home, sock), clock)
+    check_hard_links(home.blobs)
     swept = sweep_upload_leftovers(home.blobs, clock())
     if swept:
         log.info("removed %d temporary file(s) of uploads cut short", swept)

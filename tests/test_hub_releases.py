@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from hub import releases
+from hub.errors import HubSetupError
 from hub.home import HubHome, HubSettings
 from hub.server import bind, build_server
 from signing import Trust, verify_image
@@ -353,6 +354,27 @@ def test_temporary_files_of_uploads_cut_short_are_swept_when_the_hub_starts(tmp_
     finally:
         sock.close()
     assert not crashed.exists() and live.exists()
+
+
+def test_a_blob_directory_without_hard_links_is_refused_when_the_hub_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vfat, exFAT and some network shares refuse link(2) (EPERM): every upload was a bare 500. This
+    kernel has no such filesystem at hand, so link(2) is made to fail as theirs does."""
+    with running_hub(tmp_path / "hub"):
+        pass
+
+    def no_links(source: object, target: object) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM), str(source), None, str(target))
+
+    monkeypatch.setattr(os, "link", no_links)
+    sock = bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(HubSetupError, match="does not take hard links"):
+            build_server(HubHome(tmp_path / "hub"), sock)
+    finally:
+        sock.close()
+    assert [path.name for path in (tmp_path / "hub" / "blobs").iterdir()] == []
 
 
 def test_an_upload_needs_the_admin_token_and_a_name(hub: RunningHub, tmp_path: Path) -> None:
