@@ -52,6 +52,8 @@ HUB_TIMEOUT_S: Final = (10.0, 30.0)
 PROFILES: Final = ("SHARED_SECRET", "RSA_3072")
 MAX_BATCH_LINE: Final = 64 * 1024
 AGENT_PAGE_SIZE: Final = 100  # the hub lists one agent by name; more shows duplicates or an ignored filter
+#: a listing that ignores the name filter is read to its end, up to this many pages
+MAX_AGENT_PAGES: Final = 1000
 # the widths of the records' columns that keep these values (factory.records.attempts)
 MAX_ID: Final = 128
 MAX_JTI: Final = 256
@@ -217,14 +219,23 @@ class HubSource:
 
         Each listed agent's name is checked rather than trusting the hub's filter: a listing that ignored
         it (as an API may ignore a query parameter) handed a board the first agent listed, another board's
-        agent and IAT. Several agents with that name are refused: which one is this board's is unknown."""
-        page = self._request("GET", "/agents", params={"name": serial_number, "size": AGENT_PAGE_SIZE})
-        content = page.get("content")
-        if not isinstance(content, list):
-            return None
-        if not all(isinstance(agent, dict) and isinstance(agent.get("id"), str) for agent in content):
-            raise HubRefusedError("the hub's agent list is not understood", 200)
-        named = [agent["id"] for agent in content if agent.get("name") == serial_number]
+        agent and IAT. Several agents with that name are refused: which one is this board's is unknown.
+        Such a listing is read to its last page: an agent past the first one was missed, and the station
+        created a second agent with the board's name."""
+        named: list[str] = []
+        for number in range(MAX_AGENT_PAGES):
+            params = {"name": serial_number, "size": AGENT_PAGE_SIZE, "page": number}
+            page = self._request("GET", "/agents", params=params)
+            content = page.get("content")
+            if not isinstance(content, list):
+                break
+            if not all(isinstance(agent, dict) and isinstance(agent.get("id"), str) for agent in content):
+                raise HubRefusedError("the hub's agent list is not understood", 200)
+            named += [agent["id"] for agent in content if agent.get("name") == serial_number]
+            if not content or _last_page(page, number):
+                break
+        else:
+            raise HubRefusedError(f"the hub lists more than {MAX_AGENT_PAGES} pages of agents", 200)
         if len(named) > 1:
             raise DuplicateAgentsError(serial_number, named)
         return named[0] if named else None
@@ -414,3 +425,13 @@ def _write_secret_atomically(path: Path, data: bytes) -> None:
         os.fsync(directory_fd)
     finally:
         os.close(directory_fd)
+
+
+def _last_page(page: dict[str, Any], number: int) -> bool:
+    """Whether `page` (Spring Data's shape) is the listing's last; a page that does not say is."""
+    last, pages = page.get("last"), page.get("totalPages")
+    if isinstance(last, bool):
+        return last
+    if isinstance(pages, int) and not isinstance(pages, bool):
+        return number + 1 >= pages
+    return True

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -230,7 +231,8 @@ def recording_server(
     With `redirect_to`, a request for the agent API is answered 307 to `redirect_to` + its path on the same
     origin (as a proxy in front of several services might). Otherwise it answers like a hub that ignores
     the agent list's name filter: every one of `agents` (names; agent ``agent-<name>``) is listed whatever
-    the query, each with a fresh `boarding_document` and the status NOT_ONBOARDED."""
+    the query (a page at a time, in Spring Data's page shape), each with a fresh `boarding_document` and
+    the status NOT_ONBOARDED."""
     directory.mkdir(parents=True, exist_ok=True)
     material = create_tls_material(("localhost",))
     ca = directory / "server-ca.pem"
@@ -240,7 +242,12 @@ def recording_server(
     def answer_for(path: str) -> object:
         route = path.split("?", maxsplit=1)[0].removeprefix(AGENTS).split("/")
         if route == ["", "agents"]:
-            return {"content": [{"id": f"agent-{name}", "name": name} for name in agents]}
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+            number, size = int(query.get("page", ["0"])[0]), int(query.get("size", ["20"])[0])
+            listed = [{"id": f"agent-{name}", "name": name} for name in agents]
+            pages = max(1, -(-len(listed) // size))
+            content = listed[number * size : (number + 1) * size]
+            return {"content": content, "number": number, "totalPages": pages, "last": number >= pages - 1}
         if route[3:] == ["boarding", "configuration"]:
             return boarding_document(route[2].removeprefix("agent-"))
         return {"status": "NOT_ONBOARDED"}

@@ -78,6 +78,17 @@ def test_the_agent_is_the_one_named_after_the_serial_number_whatever_the_listing
         assert source.current("GW-3") is None  # no agent: the station creates one (fresh) or refuses
 
 
+def test_a_listing_that_ignores_the_name_filter_is_read_to_its_last_page(tmp_path: Path) -> None:
+    """An agent on the second page was missed, and the station created a second agent with its name."""
+    names = [f"SN-{number}" for number in range(150)]
+    with recording_server(tmp_path, tls=True, agents=names) as server:
+        source = HubSource(server.url, server.ca, "s3cret-admin-token")
+        boarding = source.current("SN-120")
+        assert boarding is not None and boarding.agent_id == "agent-SN-120"
+        listings = [path for path, _ in server.seen if path.split("?")[0].endswith("/agents")]
+        assert len(listings) == 2
+
+
 def test_several_agents_named_after_one_serial_number_are_refused(tmp_path: Path) -> None:
     with recording_server(tmp_path, tls=True, agents=["GW-1", "GW-2", "GW-2"]) as server:
         source = HubSource(server.url, server.ca, "s3cret-admin-token")
