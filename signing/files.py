@@ -4,18 +4,23 @@ with image size. (Outputs are `output.py`'s job.)"""
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
+import queue
 import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Self
+from typing import BinaryIO, Protocol, Self
 
 from .errors import InputFileError
 
 CHUNK_SIZE = 1 << 20
+#: buffers `PrefixHasher` reads ahead into: one being read, one being hashed, and room for either to wait
+_POOL_SIZE = 4
 
 
 @contextmanager
@@ -71,6 +76,111 @@ def file_size(handle: BinaryIO) -> int:
     return os.fstat(handle.fileno()).st_size
 
 
+class StopSignal(Protocol):
+    """What a long copy polls to end early (a `threading.Event`)."""
+
+    def is_set(self) -> bool: ...
+
+
+Buffer = bytearray | mmap.mmap
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes `start:end` of `buffer` were just read; `end == len(buffer)` when the buffer is full."""
+
+    buffer: Buffer
+    start: int
+    end: int
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self.buffer)[self.start : self.end]
+
+
+class ReadAhead:
+    """Reads a region of a file into buffers in a thread of its own, while the caller hashes (and writes)
+    the buffers already read.
+
+    Reading a file copies it out of the page cache, and SHA-256 then reads the copy: one after the other in
+    one thread, the copy costs a tenth of the time (0.58 s to read and hash 512 MiB here, against 0.53 s
+    to hash it alone). Both release the GIL, so with the copy in another thread they overlap on two
+    cores, and the caller's thread does nothing but hash. What is hashed is the very buffer that is then
+    written, so the hash and the output always hold the same bytes, whatever happens to the file.
+
+    The first buffer may be partly filled already (`first`, `filled`, with room left in it); when a buffer
+    is full the next is taken from `pool`. The caller must give every full buffer back there once done
+    with it (or hand it to a thread that will), else the reader waits for one. Memory is the pool's."""
+
+    def __init__(
+        self,
+        fd: int,
+        offset: int,
+        length: int,
+        first: Buffer,
+        filled: int,
+        pool: queue.Queue[Buffer],
+        stop: StopSignal | None = None,
+    ) -> None:
+        self._ready: queue.Queue[Piece | BaseException | None] = queue.Queue()
+        self._halt = threading.Event()
+        self._drained = False
+        self._pool = pool
+        self._stop = stop
+        self._thread = threading.Thread(
+            target=self._read, args=(fd, offset, length, first, filled), name="mers-read", daemon=True
+        )
+        self._thread.start()
+
+    def pieces(self) -> Iterator[Piece]:
+        """The pieces in file order, until the region is read or `stop` is set; raises what the reader
+        hit (an `InputFileError` when the file shrank or cannot be read)."""
+        while (item := self._ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        self._drained = True
+
+    def close(self) -> None:
+        """Stop reading and wait for the reader. Full buffers it read but nobody took go back to the
+        pool, since the reader may be waiting for one before it sees that it must stop."""
+        self._halt.set()
+        while not self._drained:
+            item = self._ready.get()
+            if item is None:
+                self._drained = True
+            elif isinstance(item, Piece) and item.end == len(item.buffer):
+                self._pool.put(item.buffer)
+        self._thread.join()
+
+    def _stopped(self) -> bool:
+        return self._halt.is_set() or (self._stop is not None and self._stop.is_set())
+
+    def _read(self, fd: int, offset: int, length: int, buffer: Buffer, filled: int) -> None:
+        done = 0
+        try:
+            while done < length and not self._stopped():
+                if filled == len(buffer):
+                    buffer, filled = self._pool.get(), 0
+                    if self._stopped():
+                        self._pool.put(buffer)
+                        break
+                room = memoryview(buffer)[filled : min(len(buffer), filled + length - done)]
+                try:
+                    got = os.preadv(fd, [room], offset + done)
+                except OSError as exc:
+                    raise InputFileError(f"cannot read the input: {exc.strerror}") from exc
+                if got == 0:
+                    raise InputFileError(f"the input shrank while being read (at byte {offset + done})")
+                self._ready.put(Piece(buffer, filled, filled + got))
+                filled += got
+                done += got
+        except BaseException as error:  # handed to the caller by `pieces`
+            self._ready.put(error)
+        finally:
+            self._ready.put(None)
+
+
 #: the unprotected TLV area, which is never hashed, ends the image and holds at most this many bytes
 _UNHASHED_TAIL_MAX = 0xFFFF
 
@@ -81,11 +191,14 @@ class PrefixHasher:
     Verifying is mostly hashing, and hashlib releases the GIL while it hashes, so the caller can meanwhile
     import the verifier, load the trust anchors and parse the TLVs. Before the caller knows where the
     signed range ends, the thread hashes all but the last 64 KiB (an image's unhashed tail is never
-    longer); `digest(length)` waits for it and hashes the rest. Memory is one chunk buffer."""
+    longer); `digest(length)` waits for it and hashes the rest. The file is read ahead of the hash by a
+    thread of its own (`ReadAhead`); memory is a pool of a few chunk buffers."""
 
     def __init__(self, handle: BinaryIO) -> None:
         self._fd = handle.fileno()
-        self._buffer = bytearray(CHUNK_SIZE)
+        self._pool: queue.Queue[Buffer] = queue.Queue()
+        for _ in range(_POOL_SIZE):
+            self._pool.put(bytearray(CHUNK_SIZE))
         self._hash = hashlib.sha256()
         self._done = 0
         self._stop = threading.Event()
@@ -123,10 +236,19 @@ class PrefixHasher:
             self._error = error
 
     def _hash_until(self, length: int) -> None:
-        view = memoryview(self._buffer)
-        while self._done < length and not self._stop.is_set():
-            got = os.preadv(self._fd, [view[: min(CHUNK_SIZE, length - self._done)]], self._done)
-            if got == 0:
-                raise InputFileError(f"the input shrank while being read (at byte {self._done})")
-            self._hash.update(view[:got])
-            self._done += got
+        if self._done >= length:
+            return
+        first = self._pool.get()
+        reader = ReadAhead(self._fd, self._done, length - self._done, first, 0, self._pool, self._stop)
+        last, full = first, False
+        try:
+            for piece in reader.pieces():
+                self._hash.update(piece.view)
+                self._done += piece.end - piece.start
+                last, full = piece.buffer, piece.end == len(piece.buffer)
+                if full:
+                    self._pool.put(piece.buffer)
+        finally:
+            reader.close()
+        if not full:  # the reader stopped inside this buffer: it is free again
+            self._pool.put(last)

@@ -22,7 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from .errors import InputFileError, OutputFileError
+from .errors import OutputFileError
+from .files import Buffer, ReadAhead, StopSignal
 
 # 4 MiB writes rather than 1 MiB: signing 512 MiB took about 4% less (fewer requests for the disk to
 # serve beside the hashing; measured); 16 MiB in all absorbs the disk's jitter, so hashing never waits
@@ -47,10 +48,10 @@ class SequentialWriter:
         self._path = path
         self._direct_fd: int | None = None
         self._direct_tried = False
-        self._free: queue.Queue[mmap.mmap] = queue.Queue()
+        self._free: queue.Queue[Buffer] = queue.Queue()
         for _ in range(_POOL_SIZE):
             self._free.put(mmap.mmap(-1, CHUNK_SIZE))  # page-aligned, as O_DIRECT needs
-        self._pending: queue.Queue[tuple[mmap.mmap, int] | None] = queue.Queue()
+        self._pending: queue.Queue[tuple[Buffer, int] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="mers-writer", daemon=True)
         self._thread.start()
@@ -77,20 +78,29 @@ class SequentialWriter:
         offset: int,
         length: int,
         digest: HashObject,
-        stop: threading.Event | None = None,
+        stop: StopSignal | None = None,
     ) -> None:
         """Append `length` bytes of `source_fd` from `offset`, feeding each to `digest` as it passes;
-        `stop` ends the copy early (the caller is abandoning the output)."""
-        done = 0
-        while done < length and not (stop and stop.is_set()):
-            room = memoryview(self._buffer)[self._filled : min(CHUNK_SIZE, self._filled + length - done)]
-            got = os.preadv(source_fd, [room], offset + done)
-            if got == 0:
-                raise InputFileError(f"the input shrank while being read (at byte {offset + done})")
-            digest.update(room[:got])
-            self._filled += got
-            done += got
-            self._flush_if_full()
+        `stop` ends the copy early (the caller is abandoning the output). The file is read into the chunk
+        buffers by a thread of its own (`ReadAhead`) while this one hashes them and hands them on."""
+        if length <= 0:
+            return
+        reader = ReadAhead(source_fd, offset, length, self._buffer, self._filled, self._free, stop)
+        current: Buffer | None = self._buffer
+        try:
+            for piece in reader.pieces():
+                digest.update(piece.view)
+                current, self._filled = piece.buffer, piece.end
+                if piece.end == CHUNK_SIZE:
+                    self._raise_pending_error()
+                    self._pending.put((piece.buffer, self._offset))
+                    self._offset += CHUNK_SIZE
+                    current, self._filled = None, 0
+        finally:
+            reader.close()
+        # the reader takes the next buffer only when there is more to read: after a full last chunk this
+        # thread needs one of its own again
+        self._buffer = current if current is not None else self._free.get()
 
     def close(self) -> None:
         """Write the tail, wait for the background writes, and report the first error any of them hit."""
@@ -145,7 +155,7 @@ class SequentialWriter:
             finally:
                 self._free.put(buffer)
 
-    def _write_chunk(self, buffer: mmap.mmap, offset: int) -> None:
+    def _write_chunk(self, buffer: Buffer, offset: int) -> None:
         direct = self._open_direct()
         if direct is not None:
             try:
