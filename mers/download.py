@@ -15,6 +15,7 @@ last byte arrived, with bounded retries and the URL refreshed when it expires.
 
 from __future__ import annotations
 
+import json
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from urllib3.util.retry import Retry
 from .errors import DownloadError, HubRefusedError, ImageChangedError, InputError
 from .http import retry_policy
 
+#: how much of a refusal's body is read for its reason (the hub's are a line of JSON)
+_REASON_BYTES = 4096
 #: what a refreshed URL comes from: a function that returns a new signed URL for the same image
 UrlRefresher = Callable[[], str]
 
@@ -217,15 +220,16 @@ class BlobFetcher:
                 raise ImageChangedError("the image behind the URL changed (another ETag) during the download")
             _check_content_range(response, start, stop, self.url)
             return response
-        response.close()
         if response.status_code == 403:
             raise _Expired(_description(response))
         if response.status_code == 200:
+            response.close()
             raise ImageChangedError(
                 "the server sent the whole image instead of the range asked: it changed (another ETag) "
                 "or it does not do ranges"
             )
         if response.status_code >= 500 or response.status_code == 429:
+            response.close()
             raise DownloadError(f"{redacted(self.url)} kept answering {response.status_code}")
         raise HubRefusedError(
             f"{redacted(self.url)} answered {response.status_code} to a range request: "
@@ -288,10 +292,15 @@ _RETRIABLE = (_Expired, requests.RequestException, Urllib3Error, OSError)
 
 
 def _description(response: requests.Response) -> str:
+    """The `error_description` of a refusal's JSON body, then the response closed. The body is read from
+    the open response (a closed one reads as empty: every reason was lost) and only its first
+    `_REASON_BYTES`: an error page as large as an image must not be held in memory."""
     try:
-        document = response.json()
-    except ValueError:
+        document = json.loads(response.raw.read(_REASON_BYTES, decode_content=True))
+    except (ValueError, RecursionError, OSError, Urllib3Error):
         return "no reason given"
+    finally:
+        response.close()
     text = document.get("error_description") if isinstance(document, dict) else None
     return str(text)[:200] if text else "no reason given"
 

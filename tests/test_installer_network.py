@@ -19,7 +19,7 @@ import pytest
 from board.interface import SlotName
 from hub.home import HubSettings
 from mers.download import BlobFetcher
-from mers.errors import DownloadError, ImageChangedError, InputError, TaskClosedError
+from mers.errors import DownloadError, HubRefusedError, ImageChangedError, InputError, TaskClosedError
 from mers.install import Installer, InstallOutcome, InstallStep, refreshed_uri
 from mers.journal import Phase, load_journal
 from mers.tasks import Artifact, InstallationTask, TaskState
@@ -201,6 +201,19 @@ def test_a_refreshed_url_that_is_not_https_is_refused_before_it_is_used(
         fetcher.probe()
     assert fetcher.stats.requests == 1, "the signed URL never went out in clear"
     assert "sig=" not in str(refused.value)
+
+
+def test_a_refused_url_is_reported_with_the_reason_the_hub_gave(hub: RunningHub, tmp_path: Path) -> None:
+    """The hub says why it refuses a signed URL (expired, or not valid) in its 403 body: that reason is
+    the operator's one clue, so it reaches the error instead of "no reason given"."""
+    rig = make_rig(hub, tmp_path, onboard=False)
+    url = rig.task(rig.task_for(rig.image("2.0.0", counter=2)))["artifacts"][0]["uri"]
+    tampered = url[: url.index("sig=") + 4] + "0" * 64
+    fetcher = BlobFetcher(tampered, hub.ca, settings=TEST_DOWNLOAD)
+    with fetcher, pytest.raises(HubRefusedError, match="403") as refused:
+        fetcher.probe()
+    assert "the signed URL is not valid" in str(refused.value)
+    assert "0" * 64 not in str(refused.value)
 
 
 def _task(state: TaskState, *artifacts: Artifact) -> InstallationTask:
