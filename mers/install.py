@@ -173,9 +173,14 @@ class Installer:
 
     def _install_owned(self, wanted: Journal) -> InstallResult:
         journal = load_journal(self.board.state)
-        if journal.source is SourceKind.URL is wanted.source and journal.phase is Phase.DOWNLOADING:
+        if (
+            journal.source is SourceKind.URL is wanted.source
+            and journal.phase is Phase.DOWNLOADING
+            and journal.location != wanted.location
+        ):
             # a new URL for an interrupted download (the old one expired): the ETag check decides
             journal = replace(journal, location=wanted.location)
+            self._refuse_another_image(journal)
         if journal.busy:
             if (journal.source, journal.task_id, journal.location) != (
                 wanted.source,
@@ -190,6 +195,21 @@ class Installer:
             return self._continue(journal)
         with self._ended_on_refusal(wanted):
             return self._start(wanted)
+
+    def _refuse_another_image(self, journal: Journal) -> None:
+        """A new URL that names another image (another ETag or size) is another install, refused while
+        this one is under way: taken as "the image changed", it would fail the download in progress and
+        end its journal, because the operator pasted the wrong URL."""
+        source = self._open(journal)
+        try:
+            if (source.etag, source.size) != (journal.etag, journal.image_size):
+                raise InstallBusyError(
+                    f"another install is in progress ({journal.phase}, of {journal.version}), and this URL "
+                    "names another image: give the URL of that image to resume it, or end it with "
+                    "`mers abandon`"
+                )
+        finally:
+            source.close()
 
     def _start(self, wanted: Journal) -> InstallResult:
         active = self.board.active_slot()

@@ -8,11 +8,19 @@ from pathlib import Path
 import pytest
 
 from board.interface import SlotName
-from mers.errors import TaskClosedError
-from mers.install import Installer, InstallStep
+from mers.errors import InstallBusyError, TaskClosedError
+from mers.install import Installer, InstallOutcome, InstallStep
 from mers.journal import Phase, journal_owner, load_journal
 from tests.hub_helpers import FIRMWARE, RunningHub
-from tests.installer_helpers import TEST_INSTALL, Rig, make_rig, mers_peak_rss_kib, slot_files
+from tests.installer_helpers import (
+    TEST_INSTALL,
+    PowerCut,
+    Rig,
+    cut_at,
+    make_rig,
+    mers_peak_rss_kib,
+    slot_files,
+)
 
 
 def test_image_file_from_a_usb_stick_is_installed_booted_and_confirmed(
@@ -52,6 +60,31 @@ def test_signed_url_from_the_operator_is_installed_and_never_printed(hub: Runnin
     tampered = url[: url.index("sig=") + 4] + "0" * 64
     refused = rig.mers("install", "--url", tampered, "--no-progress")
     assert refused.returncode == 6 and "403" in refused.error_line and "0" * 64 not in refused.stderr
+
+
+def test_a_url_of_another_image_is_refused_while_a_url_install_is_under_way(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """A new URL resumes an interrupted URL install only if it names the same image: the URL of another
+    image is another install, refused while this one is under way, and the download keeps its journal."""
+    rig = make_rig(hub, tmp_path, onboard=False)
+    first_task = rig.task_for(rig.image("4.2.0", counter=2))
+    first = rig.task(first_task)["artifacts"][0]["uri"]
+    closed = hub.admin("PATCH", f"{FIRMWARE}/installationTasks/{first_task}", json={"state": "CANCELED"})
+    assert closed.status_code == 200, "the hub takes one open task an agent: the URL stays signed"
+    other = rig.task(rig.task_for(rig.image("4.3.0", counter=2)))["artifacts"][0]["uri"]
+    with pytest.raises(PowerCut):
+        Installer(rig.board, None, settings=TEST_INSTALL, hook=cut_at(InstallStep.CHECKPOINT)).install_url(
+            first
+        )
+    interrupted = load_journal(rig.board.state)
+    assert interrupted.phase is Phase.DOWNLOADING and interrupted.offset > 0
+
+    with pytest.raises(InstallBusyError, match="another install is in progress"):
+        Installer(rig.board, None, settings=TEST_INSTALL).install_url(other)
+    assert load_journal(rig.board.state) == interrupted, "the install under way keeps its journal"
+    result = Installer(rig.board, None, settings=TEST_INSTALL).install_url(first)
+    assert result.outcome is InstallOutcome.REBOOTING and result.journal.version == "4.2.0+0"
 
 
 def test_task_cancelled_mid_download_is_abandoned_and_nothing_is_switched(
