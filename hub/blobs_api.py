@@ -4,6 +4,8 @@ Outside the API prefix (DESIGN section 7) and without any other credential: the 
 credential (`signed_urls`). Every refusal is the same 403 whether or not the blob exists, so the endpoint
 tells a prober nothing about which images the hub holds. Downloads resume: a single `Range` gets a 206,
 guarded by `If-Range` on the blob's strong ETag (its SHA-256, which never changes for a given URL path).
+`If-Match` and `If-None-Match` are judged on that ETag before the range, as RFC 9110 section 13.2.2
+orders them (412, 304); the blob has no modification date, so the date conditions are ignored.
 
 The file is streamed from an open descriptor in large chunks read in a worker thread, so memory stays at
 one chunk whatever the image size, and reading stops as soon as the client goes away.
@@ -26,7 +28,8 @@ from starlette.types import Receive, Scope, Send
 
 from .auth import State
 from .byte_ranges import ByteRange, Unsatisfiable, requested_range
-from .errors import ForbiddenError
+from .errors import ForbiddenError, PreconditionFailedError
+from .etags import condition_names
 from .releases import blob_file
 from .signed_urls import BLOB_PATH_PREFIX, INVALID, BlobUrlSigner
 
@@ -49,11 +52,15 @@ def get_blob(sha256: str, request: Request, state: State) -> Response:
     try:
         size = os.fstat(fd).st_size
         etag = f'"{sha256}"'
+        not_modified = _not_modified(request, etag)
         part = requested_range(request.headers.get("range"), request.headers.get("if-range"), etag, size)
     except BaseException:
         os.close(fd)
         raise
     headers = {"accept-ranges": "bytes", "etag": etag, "cache-control": "no-store"}
+    if not_modified:
+        os.close(fd)
+        return Response(status_code=304, headers=headers)
     if isinstance(part, Unsatisfiable):
         os.close(fd)
         return JSONResponse(
@@ -62,6 +69,16 @@ def get_blob(sha256: str, request: Request, state: State) -> Response:
             headers={**headers, "content-range": part.content_range},
         )
     return BlobResponse(fd, part or ByteRange(0, size, size), partial=part is not None, headers=headers)
+
+
+def _not_modified(request: Request, etag: str) -> bool:
+    """`If-Match` (412 unless it names the blob strongly), then whether `If-None-Match` names it (304).
+    Repeated fields are one list, as RFC 9110 section 5.3 reads them."""
+    if_match = request.headers.getlist("if-match")
+    if if_match and not condition_names(", ".join(if_match), etag, weak=False):
+        raise PreconditionFailedError(f"If-Match does not name the blob's ETag {etag}")
+    if_none_match = request.headers.getlist("if-none-match")
+    return bool(if_none_match) and condition_names(", ".join(if_none_match), etag, weak=True)
 
 
 def _single(request: Request, name: str) -> str | None:

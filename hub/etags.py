@@ -1,4 +1,5 @@
-"""Entity tags of agents and data source configurations: `If-Match` in, `ETag` out.
+"""Entity tags of agents and data source configurations: `If-Match` in, `ETag` out; and the conditions a
+blob download is judged by (`condition_names`).
 
 An update or delete must name the version it was based on: without `If-Match` the hub answers 428, and
 with a stale one 412, so two operators editing the same agent cannot silently overwrite each other (the
@@ -9,9 +10,14 @@ only claims an equivalent version, and replacing a resource on that claim is the
 
 from __future__ import annotations
 
+import re
+
 from .errors import HubError, PreconditionFailedError
 
 _MAX_DIGITS = 18
+#: one element of a `#entity-tag` list (RFC 9110 sections 5.6.1 and 8.8.3), or an empty one; a tag may
+#: hold a comma, so the list is read tag by tag rather than split at commas
+_LISTED_TAG = re.compile(r'[ \t]*(?:(W/)?("[\x21\x23-\x7e\x80-\xff]*")[ \t]*)?(?:,|\Z)')
 
 
 class PreconditionRequiredError(HubError):
@@ -43,3 +49,20 @@ def expected_etag(if_match: str | None) -> int:
 def check_etag(expected: int, current: int) -> None:
     if expected != current:
         raise PreconditionFailedError(f"the eTag is {current}, not {expected}: read the resource again")
+
+
+def condition_names(field: str, etag: str, *, weak: bool) -> bool:
+    """Whether an `If-Match` or `If-None-Match` field (`*`, or a list of entity tags) names `etag`, a
+    strong tag with its quotes: by the strong comparison (`If-Match`), where a weak tag never matches, or
+    by the weak one (`If-None-Match`, `weak`). A malformed field names nothing."""
+    if field.strip(" \t") == "*":
+        return True
+    position, named = 0, False
+    while position < len(field):
+        element = _LISTED_TAG.match(field, position)
+        if element is None or element.end() == position:
+            return False
+        is_weak, tag = element.group(1) is not None, element.group(2)
+        named = named or (tag == etag and (weak or not is_weak))
+        position = element.end()
+    return named

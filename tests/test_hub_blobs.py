@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hub.byte_ranges import ByteRange, Unsatisfiable, requested_range
+from hub.etags import condition_names
 from hub.signed_urls import BlobUrlSigner
 from signing.keys import KeyAlgorithm
 from tests.firmware_helpers import Published, get, publish, upload
@@ -46,6 +47,10 @@ def with_query(uri: str, **changes: str) -> str:
     query.update(changes)
     text = "&".join(f"{name}={value}" for name, value in query.items() if value != "-")
     return parts._replace(query=text).geturl()
+
+
+def head(hub: RunningHub, uri: str, headers: dict[str, str]) -> requests.Response:
+    return hub.http.head(uri, verify=str(hub.ca), timeout=30, headers=headers)
 
 
 def assert_refused(response: requests.Response, reason: str) -> None:
@@ -217,6 +222,54 @@ def test_a_range_that_is_not_one_well_formed_byte_range_is_ignored(served: Serve
     assert response.content == published.image
 
 
+@pytest.mark.parametrize("if_none_match", ["{etag}", "W/{etag}", 'W/"x,y", {etag}', "*"])
+def test_if_none_match_naming_the_blob_is_not_modified(served: Served, if_none_match: str) -> None:
+    """RFC 9110 section 13.1.2: a GET whose `If-None-Match` names the blob (weakly) is a 304 without a
+    body, before any `Range` is looked at, and still carries the ETag."""
+    hub, published = served
+    etag = f'"{published.release["sha256"]}"'
+    headers = {"If-None-Match": if_none_match.format(etag=etag), "Range": "bytes=0-9"}
+    for response in (get(hub, published.uri, headers=headers), head(hub, published.uri, headers)):
+        assert response.status_code == 304, response.text
+        assert response.content == b""
+        assert response.headers["ETag"] == etag
+
+
+def test_if_none_match_naming_other_tags_sends_the_blob(served: Served) -> None:
+    hub, published = served
+    response = get(hub, published.uri, headers={"If-None-Match": '"other", W/"a,b"'})
+    assert response.status_code == 200
+    assert response.content == published.image
+
+
+@pytest.mark.parametrize("if_match", ['"other"', "W/{etag}", "{sha256}"])
+def test_an_if_match_not_naming_the_blob_strongly_fails(served: Served, if_match: str) -> None:
+    """RFC 9110 section 13.1.1: a failed `If-Match` is a 412, never the bytes of a blob the client did not
+    expect."""
+    hub, published = served
+    sha256 = published.release["sha256"]
+    header = if_match.format(etag=f'"{sha256}"', sha256=sha256)
+    response = get(hub, published.uri, headers={"If-Match": header, "Range": "bytes=0-9"})
+    assert response.status_code == 412, response.text
+    assert response.json()["error"] == "precondition_failed"
+
+
+@pytest.mark.parametrize("if_match", ["{etag}", '"other", {etag}', "*"])
+def test_if_match_naming_the_blob_lets_the_download_go_on(served: Served, if_match: str) -> None:
+    hub, published = served
+    header = if_match.format(etag=f'"{published.release["sha256"]}"')
+    response = get(hub, published.uri, headers={"If-Match": header, "Range": "bytes=0-9"})
+    assert response.status_code == 206
+    assert response.content == published.image[:10]
+
+
+def test_a_precondition_is_not_evaluated_for_a_refused_url(served: Served) -> None:
+    hub, published = served
+    forged = with_query(published.uri, sig="0" * 64)
+    assert_refused(get(hub, forged, headers={"If-None-Match": "*"}), "not valid")
+    assert_refused(get(hub, forged, headers={"If-Match": '"other"'}), "not valid")
+
+
 # --- refusals -------------------------------------------------------------------------------------
 
 
@@ -334,6 +387,24 @@ def test_if_range_is_a_strong_comparison_with_the_etag() -> None:
     assert requested_range("bytes=1-2", "W/" + ETAG, ETAG, 10) is None
     assert requested_range("bytes=1-2", '"abd"', ETAG, 10) is None
     assert requested_range(None, ETAG, ETAG, 10) is None
+
+
+@pytest.mark.parametrize(
+    ("field", "weak", "named"),
+    [
+        (ETAG, False, True),
+        ("W/" + ETAG, False, False),
+        ("W/" + ETAG, True, True),
+        (f' , "x,abc", {ETAG} ,', False, True),  # empty elements, and a tag that holds a comma
+        ('"x,abc"', True, False),
+        (" * ", False, True),
+        ("abc", True, False),  # unquoted: not an entity tag
+        (f'"x" {ETAG}', True, False),  # no comma between the tags: malformed, names nothing
+        ("", True, False),
+    ],
+)
+def test_an_entity_tag_list_names_the_etag_as_rfc_9110_says(field: str, weak: bool, named: bool) -> None:
+    assert condition_names(field, ETAG, weak=weak) is named
 
 
 @given(
