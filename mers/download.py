@@ -306,9 +306,11 @@ def _description(response: requests.Response) -> str:
 
 
 def _total_size(response: requests.Response, url: str) -> int:
+    """The image's size from `Content-Range`, whose complete-length is ASCII digits (RFC 9110):
+    `str.isdigit` alone takes "²" too, which `int` then refuses with an untyped error."""
     content_range = response.headers.get("content-range", "")
     _, _, total = content_range.rpartition("/")
-    if not total.isdigit():
+    if not (total.isascii() and total.isdigit()):
         raise DownloadError(f"{redacted(url)} sent no usable Content-Range ({content_range[:60]!r})")
     return int(total)
 

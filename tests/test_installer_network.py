@@ -24,6 +24,7 @@ from mers.install import Installer, InstallOutcome, InstallStep, refreshed_uri
 from mers.journal import Phase, load_journal
 from mers.tasks import Artifact, InstallationTask, TaskState
 from signing.layout import parse_header
+from tests.device_helpers import bad_server
 from tests.hub_helpers import FIRMWARE, RunningHub, running_hub
 from tests.installer_helpers import PAYLOAD_SIZE, TEST_DOWNLOAD, TEST_INSTALL, cutting_proxy, make_rig
 
@@ -214,6 +215,24 @@ def test_a_refused_url_is_reported_with_the_reason_the_hub_gave(hub: RunningHub,
         fetcher.probe()
     assert "the signed URL is not valid" in str(refused.value)
     assert "0" * 64 not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "total",
+    ["1\u00b2", "\u00b9", "1 0", "-1", "*"],
+    ids=["superscript", "only superscript", "space", "sign", "star"],
+)
+def test_a_content_range_total_that_is_not_ascii_digits_is_a_download_error(
+    tmp_path: Path, total: str
+) -> None:
+    """RFC 9110's complete-length is 1*DIGIT: "²" passes `str.isdigit` but not `int`, and must end as the
+    typed error the installer reports, not as a traceback."""
+    ca = tmp_path / "ca.pem"
+    with bad_server("partial", content_range=f"bytes 0-0/{total}") as server:
+        ca.write_bytes(server.ca_pem)
+        fetcher = BlobFetcher(f"{server.url}/blobs/x?sig=1", ca, settings=TEST_DOWNLOAD)
+        with fetcher, pytest.raises(DownloadError, match="no usable Content-Range"):
+            fetcher.probe()
 
 
 def _task(state: TaskState, *artifacts: Artifact) -> InstallationTask:
