@@ -92,9 +92,15 @@ def fsync_directory(directory: Path) -> None:
 
 
 def ensure_directory(directory: Path, mode: int = DIRECTORY_MODE) -> None:
-    """Create `directory` (and its parents) if missing; an existing one keeps its mode."""
+    """Create `directory` (and its parents, with the default mode as `mkdir -p` does) if missing; an
+    existing one keeps its mode. Each directory created is fsynced in its parent: a new directory is an
+    entry there, and without that fsync a power cut can lose it and the fsynced files written into it."""
+    if directory.is_dir():
+        return
+    ensure_directory(directory.parent, 0o777)
     try:
-        directory.mkdir(mode=mode, parents=True, exist_ok=True)
+        directory.mkdir(mode=mode, exist_ok=True)
+        fsync_directory(directory.parent)
     except OSError as exc:
         raise StorageError(f"cannot create directory {directory}: {exc.strerror}") from exc
 

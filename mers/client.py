@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from board.errors import BoardError
 from board.interface import Board
 from board.opening import open_board
+from board.storage import ensure_directory
 
 from . import onboarding
 from .boarding import BoardingSource, CredentialProfile, NetworkConfig, current_boarding, parse_network
@@ -446,8 +447,8 @@ class DeviceClient:
     def _locked(self) -> Iterator[None]:
         if self._lock_depth == 0:
             directory = self.board.state.directory
+            ensure_directory(directory)
             try:
-                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
                 self._lock_fd = os.open(directory / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
             except OSError as exc:
                 raise StorageError(f"cannot lock {directory}: {exc.strerror}") from exc

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from board.interface import SlotName, StateStore
+from board.storage import ensure_directory
 
 from .errors import CorruptStateError, InstallBusyError, StorageError
 
@@ -149,8 +150,8 @@ def journal_owner(state: StateStore) -> Iterator[None]:
     confirm` never drive one install from two processes at once. Not waited for: the other process may
     be in a download of minutes, so the caller is told at once (`InstallBusyError`)."""
     path = state.directory / LOCK_FILE
+    ensure_directory(state.directory)
     try:
-        state.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise StorageError(f"cannot open {path}: {exc.strerror}") from exc

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import jwt
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -47,6 +48,20 @@ def ca_bundle() -> bytes:
         .sign(key, hashes.SHA256())
     )
     return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The paths of the descriptors `os.fsync` is given from now on (as /proc names them: resolved): a
+    power cut cannot be simulated, so a test of durability observes the fsyncs instead."""
+    synced: list[Path] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced
 
 
 def iat(subject: str = "agent-1", **claims: object) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from mers.http import try_may_have_reached_the_hub
 from mers.tasks import TaskClient, TaskState
 from mers.tokens import TOKEN_FILE
 from signing.keys import KeyAlgorithm
+from tests.board_helpers import record_fsyncs
 from tests.conftest import CliResult, run_cli
 from tests.device_helpers import DAY, PROFILES, Gateway, bundle_file, lock_board, make_gateway, rat_id
 from tests.firmware_helpers import add_agent, new_task, trust, upload
@@ -85,6 +87,19 @@ def test_onboarding_tokens_and_renewal_work_against_the_real_hub(
         assert record["rat_jti"] == rat_id(stored.current.rat)
         assert record["previous_rat_jti"] is None or profile == "RSA_3072"  # same key: hub keeps it
         assert client.access_token() == renewed
+
+
+def test_onboarding_into_a_state_directory_not_yet_created_makes_it_survive_a_power_cut(
+    hub: RunningHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    state = gateway.board.state.directory
+    shutil.rmtree(state)  # as on a gateway's first boot
+    synced = record_fsyncs(monkeypatch)
+    with gateway.client() as client:
+        client.onboard()
+    assert load_credentials(gateway.board.state) is not None
+    assert state.parent.resolve() in synced, "the new directory's entry, not only the files in it"
 
 
 def test_renewal_follows_a_shortened_credential_lifetime(tmp_path: Path) -> None:

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from board.interface import SlotName
+from board.storage import StateDirectory
 from mers.errors import InstallBusyError, TaskClosedError
 from mers.install import Installer, InstallOutcome, InstallStep
 from mers.journal import Phase, journal_owner, load_journal
+from tests.board_helpers import record_fsyncs
 from tests.hub_helpers import FIRMWARE, RunningHub
 from tests.installer_helpers import (
     TEST_INSTALL,
@@ -151,6 +153,16 @@ def test_a_second_process_never_drives_the_same_journal(hub: RunningHub, tmp_pat
     assert confirm.returncode == 6 and "another mers process" in confirm.error_line
     assert rig.task(task_id)["state"] == "CREATED"
     assert rig.mers("install", "--task", task_id, "--no-progress").returncode == 0, "free again"
+
+
+def test_the_state_directory_the_journal_lock_creates_survives_a_power_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced = record_fsyncs(monkeypatch)
+    with journal_owner(StateDirectory(tmp_path / "var" / "state")):
+        pass
+    root = tmp_path.resolve()
+    assert root in synced and root / "var" in synced, "each new directory's entry in its parent"
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from board.errors import BoardError, InvalidNameError, StorageError
 from board.storage import StateDirectory, validate_name, write_atomically
+from tests.board_helpers import record_fsyncs
 
 
 class PowerCut(BaseException):
@@ -102,6 +103,16 @@ def test_the_state_directory_is_created_0700_on_the_first_write(tmp_path):
     state.write("journal", b"{}")
     assert _mode(tmp_path / "var" / "state") == 0o700
     assert state.read("journal") == b"{}"
+
+
+def test_each_directory_the_first_write_creates_is_made_durable_in_its_parent(tmp_path, monkeypatch):
+    """A new directory is an entry in its parent: unless the parent is fsynced, a power cut can lose the
+    directory and the fsynced files in it."""
+    synced = record_fsyncs(monkeypatch)
+    StateDirectory(tmp_path / "var" / "state").write("journal", b"{}")
+    root = tmp_path.resolve()
+    assert root in synced, "the entry of var"
+    assert root / "var" in synced, "the entry of state"
 
 
 def test_a_deleted_state_file_reads_as_absent_and_deleting_twice_is_fine(tmp_path):
