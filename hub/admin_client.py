@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,6 +63,11 @@ class LocalFileError(HubError):
     """A file named on the command line (token, CA, image, key) cannot be read."""
 
     code = "local_file"
+
+
+class ImageShrankError(LocalFileError):
+    """The image ended before the size the upload declared (it shrank while being sent): the upload was
+    aborted, and the hub stored nothing."""
 
 
 @dataclass(frozen=True)
@@ -222,8 +228,8 @@ class AdminClient:
 
     def upload_release(self, image: Path, name: str, progress: Progress | None = None) -> ReleaseUpload:
         """Stream `image` to the hub, which verifies it against its trusted keys (422 if it fails)."""
-        with _open_image(image) as handle:
-            body = _StreamedFile(handle, os.fstat(handle.fileno()).st_size, progress)
+        with _open_image(image) as (handle, size):
+            body = _StreamedFile(handle, image, size, progress)
             response = self._send(
                 "POST",
                 f"{FIRMWARE}/releases",
@@ -351,31 +357,52 @@ def _root_cause(exc: BaseException) -> str:
 
 
 @contextmanager
-def _open_image(image: Path) -> Iterator[BinaryIO]:
+def _open_image(image: Path) -> Iterator[tuple[BinaryIO, int]]:
+    """The image and the size its upload declares. A regular file only: a pipe or a device has no size
+    to declare (a pipe's reads as 0). Opened without blocking, so a FIFO is refused, not waited on."""
     try:
-        handle = image.open("rb")
+        fd = os.open(image, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise LocalFileError(f"cannot read the image {image}: {exc.strerror}") from exc
-    with handle:
-        yield handle
+    with open(fd, "rb") as handle:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise LocalFileError(
+                f"the image {image} is not a regular file: upload a file, not a pipe or device"
+            )
+        yield handle, status.st_size
 
 
 class _StreamedFile:
     """A file as a request body of known length, read a chunk at a time as the socket takes it.
 
     Having a length, it is sent with `Content-Length` (so the hub can refuse an oversized image before
-    reading it) rather than chunked."""
+    reading it) rather than chunked, and exactly that many bytes are sent: what a growing file gains
+    meanwhile is not (it would follow the body on the connection), and a file that ends early raises
+    `ImageShrankError`, which aborts the request instead of leaving the hub waiting for bytes that never
+    come."""
 
-    def __init__(self, handle: BinaryIO, length: int, progress: Progress | None) -> None:
+    def __init__(self, handle: BinaryIO, image: Path, length: int, progress: Progress | None) -> None:
         self.handle = handle
+        self.image = image
         self.length = length
+        self.remaining = length
         self.progress = progress
 
     def __len__(self) -> int:
         return self.length
 
     def read(self, size: int = UPLOAD_CHUNK) -> bytes:
-        chunk = self.handle.read(size if size > 0 else UPLOAD_CHUNK)
-        if chunk and self.progress is not None:
+        wanted = min(size if size > 0 else UPLOAD_CHUNK, self.remaining)
+        if not wanted:
+            return b""
+        chunk = self.handle.read(wanted)
+        if not chunk:
+            raise ImageShrankError(
+                f"the image {self.image} ended {self.remaining} bytes short of its {self.length} bytes: "
+                "it changed during the upload, which was aborted"
+            )
+        self.remaining -= len(chunk)
+        if self.progress is not None:
             self.progress(len(chunk))
         return chunk

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,10 @@ import pytest
 import requests
 from cryptography import x509
 
+from hub import admin_client
+from hub.admin_client import AdminClient, HubConnection, ImageShrankError
 from hub.home import HubHome, HubSettings
+from hub.releases import UPLOAD_PREFIX
 from tests.conftest import BIN_DIR, CliResult, run_cli
 from tests.hub_helpers import (
     AGENTS,
@@ -655,6 +659,68 @@ def test_an_upload_shows_a_progress_bar_when_stderr_is_a_terminal(
     assert completed.returncode == 0, shown
     assert "uploading" in shown and "100%" in shown
     assert completed.stdout.decode().startswith("uploaded release")
+
+
+def test_an_upload_of_a_pipe_is_refused_in_one_line_before_anything_is_sent(
+    hub: RunningHub, key: ReleaseKey, tmp_path: Path
+) -> None:
+    """A pipe has no size to declare (fstat says 0): the hub would get an empty body, the image after it."""
+    trust(hub, key)
+    image = signed_image(tmp_path, key, "1.0.0")
+    result = run_cli(
+        "mers-hub", "release", "upload", "/dev/stdin", *flags(hub), input_bytes=image.read_bytes()
+    )
+    assert result.returncode == EXIT_SETUP
+    assert "not a regular file" in result.error_line
+    assert hub.admin("GET", f"{FIRMWARE}/releases").json()["content"] == []
+
+
+def admin(hub: RunningHub) -> AdminClient:
+    token = (hub.root / "admin-token").read_text().strip()
+    return AdminClient(HubConnection(hub.url, hub.ca, token))
+
+
+def test_an_image_that_shrinks_during_its_upload_ends_it_at_once_and_the_hub_stores_nothing(
+    hub: RunningHub, key: ReleaseKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a client left waiting for the hub's answer fails here in seconds, not in ten minutes
+    monkeypatch.setattr(admin_client, "UPLOAD_READ_TIMEOUT", 10.0)
+    trust(hub, key)
+    image = signed_image(tmp_path, key, "1.0.0", size=MIB)
+    declared = image.stat().st_size
+
+    def truncate_after_the_first_chunk(_sent: int) -> None:
+        if image.stat().st_size == declared:
+            os.truncate(image, declared // 2)
+
+    with admin(hub) as client, pytest.raises(ImageShrankError, match=r"ended .* short"):
+        client.upload_release(image, "rootfs", truncate_after_the_first_chunk)
+    deadline = time.monotonic() + 10
+    while list(hub.state.blobs.glob(f"{UPLOAD_PREFIX}*")):
+        assert time.monotonic() < deadline, "the hub still holds the partial upload"
+        time.sleep(0.02)
+    assert hub.admin("GET", f"{FIRMWARE}/releases").json()["content"] == []
+
+
+def test_an_image_that_grows_during_its_upload_is_sent_only_up_to_its_declared_size(
+    hub: RunningHub, key: ReleaseKey, tmp_path: Path
+) -> None:
+    trust(hub, key)
+    image = signed_image(tmp_path, key, "1.0.0", size=MIB)
+    declared, digest = image.stat().st_size, sha256_of(image)
+    sent: list[int] = []
+
+    def grow_after_the_first_chunk(size: int) -> None:
+        if not sent:
+            with image.open("ab") as handle:
+                handle.write(os.urandom(64 << 10))
+        sent.append(size)
+
+    with admin(hub) as client:
+        upload = client.upload_release(image, "rootfs", grow_after_the_first_chunk)
+    assert sum(sent) == declared, "no byte beyond the Content-Length"
+    assert upload.created
+    assert (upload.release["size"], upload.release["sha256"]) == (declared, digest)
 
 
 def read_all(fd: int) -> str:
