@@ -6,7 +6,8 @@ line per copy, `device offset size [sector_size [sectors]]`; one line is a singl
 redundant pair. libubootenv reads each line with `sscanf("%ms %lli %zx %zx %lx")`, which decides the
 number syntax: the offset is a C integer (`0x` hex, leading `0` octal, else decimal, optionally signed; a
 negative offset counts back from the end of a block device), while size, sector size and sector count
-are always hexadecimal, `0x` or not (`4000` is 16 KiB).
+are always hexadecimal, `0x` or not (`4000` is 16 KiB). Only a `#` in the first column makes a comment
+line; an indented `#` begins a device name.
 
 libubootenv silently skips a line it cannot read and ignores everything after the second copy, so a typo
 can move the environment without a word. We accept every well-formed file it accepts and refuse the rest
@@ -177,12 +178,18 @@ def render(config: FwEnvConfig) -> str:
 
 
 def _fields(line: str) -> list[str]:
-    """The whitespace-separated fields before any comment (a `#` that starts a field)."""
-    fields: list[str] = []
-    for token in line.split():
+    """The whitespace-separated fields of a line, up to a later field that starts with `#`.
+
+    libubootenv skips only a line whose very first character is `#`; after leading blanks, a `#` is
+    the first character of the device name (`%ms`), so `  #env 0 0x4000` is a copy on `#env` for it.
+    A later field starting with `#` ends the line, since sscanf stops at the first it cannot convert.
+    """
+    if line.startswith("#"):
+        return []
+    fields = line.split()
+    for index, token in enumerate(fields[1:], start=1):
         if token.startswith("#"):
-            break
-        fields.append(token)
+            return fields[:index]
     return fields
 
 

@@ -63,7 +63,7 @@ from board.fw_env_config import (
             id="sector fields are hex without 0x too",
         ),
         pytest.param(
-            "# fw_env.config\n\n   \n  # indented comment\nenv 0 0x4000 # trailing comment\n",
+            "# fw_env.config\n\n   \n\t\r\nenv 0 0x4000 # trailing comment\n",
             (EnvDevice(Path("env"), 0, 0x4000),),
             id="comments and blank lines",
         ),
@@ -86,6 +86,12 @@ def test_well_formed_configs_are_read_as_libubootenv_reads_them(text, expected):
     assert config.copy_size == expected[0].size
 
 
+def test_an_indented_hash_starts_a_device_name_not_a_comment():
+    # libubootenv skips only lines whose first character is '#'; after blanks, sscanf's %ms reads it
+    config = parse("env 0 0x4000\n   #env 0 0x4000\n")
+    assert config.devices == (EnvDevice(Path("env"), 0, 0x4000), EnvDevice(Path("#env"), 0, 0x4000))
+
+
 def test_the_size_field_is_hexadecimal_even_without_0x():
     assert parse("env 0 4000\n").copy_size == 16384
 
@@ -103,6 +109,8 @@ def test_an_octal_offset_is_octal_and_a_decimal_one_decimal():
     [
         pytest.param("env 0\n", MalformedLineError, 1, "size", id="too few fields"),
         pytest.param("# c\n\nenv\n", MalformedLineError, 3, "offset", id="device only"),
+        pytest.param("env 0 0x4000\n  # note\n", MalformedLineError, 2, "size", id="indented # note"),
+        pytest.param("  # /dev/mtd1 0x0 0x1000\n", MalformedLineError, 1, "offset", id="indented # copy"),
         pytest.param("env 0 0x4000 0x1000 1 extra\n", MalformedLineError, 1, "sectors", id="extra field"),
         pytest.param("env 08 0x4000\n", MalformedLineError, 1, "offset", id="8 is not an octal digit"),
         pytest.param("env 0x 0x4000\n", MalformedLineError, 1, "offset", id="0x without digits"),
@@ -128,7 +136,7 @@ def test_malformed_configs_are_refused_naming_the_line(text, error, line, field)
     assert str(caught.value).startswith(f"line {line}: ")
 
 
-@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "   # and another\n"])
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", " \t\n# and another\n"])
 def test_a_config_without_any_copy_is_refused(text):
     with pytest.raises(InvalidLayoutError, match="no environment copy"):
         parse(text)

@@ -288,7 +288,7 @@ def test_our_entries_are_in_the_order_fw_setenv_writes_them(tmp_path, fw_tools, 
     "text",
     [
         "{f} 010 4000\n{f} 0x4010 0x4000\n",  # octal offset, hex size without 0x
-        "# gateway env\n\n{f}\t16\t0X4000 # first\n   # indented comment\n{f} 0x8000 4000 1000 4\n",
+        "# gateway env\n\n{f}\t16\t0X4000 # first\n \t\n{f} 0x8000 4000 1000 4\n",
         "{f} 0 4000\n",
     ],
     ids=["octal and bare hex", "comments, tabs, sector fields", "single copy"],
@@ -299,6 +299,21 @@ def test_both_tools_find_the_environment_where_the_config_text_says(tmp_path, fw
     text = text.format(f=partition)
     tools = fw_tools(text)
     env = create(parse(text), INITIAL, lock_path=tools.lock_path)
+
+    env.write({"bootcount": "2"})
+    assert tools.printenv() == {**INITIAL, "bootcount": "2"}
+    tools.setenv("bootcount", "3")
+    assert env.read() == {**INITIAL, "bootcount": "3"}
+
+
+def test_an_indented_hash_line_is_a_second_copy_for_both_tools(tmp_path, fw_tools, monkeypatch):
+    """libubootenv skips only a line whose first character is '#'; an indented `#name` is a device."""
+    monkeypatch.chdir(tmp_path)  # no absolute path starts with '#', so the device is relative
+    partition = tmp_path / "flash.img"
+    text = f"{partition} 0 4000\n   #flash.img 0 4000\n"
+    tools = fw_tools(text)
+    env = create(parse(text), INITIAL, lock_path=tools.lock_path)
+    assert Path("#flash.img").stat().st_size == 0x4000
 
     env.write({"bootcount": "2"})
     assert tools.printenv() == {**INITIAL, "bootcount": "2"}
