@@ -16,6 +16,7 @@ last byte arrived, with bounded retries and the URL refreshed when it expires.
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -120,6 +121,7 @@ class BlobFetcher:
         self._ca_file = str(ca_file)
         self._refresh = refresh
         self._etag = ""
+        self._size: int | None = None  # the probe's, which every later range must state as its total
         self._http = requests.Session()
         self._http.trust_env = False
         if proxy_url:
@@ -145,7 +147,7 @@ class BlobFetcher:
         while True:
             try:
                 with self._get(0, 1, pin=False) as response:
-                    size = _total_size(response, self.url)
+                    size = _content_range(response, self.url)[2]
                     etag = response.headers.get("etag", "")
                     response.content  # noqa: B018 - read the one byte, so the connection is reused
                 break
@@ -154,6 +156,7 @@ class BlobFetcher:
         if not etag.startswith('"'):
             raise DownloadError(f"{redacted(self.url)} sent no strong ETag: a resume could mix images")
         self._etag = etag
+        self._size = size
         return RemoteImage(size, etag)
 
     def read_range(self, start: int, stop: int) -> bytes:
@@ -218,7 +221,7 @@ class BlobFetcher:
             if pin and self._etag and response.headers.get("etag") != self._etag:
                 response.close()
                 raise ImageChangedError("the image behind the URL changed (another ETag) during the download")
-            _check_content_range(response, start, stop, self.url)
+            _check_content_range(response, start, stop, self._size if pin else None, self.url)
             return response
         if response.status_code == 403:
             raise _Expired(_description(response))
@@ -305,21 +308,39 @@ def _description(response: requests.Response) -> str:
     return str(text)[:200] if text else "no reason given"
 
 
-def _total_size(response: requests.Response, url: str) -> int:
-    """The image's size from `Content-Range`, whose complete-length is ASCII digits (RFC 9110):
-    `str.isdigit` alone takes "²" too, which `int` then refuses with an untyped error."""
+#: RFC 9110's 206 Content-Range, "bytes first-last/complete-length", each 1*DIGIT: ASCII digits only
+#: (`str.isdigit` takes "²", which `int` refuses) and at most 20 (`int` refuses more than 4300 digits)
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20})")
+
+
+def _content_range(response: requests.Response, url: str) -> tuple[int, int, int]:
+    """First byte, last byte and complete-length of a 206's `Content-Range`. An unknown length (`*`) or
+    a malformed header is refused (the response closed) with the typed error: it cannot show that the
+    bytes belong to the image the download started with."""
     content_range = response.headers.get("content-range", "")
-    _, _, total = content_range.rpartition("/")
-    if not (total.isascii() and total.isdigit()):
-        raise DownloadError(f"{redacted(url)} sent no usable Content-Range ({content_range[:60]!r})")
-    return int(total)
+    numbers = _CONTENT_RANGE.fullmatch(content_range)
+    if numbers is not None:
+        first, last, total = (int(number) for number in numbers.groups())
+        if first <= last < total:
+            return first, last, total
+    response.close()
+    raise DownloadError(f"{redacted(url)} sent no usable Content-Range ({content_range[:60]!r})")
 
 
-def _check_content_range(response: requests.Response, start: int, stop: int, url: str) -> None:
-    expected = f"bytes {start}-{stop - 1}/"
-    if not response.headers.get("content-range", "").startswith(expected):
+def _check_content_range(
+    response: requests.Response, start: int, stop: int, size: int | None, url: str
+) -> None:
+    """A 206 must be the range asked, of the image of `size` bytes (the probe's, `None` for the probe
+    itself): another range would put bytes at the wrong offset, and another complete-length is another
+    representation (a CDN node serving another build under the same URL and ETag), whose bytes spliced
+    with the first's would make an image that was never signed."""
+    first, last, total = _content_range(response, url)
+    if (first, last) != (start, stop - 1):
         response.close()
         raise DownloadError(f"{redacted(url)} answered another range than bytes {start}-{stop - 1}")
+    if size is not None and total != size:
+        response.close()
+        raise ImageChangedError(f"the image behind the URL changed (its size from {size} to {total} bytes)")
 
 
 def _plain(exc: BaseException, url: str) -> Exception:

@@ -114,8 +114,9 @@ class BadServer:
     """A TLS server on 127.0.0.1 that answers every request with 500, with 503 and `Retry-After: 5`
     (`busy`), with 200 and `{}` but no `Server-Time` (`timeless`), hangs, drops the connection, or cuts
     its answer short after the headers (`cut`; `cut-once` only on the first connection, then answers
-    whole), or answers 206 with one byte and the `Content-Range` given (`partial`); `connections` counts
-    the attempts the client made, `requests` holds their request lines."""
+    whole), or answers 206 with one byte and the `Content-Range` given (`partial`; `later_range`, if
+    given, from the second connection on); `connections` counts the attempts the client made, `requests`
+    holds their request lines."""
 
     mode: str
     ca_pem: bytes
@@ -130,7 +131,9 @@ class BadServer:
 
 
 @contextmanager
-def bad_server(mode: str, *, content_range: str = "bytes 0-0/1") -> Iterator[BadServer]:
+def bad_server(
+    mode: str, *, content_range: str = "bytes 0-0/1", later_range: str | None = None
+) -> Iterator[BadServer]:
     material = create_tls_material(("localhost",))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     directory = Path(os.environ.get("TMPDIR", "/tmp"))
@@ -177,7 +180,8 @@ def bad_server(mode: str, *, content_range: str = "bytes 0-0/1") -> Iterator[Bad
                 answer(connection, "200 OK", b'{"answer": "whole"}')
             elif mode == "partial":
                 # latin-1: the encoding http.client reads header values in, so a "²" sent arrives as "²"
-                ranged = f'Content-Range: {content_range}\r\nETag: "1"\r\n'.encode("latin-1")
+                sent = later_range if later_range is not None and number > 1 else content_range
+                ranged = f'Content-Range: {sent}\r\nETag: "1"\r\n'.encode("latin-1")
                 connection.sendall(
                     b"HTTP/1.1 206 Partial Content\r\n" + ranged + b"Content-Length: 1\r\n\r\nx"
                 )

@@ -235,6 +235,45 @@ def test_a_content_range_total_that_is_not_ascii_digits_is_a_download_error(
             fetcher.probe()
 
 
+@pytest.mark.parametrize(
+    ("later_range", "error", "message"),
+    [
+        ("bytes 0-0/2", ImageChangedError, "changed"),
+        ("bytes 0-0/*", DownloadError, "no usable Content-Range"),
+        ("bytes 0-0/1/1", DownloadError, "no usable Content-Range"),
+        ("bytes 0-0", DownloadError, "no usable Content-Range"),
+        ("bytes 0-0/0", DownloadError, "no usable Content-Range"),
+        ("bytes 0-0/" + "1" * 5000, DownloadError, "no usable Content-Range"),
+    ],
+    ids=["another total", "unknown total", "two totals", "no total", "end beyond the total", "endless total"],
+)
+def test_a_range_of_another_size_than_the_probe_saw_is_never_spliced(
+    tmp_path: Path, later_range: str, error: type[Exception], message: str
+) -> None:
+    """The probe saw a one-byte image; a later 206 whose complete-length differs is a range of another
+    representation (a CDN node serving another build), and one that states no usable length proves
+    nothing: either ends the download before its byte is handed on."""
+    ca = tmp_path / "ca.pem"
+    with bad_server("partial", later_range=later_range) as server:
+        ca.write_bytes(server.ca_pem)
+        fetcher = BlobFetcher(f"{server.url}/blobs/x?sig=1", ca, settings=TEST_DOWNLOAD)
+        with fetcher:
+            assert fetcher.probe().size == 1
+            with pytest.raises(error, match=message):
+                fetcher.read_range(0, 1)
+
+
+def test_a_range_that_ends_elsewhere_than_asked_is_refused(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    with bad_server("partial", content_range="bytes 0-0/5", later_range="bytes 0-1/5") as server:
+        ca.write_bytes(server.ca_pem)
+        fetcher = BlobFetcher(f"{server.url}/blobs/x?sig=1", ca, settings=TEST_DOWNLOAD)
+        with fetcher:
+            fetcher.probe()
+            with pytest.raises(DownloadError, match="another range than bytes 0-0"):
+                fetcher.read_range(0, 1)
+
+
 def _task(state: TaskState, *artifacts: Artifact) -> InstallationTask:
     return InstallationTask("t-1", state, 0.1, "", "r-1", "2.0.0", "3", artifacts)
 
