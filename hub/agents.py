@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from .datasources import EMPTY_DOCUMENT
 from .errors import ConflictError, LimitReachedError, NotFoundError, PreconditionFailedError
-from .etags import check_etag
+from .etags import EtagCondition, check_etag
 from .models import Agent, BoardingStatus, DataSourceConfiguration, SecurityProfile
 from .timefmt import iso
 
@@ -118,7 +118,7 @@ def update_agent(
     session: Session,
     agent_id: str,
     *,
-    expected_etag: int,
+    if_match: EtagCondition,
     name: str,
     profile: SecurityProfile,
     description: str,
@@ -127,7 +127,7 @@ def update_agent(
     """Rename, redescribe or re-profile an agent. Changing the profile of an onboarded agent is 409: its
     registered credentials are of the old kind (offboard it first)."""
     agent = get_agent(session, agent_id)
-    check_etag(expected_etag, agent.etag)
+    expected_etag = if_match.check(agent.etag)
     profile_changes = profile.value != agent.security_profile
     if profile_changes and agent.boarding_status == BoardingStatus.ONBOARDED:
         raise ConflictError("the agent is onboarded: offboard it before changing its security profile")
@@ -160,11 +160,11 @@ def update_agent(
     return agent
 
 
-def delete_agent(session: Session, agent_id: str, *, expected_etag: int) -> None:
+def delete_agent(session: Session, agent_id: str, *, if_match: EtagCondition) -> None:
     """Remove the agent, its data source configuration and its credentials (its access tokens die with
     it: they are honoured only for an existing, onboarded agent)."""
     agent = get_agent(session, agent_id)
-    check_etag(expected_etag, agent.etag)
+    expected_etag = if_match.check(agent.etag)
     session.execute(delete(DataSourceConfiguration).where(DataSourceConfiguration.agent_id == agent_id))
     result = session.execute(delete(Agent).where(Agent.id == agent_id, Agent.etag == expected_etag))
     if rowcount(result) != 1:
@@ -189,11 +189,11 @@ def data_source_configuration(session: Session, agent_id: str) -> StoredConfigur
 
 
 def replace_data_source_configuration(
-    session: Session, agent_id: str, document: dict[str, Any], *, expected_etag: int
+    session: Session, agent_id: str, document: dict[str, Any], *, if_match: EtagCondition
 ) -> StoredConfiguration:
-    """Store a validated document (see `datasources`) if `expected_etag` is still current."""
+    """Store a validated document (see `datasources`) if `if_match` names the current version."""
     current = data_source_configuration(session, agent_id)
-    check_etag(expected_etag, current.etag)
+    expected_etag = if_match.check(current.etag)
     text = json.dumps(document)
     if session.get(DataSourceConfiguration, agent_id) is None:
         session.add(DataSourceConfiguration(agent_id=agent_id, etag=2, document=text))

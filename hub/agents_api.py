@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from . import agents, boarding
 from .auth import AdminCaller, AnyCaller, State
 from .datasources import DataSourceDocument, stored_form
-from .etags import etag_header, expected_etag
+from .etags import etag_header, if_match_condition
 from .models import SecurityProfile
 from .texts import storable_text
 
@@ -87,12 +87,12 @@ def update_agent(
     agent_id: AgentId, draft: AgentDraft, _caller: AdminCaller, state: State, if_match: IfMatch = None
 ) -> JSONResponse:
     """Update an agent; `If-Match` with its eTag is required (428 without, 412 when stale)."""
-    expected = expected_etag(if_match)
+    condition = if_match_condition(if_match)
     with state.database.transaction() as session:
         agent = agents.update_agent(
             session,
             agent_id,
-            expected_etag=expected,
+            if_match=condition,
             name=draft.name,
             profile=draft.securityProfile,
             description=draft.description,
@@ -105,9 +105,9 @@ def update_agent(
 @router.delete("/agents/{agent_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_agent(agent_id: AgentId, _caller: AdminCaller, state: State, if_match: IfMatch = None) -> Response:
     """Delete an agent with its configuration and credentials; `If-Match` is required."""
-    expected = expected_etag(if_match)
+    condition = if_match_condition(if_match)
     with state.database.transaction() as session:
-        agents.delete_agent(session, agent_id, expected_etag=expected)
+        agents.delete_agent(session, agent_id, if_match=condition)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -129,10 +129,10 @@ def put_data_source_configuration(
     if_match: IfMatch = None,
 ) -> JSONResponse:
     """Replace the configuration (validated: see `datasources`); `If-Match` is required."""
-    expected = expected_etag(if_match)
+    condition = if_match_condition(if_match)
     with state.database.transaction() as session:
         stored = agents.replace_data_source_configuration(
-            session, agent_id, stored_form(document), expected_etag=expected
+            session, agent_id, stored_form(document), if_match=condition
         )
     return JSONResponse(stored.to_json(), headers=etag_header(stored.etag))
 

@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from .auth import AdminCaller, AnyCaller, Caller, State
 from .errors import InvalidRequestError, NotFoundError
-from .etags import expected_etag
+from .etags import EtagCondition, if_match_condition
 from .releases import get_release, list_releases, receive_release
 from .signed_urls import BlobUrlSigner
 from .state import HubState
@@ -189,9 +189,8 @@ def _actor(caller: Caller) -> str:
     return "admin" if caller.agent_id is None else f"agent:{caller.agent_id}"
 
 
-def _etag(if_match: str | None) -> int | None:
-    """`If-Match` as an eTag number; optional here (a device reporting progress need not send one), and
-    `*` means any."""
-    if if_match is None or if_match.strip() in ("", "*"):
+def _etag(if_match: str | None) -> EtagCondition | None:
+    """`If-Match` as a condition; optional here (a device reporting progress need not send one)."""
+    if if_match is None or not if_match.strip():
         return None
-    return expected_etag(if_match)
+    return if_match_condition(if_match)

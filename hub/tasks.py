@@ -26,7 +26,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .database import Database
-from .errors import ConflictError, InvalidRequestError, NotFoundError, PreconditionFailedError
+from .errors import ConflictError, InvalidRequestError, NotFoundError
+from .etags import EtagCondition
 from .models import Agent, InstallationTask, Release, TaskTransition
 from .releases import ReleaseView, get_release, is_well_formed_id, new_id
 from .signed_urls import SignedUrl
@@ -272,15 +273,15 @@ def update_task(
     actor: str,
     now: float,
     *,
-    if_match: int | None = None,
+    if_match: EtagCondition | None = None,
 ) -> TaskView:
     """Apply `change` to the task, or raise: 404 unknown, 409 forbidden by the state machine, 412 when
-    `if_match` is not the current eTag. Each attempt is judged on a fresh read and applied only if the
+    `if_match` does not name the current eTag. Each attempt is judged on a fresh read and applied only if the
     eTag it read is still current, so no concurrent change is overwritten."""
     for _ in range(_ATTEMPTS):
         view = get_task(database, task_id)
-        if if_match is not None and if_match != view.etag:
-            raise PreconditionFailedError(f"eTag {if_match} is not current ({view.etag})")
+        if if_match is not None:
+            if_match.check(view.etag)
         status = apply_change(view.status, change)
         if _store_change(database, view, status, actor, now):
             return get_task(database, task_id)

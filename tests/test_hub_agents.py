@@ -269,6 +269,31 @@ def test_if_match_with_a_weak_etag_never_matches_and_changes_nothing(hub: Runnin
     assert hub.admin("GET", configuration).json()["eTag"] == "1"
 
 
+def test_if_match_is_a_list_of_etags_or_a_star_and_any_strong_one_may_name_the_current(
+    hub: RunningHub,
+) -> None:
+    """RFC 9110 section 13.1.1: the condition holds when any listed tag is the current one (compared
+    strongly), or for `*`; a list naming no current tag, or only a weak one, is 412 and changes nothing."""
+    agent = create_agent(hub, "gw-1")
+    body = {"name": "gw-renamed", "securityProfile": "SHARED_SECRET"}
+    path = agent_path(agent["id"])
+    before = agent_record(hub, agent["id"])
+    for refused in ('"7", "8"', 'W/"1", "2"', 'W/"1"', '"1", banana', '"1" "2"', ","):
+        response = hub.admin("PUT", path, json=body, headers={"If-Match": refused})
+        assert_hub_error(response, 412, "precondition_failed")
+        assert_hub_error(hub.admin("DELETE", path, headers={"If-Match": refused}), 412)
+    assert agent_record(hub, agent["id"]) == before
+
+    listed = hub.admin("PUT", path, json=body, headers={"If-Match": '"7", "1"'})
+    assert (listed.status_code, listed.headers.get("ETag")) == (200, '"2"'), listed.text
+    starred = hub.admin("PUT", path, json=body | {"description": "v3"}, headers={"If-Match": "*"})
+    assert (starred.status_code, starred.headers.get("ETag")) == (200, '"3"'), starred.text
+    configuration = agent_path(agent["id"], "/dataSourceConfiguration")
+    stored = hub.admin("PUT", configuration, json=DOCUMENT, headers={"If-Match": 'W/"1", "1"'})
+    assert stored.json()["eTag"] == "2", stored.text
+    assert hub.admin("DELETE", path, headers={"If-Match": '"1","2",  "3"'}).status_code == 204
+
+
 def test_renaming_to_a_taken_name_is_a_conflict(hub: RunningHub) -> None:
     create_agent(hub, "gw-1")
     second = create_agent(hub, "gw-2")

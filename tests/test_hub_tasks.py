@@ -354,6 +354,25 @@ def test_if_match_with_a_weak_etag_never_matches_a_task(hub: RunningHub, publish
     assert read(hub, task_id)["eTag"] == "1"
 
 
+def test_if_match_on_a_task_is_a_list_any_strong_tag_of_which_may_name_the_current(
+    hub: RunningHub, published: Published
+) -> None:
+    """RFC 9110 section 13.1.1: a list holds when any tag in it is the current eTag, compared strongly."""
+    task_id = published.task["id"]
+    url = f"{TASKS}/{task_id}"
+    for refused in ('"5", "6"', 'W/"1", "2"', '"1", junk'):
+        response = hub.admin("PATCH", url, json={"progress": 0.1}, headers={"If-Match": refused})
+        assert response.status_code == 412, response.text
+        assert response.json()["error"] == "precondition_failed"
+    assert read(hub, task_id)["eTag"] == "1"
+    listed = hub.admin("PATCH", url, json={"progress": 0.2}, headers={"If-Match": '"5", "1"'})
+    assert listed.status_code == 200, listed.text
+    assert hub.admin("PATCH", url, json={"progress": 0.3}, headers={"If-Match": "*"}).status_code == 200
+    mixed = hub.admin("PATCH", url, json={"progress": 0.4}, headers={"If-Match": 'W/"3", "3"'})
+    assert mixed.status_code == 200, mixed.text
+    assert read(hub, task_id)["eTag"] == "4"
+
+
 def race_final_reports(hub: RunningHub, published: Published) -> None:
     """From ACTIVATING, ACTIVATED and CANCELED reported at the same moment: exactly one applies."""
     task_id = new_task(hub, add_agent(hub), published.release["id"])["id"]
