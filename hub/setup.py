@@ -20,10 +20,26 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from .database import create_schema, open_engine
 from .errors import HubSetupError
 from .home import HubHome, HubSettings
-from .tls import create_tls_material
+from .tls import TlsMaterial, create_tls_material
 
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
+
+
+@dataclass(frozen=True)
+class HubKeys:
+    """The key material a hub is made with: its token-signing RSA key (PEM) and its TLS CA and server
+    certificate. Generating the RSA-3072 key takes 0.1 to 1 s, so a caller that makes many throw-away
+    hubs (the test suite) makes one set and gives it to each; an operator's hub always gets its own."""
+
+    signing_key_pem: bytes
+    tls: TlsMaterial
+
+
+def new_hub_keys(hostnames: tuple[str, ...] = ()) -> HubKeys:
+    """Fresh key material, the server certificate naming `hostnames` besides 127.0.0.1 and localhost."""
+    signing_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    return HubKeys(_private_pem(signing_key), create_tls_material(hostnames))
 
 
 @dataclass(frozen=True)
@@ -39,9 +55,14 @@ def hash_admin_token(token: str) -> str:
 
 
 def create_hub(
-    root: Path, hostnames: tuple[str, ...] = (), settings: HubSettings | None = None
+    root: Path,
+    hostnames: tuple[str, ...] = (),
+    settings: HubSettings | None = None,
+    *,
+    keys: HubKeys | None = None,
 ) -> InitResult:
-    """Create the hub directory `root` (which must not exist, or be empty)."""
+    """Create the hub directory `root` (which must not exist, or be empty), with new key material unless
+    `keys` is given (made by `new_hub_keys` for the same `hostnames`)."""
     settings = settings or HubSettings()
     home = HubHome(root)
     restarted = _prepare_directory(home)
@@ -52,11 +73,11 @@ def create_hub(
         create_schema(engine)
     finally:
         engine.dispose()
-    signing_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
-    tls = create_tls_material(hostnames)
+    keys = keys or new_hub_keys(hostnames)
+    tls = keys.tls
     admin_token = secrets.token_urlsafe(32)
     files = [
-        (home.signing_key, _private_pem(signing_key), SECRET_MODE),
+        (home.signing_key, keys.signing_key_pem, SECRET_MODE),
         (home.url_secret, secrets.token_hex(32).encode("ascii"), SECRET_MODE),
         (home.admin_token, admin_token.encode("ascii") + b"\n", SECRET_MODE),
         (home.admin_token_hash, hash_admin_token(admin_token).encode("ascii") + b"\n", SECRET_MODE),

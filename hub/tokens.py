@@ -9,6 +9,7 @@ Expiry is checked against the hub's clock (injectable, so tests can age tokens w
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import secrets
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from jwt.algorithms import RSAAlgorithm
 
 from .errors import HubSetupError, UnauthorizedError
@@ -38,6 +40,14 @@ class TokenKind(enum.StrEnum):
         return f"urn:mers:hub:{self.value}"
 
 
+@functools.lru_cache(maxsize=8)
+def _load_private_key(data: bytes) -> PrivateKeyTypes:
+    """Load and check a PEM private key. Checking an RSA-3072 key (its primes included) takes about 0.1 s;
+    the same bytes are the same immutable key, so a process serving several hubs one after another (the
+    test suite) checks each key once. Errors are not cached: they are raised again on every call."""
+    return serialization.load_pem_private_key(data, password=None)
+
+
 @dataclass(frozen=True)
 class HubKey:
     """The RSA key pair that signs every token the hub issues."""
@@ -47,7 +57,7 @@ class HubKey:
     @classmethod
     def from_pem(cls, data: bytes, *, source: str) -> HubKey:
         try:
-            key = serialization.load_pem_private_key(data, password=None)
+            key = _load_private_key(data)
         except (ValueError, TypeError) as exc:
             raise HubSetupError(f"{source} is not an unencrypted PEM private key") from exc
         if not isinstance(key, rsa.RSAPrivateKey):

@@ -4,6 +4,7 @@ background thread, with a clock tests can move forward (so tokens age without sl
 from __future__ import annotations
 
 import base64
+import functools
 import secrets
 import threading
 import time
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hub.home import HubSettings
 from hub.models import Agent
 from hub.server import bind, build_server
-from hub.setup import create_hub
+from hub.setup import HubKeys, create_hub, new_hub_keys
 from hub.state import HubState
 
 AGENTS = "/api/agentmanagement/v3"
@@ -102,10 +103,33 @@ def fresh_postgres_database(server_url: str) -> Iterator[str]:
         server.dispose()
 
 
+@functools.cache
+def shared_hub_keys() -> HubKeys:
+    """The key material of every test hub in this process, made once: generating an RSA-3072 key costs
+    0.1 to 1 s, a few minutes over the suite. Each hub still has its own admin token, URL secret and
+    database, and its tokens name its own URL as issuer, so what one hub issues is refused by another."""
+    return new_hub_keys()
+
+
+#: servers told to stop whose threads are not yet joined (see `running_hub`'s `wait_for_stop`)
+_stopping: list[threading.Thread] = []
+
+
+def join_stopping_hubs() -> None:
+    """Wait for every hub told to stop without waiting (at the end of the test session)."""
+    while _stopping:
+        _stopping.pop().join(timeout=30)
+
+
 @contextmanager
-def running_hub(root: Path, settings: HubSettings | None = None) -> Iterator[RunningHub]:
-    """Create a hub in `root` and serve it until the block ends."""
-    created = create_hub(root, settings=settings)
+def running_hub(
+    root: Path, settings: HubSettings | None = None, *, wait_for_stop: bool = True
+) -> Iterator[RunningHub]:
+    """Create a hub in `root` and serve it until the block ends. uvicorn takes 0.1 to 0.2 s to stop
+    (its tick and its shutdown each sleep 0.1 s); with `wait_for_stop` False the block ends once the
+    server is told to stop and it stops in the background, for a caller that never looks at the hub
+    or its directory again (the `hub` fixture's teardown)."""
+    created = create_hub(root, settings=settings, keys=shared_hub_keys())
     clock = MovableClock()
     sock = bind("127.0.0.1", 0)
     server = build_server(created.home, sock, clock=clock)
@@ -123,8 +147,11 @@ def running_hub(root: Path, settings: HubSettings | None = None) -> Iterator[Run
         hub.http.close()
         server.should_exit = True
         server.force_exit = True  # idle keep-alive TLS connections would hold a graceful exit for 5 s
-        thread.join(timeout=30)
-        sock.close()
+        if wait_for_stop:
+            thread.join(timeout=30)
+            sock.close()
+        else:  # uvicorn closes the listening socket itself as it shuts down
+            _stopping.append(thread)
 
 
 # --- agents and onboarding, through the hub's real HTTP API -------------------------------------------

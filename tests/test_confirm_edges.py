@@ -25,7 +25,7 @@ from mers.journal import JOURNAL_FILE, Phase, load_journal
 from mers.tasks import MAX_MESSAGE, reportable
 from tests.conftest import BIN_DIR
 from tests.device_helpers import bundle_file
-from tests.hub_helpers import RunningHub, create_agent
+from tests.hub_helpers import RunningHub, create_agent, join_stopping_hubs
 from tests.installer_helpers import TEST_INSTALL, Rig, make_rig, mers_peak_rss_kib
 
 
@@ -194,6 +194,7 @@ def test_hooks_that_leave_a_writer_behind_leave_no_thread_or_descriptor(tmp_path
     """Each check stops reading the hook's stderr once it has judged: a background process the hook left
     writing there held a thread and a descriptor of the daemon for as long as it lived."""
     hook = hook_script(tmp_path, "( while :; do echo tick >&2; sleep 0.1; done ) &\nexit 1\n")
+    join_stopping_hubs()  # hubs of earlier tests still stopping would end threads and close descriptors
     before = threading.active_count(), len(os.listdir("/proc/self/fd"))
     try:
         for _ in range(5):
