@@ -173,12 +173,12 @@ def sim_serve(
 
 
 @click.group(help="The provisioning console without the rest of mers-board (for tests and debugging).")
-def _standalone() -> None:
+def standalone() -> None:
     pass
 
 
-_standalone.add_command(console)
-_standalone.add_command(sim_serve)
+standalone.add_command(console)
+standalone.add_command(sim_serve)
 
 if __name__ == "__main__":
-    _standalone()
+    standalone()

@@ -1,5 +1,5 @@
 """Test helpers for the provisioning console: the data a station writes, a small SMP client of our own
-(smp.packet framing, cbor2 bodies, pyserial), and consoles served in a thread or a subprocess."""
+(smp.packet framing, cbor2 bodies, pyserial), and consoles served in a thread or a process of their own."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ import os
 import select
 import signal
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import cbor2
 import jwt
@@ -26,6 +24,7 @@ from smp import header as smp_header
 from smp import packet as smp_packet
 from smp.exceptions import SMPDecodeError
 
+from board import console_cli
 from board import protocol as wire
 from board.console import PtyPort, impaired, serve
 from board.interface import Identity
@@ -33,6 +32,7 @@ from board.line import LineConditions, Port
 from board.simboard import SimBoard
 from signing.keys import KeyAlgorithm
 from tests.board_helpers import ca_bundle
+from tests.forked_process import ForkedDriver
 from tests.signing_helpers import signer_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -257,45 +257,53 @@ def read_line(stream: IO[bytes], deadline: float) -> bytes:
 
 
 class ConsoleProcess:
-    """`python -m board.console_cli serve DIR --json` as a real process, as the factory runs it."""
+    """`mers-board sim serve DIR --json` (the console CLI) in a process of its own, as the factory runs
+    it, forked from a server that imported it once (`tests.forked_process`)."""
 
     def __init__(self, board_dir: Path, *options: str, command: str = "serve") -> None:
-        self.stderr_path = board_dir.parent / f"{board_dir.name}.console-{time.monotonic_ns()}.err"
-        with open(self.stderr_path, "wb") as stderr:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "board.console_cli", command, str(board_dir), "--json", *options],
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                cwd=REPO,
-            )
-        assert self.process.stdout is not None
-        line = read_line(self.process.stdout, time.monotonic() + 30)
+        self.driver = ForkedDriver(
+            "tests.console_helpers:console_driver", [command, str(board_dir), "--json", *options]
+        )
+        line = self.driver.first_line(timeout=30)
         if not line:
             self.kill()
             raise AssertionError(f"the console did not start: {self.stderr()}")
         self.announcement = json.loads(line)
         self.port: str = self.announcement["port"]
 
+    @property
+    def pid(self) -> int:
+        return self.driver.pid
+
+    def running(self) -> bool:
+        return self.driver.running()
+
+    def signal(self, number: int) -> None:
+        self.driver.signal(number)
+
     def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
+        return self.driver.stderr()
 
     def stop(self) -> int:
         """SIGTERM, as a service manager stops it; returns the exit code."""
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=20)
+        self.driver.signal(signal.SIGTERM)
+        return self.driver.wait(timeout=20).returncode
 
     def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=20)
+        self.driver.kill()
+        self.driver.wait(timeout=20)
 
     def __enter__(self) -> ConsoleProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
+        if self.driver.running():
             self.kill()
-        assert self.process.stdout is not None
-        self.process.stdout.close()
+
+
+def console_driver(argv: list[str]) -> NoReturn:
+    """The console's own command line (`board.console_cli`), for `ConsoleProcess`; click exits."""
+    console_cli.standalone.main(argv, prog_name="mers-board-console")
 
 
 def write_key(station: SmpTestClient, slot: int, key: bytes) -> wire.WriteKeyResponse:

@@ -1,6 +1,6 @@
 """Helpers for the device client's tests: a simulated board holding a real hub's boarding data, fast
 retry settings, misbehaving TLS servers and an authenticating CONNECT proxy on 127.0.0.1, and a driver
-(`python -m tests.device_helpers`) that runs the client as a real process and can SIGKILL itself at a
+that runs the client in a process of its own (`tests.forked_process`) and can SIGKILL itself at a
 renewal step."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import select
 import signal
 import socket
 import ssl
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -308,9 +307,9 @@ def connect_proxy(username: str = "gw", password: str = "s3cret:pass") -> Iterat
 # --- the driver: the client as a real process -----------------------------------------------------------
 
 
-def _driver(argv: list[str]) -> int:
-    """`python -m tests.device_helpers BOARD [--kill-at STEP]`: get an access token (renewing when due)
-    and print it; with --kill-at, SIGKILL this process when the renewal reaches STEP."""
+def renewal_driver(argv: list[str]) -> int:
+    """`BOARD [--kill-at STEP]` (in a process of its own, `tests.forked_process`): get an access token
+    (renewing when due) and print it; with --kill-at, SIGKILL this process when the renewal reaches STEP."""
     parser = argparse.ArgumentParser()
     parser.add_argument("board", type=Path)
     parser.add_argument("--kill-at", choices=[step.value for step in RenewalStep])
@@ -323,7 +322,3 @@ def _driver(argv: list[str]) -> int:
     with DeviceClient(SimBoard.open(args.board), settings=FAST, clock=HubClock(), step_hook=hook) as client:
         print(client.access_token())
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_driver(sys.argv[1:]))

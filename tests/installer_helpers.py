@@ -1,7 +1,7 @@
 """Helpers for the installer's tests: an onboarded simulated gateway that trusts a release key, releases
 uploaded to a real hub and tasks for them, a TCP proxy that cuts connections at chosen byte offsets, and a
-driver (`python -m tests.installer_helpers`) that runs the installer or the confirm step as a real process
-and SIGKILLs itself at a chosen step (a power cut at a known point)."""
+driver that runs the installer or the confirm step in a process of its own (`tests.forked_process`) and
+SIGKILLs itself at a chosen step (a power cut at a known point)."""
 
 from __future__ import annotations
 
@@ -335,8 +335,9 @@ def _quietly(function: Any, *args: Any) -> None:
 # --- the driver: the installer as a real process, killed at a step ------------------------------------------
 
 
-def _driver(argv: list[str]) -> int:
-    """`python -m tests.installer_helpers BOARD (install TASK | confirm) [--kill-at STEP[:N]]`: run the
+def install_driver(argv: list[str]) -> int:
+    """`BOARD (install TASK | confirm) [--kill-at STEP[:N]]` (in a process of its own,
+    `tests.forked_process`): run the
     install of TASK (resuming the journal) or the confirm step, with the tests' small chunks; with
     --kill-at, SIGKILL this process the N-th time (default 1st) the step is reached."""
     parser = argparse.ArgumentParser()
@@ -362,7 +363,3 @@ def _driver(argv: list[str]) -> int:
         else:
             print(Confirmer(board, client, hook=hook).confirm().outcome.value)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_driver(sys.argv[1:]))

@@ -380,7 +380,7 @@ def test_sim_serve_json_names_the_port_pid_and_board(board_dir):
     with ConsoleProcess(board_dir) as console:
         assert console.announcement == {
             "port": console.port,
-            "pid": console.process.pid,
+            "pid": console.pid,
             "board": str(board_dir.absolute()),
         }
         assert console.stop() == 0

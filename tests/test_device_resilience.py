@@ -4,10 +4,7 @@ clock hours off, a hub that fails, hangs or drops connections, a wrong CA, and a
 from __future__ import annotations
 
 import json
-import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -39,32 +36,33 @@ from tests.device_helpers import (
     rat_id,
     redirect_credentials_to,
 )
+from tests.forked_process import ForkedDriver
 from tests.hub_helpers import RunningHub, agent_record, running_hub
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def driver(gateway: Gateway, *options: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.device_helpers", str(gateway.path), *options],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+def driver(gateway: Gateway, *options: str) -> ForkedDriver:
+    """The device client as a process of its own (`device_helpers.renewal_driver`)."""
+    return ForkedDriver("tests.device_helpers:renewal_driver", [str(gateway.path), *options])
 
 
-def assert_recovers(hub: RunningHub, gateway: Gateway) -> None:
-    """A fresh process ends authenticated, and a RAT the hub honours is among the stored ones."""
+def assert_recovers(hub: RunningHub, gateway: Gateway) -> float:
+    """A fresh process ends authenticated, and a RAT the hub honours is among the stored ones; the
+    seconds that process took."""
     process = driver(gateway)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err.decode()
-    token = out.decode().strip()
+    started = time.monotonic()  # once started: the first start also starts the fork server
+    finished = process.wait()
+    took = time.monotonic() - started
+    assert finished.returncode == 0, finished.stderr
+    token = finished.stdout.strip()
     assert token.count(".") == 2
     record = agent_record(hub, gateway.agent_id)
     honoured = {record["rat_jti"], record["previous_rat_jti"]} - {None}
     assert gateway.stored_rat_ids() & honoured, "no stored RAT is one the hub still honours"
     response = hub.request("GET", "/api/firmwaredeployment/v3/installationTasks", token=token)
     assert response.status_code == 200, response.text
+    return took
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -78,26 +76,32 @@ def test_a_renewal_killed_at_any_step_recovers_on_the_next_start(
     for _ in range(rounds):
         for step in RenewalStep:
             hub.clock.advance(6.5 * DAY)  # due for renewal again
-            killed = driver(gateway, "--kill-at", step.value)
-            killed.communicate(timeout=120)
-            assert killed.returncode == -signal.SIGKILL, f"the driver did not reach {step}"
+            killed = driver(gateway, "--kill-at", step.value).wait()
+            assert killed.returncode == -signal.SIGKILL, f"the driver did not reach {step}: {killed.stderr}"
             assert_recovers(hub, gateway)
             renewed = json.loads((gateway.board.state.directory / "credentials.json").read_bytes())
             assert renewed["current"]["expiresAt"] > hub.clock() + 6 * DAY
 
 
-def test_a_renewal_killed_after_random_delays_recovers_every_time(hub: RunningHub, tmp_path: Path) -> None:
+def test_a_renewal_killed_at_evenly_spread_moments_recovers_every_time(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """Between the named steps too: a renewal is timed once whole, then killed at 1/13, 2/13 ... 12/13 of
+    that time (or not at all, when it ends first), a recovery after each."""
     gateway = make_gateway(hub, tmp_path / "gw")
     with gateway.client() as client:
         client.onboard()
-    rng = random.Random(1234)
-    for _ in range(12):
+    hub.clock.advance(6.5 * DAY)
+    whole = assert_recovers(hub, gateway)  # a renewal, timed
+    killed = 0
+    for moment in range(1, 13):
         hub.clock.advance(6.5 * DAY)
         process = driver(gateway)
-        time.sleep(rng.uniform(0.2, 1.2))  # around the driver's start-up and its requests
-        process.send_signal(signal.SIGKILL)
-        process.communicate(timeout=120)
+        if not process.join(whole * moment / 13):
+            process.kill()
+        killed += process.wait().returncode == -signal.SIGKILL
         assert_recovers(hub, gateway)
+    assert killed >= 6, f"only {killed} of 12 renewals were killed before they ended"
 
 
 def test_a_lost_renewal_answer_is_recovered_with_the_previous_rat(hub: RunningHub, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
-"""`mers-factory` as a real subprocess: provisioning from a batch file and from the real hub over TLS,
-batch export, the records commands, and every bad input as one line, a documented exit code, the port
-released and the failed attempt recorded."""
+"""`mers-factory` (run in-process, `run_cli`; real processes for signals): provisioning from a batch file and
+from the real hub over TLS, batch export, the records commands, and every bad input as one line, a documented
+exit code, the port released and the failed attempt recorded."""
 
 from __future__ import annotations
 
@@ -289,13 +289,13 @@ def test_sigterm_stops_the_station_between_steps_with_the_attempt_recorded(tmp_p
             line = running.stdout.readline()  # the station flushes each event; it ends within a minute
             assert line, running.communicate(timeout=60)[1].decode()
             seen += line
-        console.process.send_signal(signal.SIGSTOP)  # no step can end while the board is silent...
+        console.signal(signal.SIGSTOP)  # no step can end while the board is silent...
         try:
             running.send_signal(signal.SIGTERM)
             stopping = read_line(running.stderr, time.monotonic() + 30)  # ...until the station took it
             assert stopping.startswith(b"mers-factory: stopping"), stopping
         finally:
-            console.process.send_signal(signal.SIGCONT)
+            console.signal(signal.SIGCONT)
         rest, stderr = running.communicate(timeout=60)
         assert running.returncode == ExitCode.FAILED, stderr.decode()
         events = json_events((seen + rest).decode())

@@ -1,4 +1,4 @@
-"""Power cuts: the installer and the confirm step run as real processes and are SIGKILLed at 30 points
+"""Power cuts: the installer and the confirm step run as processes of their own and are SIGKILLed at 30 points
 drawn at random (seeded) from the whole install: header check, download checkpoints, verification, slot
 record, environment switch, reboot request, health check, commit, floor, report. After each cut the
 simulated bootloader powers the board on and must boot a good slot; restarting finishes the install."""
@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 from board.interface import SlotName
 from mers.journal import Phase, load_journal
+from tests.forked_process import Finished, run_driver
 from tests.hub_helpers import RunningHub
 from tests.installer_helpers import Rig, make_rig
 
@@ -33,15 +32,9 @@ CUTS_PER_INSTALL = 10
 INSTALLS = 3
 
 
-def drive(rig: Rig, action: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m tests.installer_helpers BOARD ACTION ARGS` as a real process."""
-    return subprocess.run(
-        [sys.executable, "-m", "tests.installer_helpers", str(rig.gateway.path), action, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def drive(rig: Rig, action: str, *args: str) -> Finished:
+    """`installer_helpers.install_driver BOARD ACTION ARGS` in a process of its own."""
+    return run_driver("tests.installer_helpers:install_driver", [str(rig.gateway.path), action, *args])
 
 
 def run_to(rig: Rig, action: str, args: list[str], point: str | None) -> bool:
