@@ -1,4 +1,5 @@
-"""`mers-board` as a real subprocess: create a simulated board, boot it, describe it; one line per error."""
+"""`mers-board` (run in-process, `run_cli`): create a simulated board, boot it, describe it; one line per
+error."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tests.conftest import CliResult, run_cli
 
 @pytest.fixture
 def mers_board() -> Callable[..., CliResult]:
-    """Call `mers-board ARGS...` as a subprocess."""
+    """Call `mers-board ARGS...` (in-process; `process=True` for a real one)."""
 
     def call(*args: str | Path, **kwargs: object) -> CliResult:
         return run_cli("mers-board", *args, **kwargs)  # type: ignore[arg-type]

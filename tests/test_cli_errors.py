@@ -1,6 +1,6 @@
-"""`mers-sign` on bad input, run as a real subprocess: every failure is one line on stderr that names
-what failed, a documented non-zero exit code, no traceback, and nothing left behind (neither the output
-nor a temporary file beside it).
+"""`mers-sign` on bad input (run in-process, `run_cli`; a real process where only one shows it): every failure
+is one line on stderr that names what failed, a documented non-zero exit code, no traceback, and nothing left
+behind (neither the output nor a temporary file beside it).
 
 Images are damaged by patching bytes located through `mers-sign info --json`, so the tests depend on the
 layout the tool reports rather than on offsets written here.
@@ -958,7 +958,9 @@ def test_sign_and_digest_refuse_an_input_that_is_not_a_regular_file(
     options: Argv = ["--key", kit.rsa.private] if command == "sign" else ["-o", out / "digest.bin"]
     with fifo_holding(tmp_path / "payload.pipe", payload) as pipe:
         given = pipe if source == "named pipe" else Path(source)
-        result = mers_sign(command, *options, "--version", "1.0", given, out / "image", input_bytes=payload)
+        result = mers_sign(
+            command, *options, "--version", "1.0", given, out / "image", input_bytes=payload, process=True
+        )  # a process: /dev/stdin is then the pipe the input is written to
     assert result.returncode == EXIT_FILE, result.stdout + result.stderr
     assert f"{given} is a " in result.error_line
     assert "not a regular file" in result.error_line
@@ -974,7 +976,7 @@ def test_verify_and_info_refuse_an_image_that_is_not_a_regular_file(
     with fifo_holding(tmp_path / "image.pipe", image) as pipe:
         given = pipe if source == "named pipe" else Path(source)
         for args in (("verify", "--key", kit.rsa.public), ("info",)):
-            result = mers_sign(*args, given, input_bytes=image)
+            result = mers_sign(*args, given, input_bytes=image, process=True)  # /dev/stdin: a pipe
             assert result.returncode == EXIT_FILE, (args, result.stdout + result.stderr)
             assert f"{given} is a pipe, not a regular file" in result.error_line
 

@@ -1,5 +1,5 @@
 """The device client against the real hub over TLS on 127.0.0.1: onboarding, tokens, renewal,
-offboarding and re-onboarding, boarding import, tasks and data sources; the CLI as a real subprocess."""
+offboarding and re-onboarding, boarding import, tasks and data sources; the CLI run in-process (`run_cli`)."""
 
 from __future__ import annotations
 

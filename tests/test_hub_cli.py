@@ -1,6 +1,6 @@
-"""`mers-hub` as a real subprocess: `init`, `serve` (started on a free port, stopped by a signal), and the
-admin commands against real hubs over TLS: the in-process `hub` fixture through `--url/--token-file/--ca`,
-and a `mers-hub serve` subprocess through `--dir`.
+"""`mers-hub` (run in-process, `run_cli`; `serve` and uploads as real processes): `init`, `serve` (started on
+a free port, stopped by a signal), and the admin commands against real hubs over TLS: the in-process `hub`
+fixture through `--url/--token-file/--ca`, and a `mers-hub serve` subprocess through `--dir`.
 
 `--json` output is compared with what the API itself answers, so "exactly the API's JSON" is checked
 rather than assumed. Failures are one line on stderr with the documented exit code, and the admin token
@@ -668,7 +668,13 @@ def test_an_upload_of_a_pipe_is_refused_in_one_line_before_anything_is_sent(
     trust(hub, key)
     image = signed_image(tmp_path, key, "1.0.0")
     result = run_cli(
-        "mers-hub", "release", "upload", "/dev/stdin", *flags(hub), input_bytes=image.read_bytes()
+        "mers-hub",
+        "release",
+        "upload",
+        "/dev/stdin",
+        *flags(hub),
+        input_bytes=image.read_bytes(),
+        process=True,  # /dev/stdin is then a pipe
     )
     assert result.returncode == EXIT_SETUP
     assert "not a regular file" in result.error_line
