@@ -9,13 +9,15 @@ The model, one call of `boot` per power-on:
    missing or unknown `boot_slot`, or an `upgrade_available` other than 0 or 1, stops the boot with an
    error (U-Boot would boot something undefined).
 2. `upgrade_available=0`: the committed slot `boot_slot` is booted and the environment is not written
-   (U-Boot saves `bootcount` only while an upgrade is on trial).
+   (U-Boot counts the boot in memory, but saves `bootcount` only while an upgrade is on trial).
 3. `upgrade_available=1`: `bootcount` is incremented. While it is at most `bootlimit` (or the limit is
    off), this is trial boot number `bootcount` of `boot_slot`. Once it passes a positive `bootlimit`, the
    boot rolls back as U-Boot's `altbootcmd` does: `boot_slot` becomes the other slot and
-   `upgrade_available` 0 (`bootcount` keeps its value, telling `mers confirm` why). Either way the
-   changes are ONE environment write, made before the kernel is loaded, exactly as U-Boot saves the count
-   before it tries.
+   `upgrade_available` 0 (`bootcount` keeps its value, telling `mers confirm` why). As in real U-Boot,
+   that is two environment writes, both before a kernel is loaded: `bootcount_store` saves the count,
+   then `altbootcmd` switches and saves again. A power cut between them leaves the count past the limit
+   with the trial still armed, so the next power-on counts once more and rolls back then. A trial within
+   its limit is the one write of the count.
 4. The chosen slot boots if its content matches its record (or it has none: factory content). If not, the
    boot attempt fails: nothing runs, and what U-Boot does next is up to the watchdog, which resets the
    board, so the caller simply boots again. On trial, the failed attempts count towards `bootlimit` and
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import BootEnvError
@@ -69,7 +71,13 @@ class BootDecision:
     bootcount: int  # after this boot
     bootlimit: int  # NO_BOOTLIMIT: the limit is off
     upgrade_available: bool  # after this boot
-    env_changes: Mapping[str, str] = field(default_factory=dict)  # one write; empty: nothing written
+    #: the environment writes of this boot, in U-Boot's order (each one save); empty: nothing written
+    env_writes: tuple[Mapping[str, str], ...] = ()
+
+    @property
+    def env_changes(self) -> dict[str, str]:
+        """Every variable this boot changes, its writes taken together."""
+        return {name: value for write in self.env_writes for name, value in write.items()}
 
 
 def decide_boot(env: Mapping[str, str], slot_bootable: Mapping[SlotName, bool]) -> BootDecision:
@@ -79,20 +87,19 @@ def decide_boot(env: Mapping[str, str], slot_bootable: Mapping[SlotName, bool]) 
     bootcount = _number(env, ENV_BOOTCOUNT)
     bootlimit = _number(env, ENV_BOOTLIMIT)  # NO_BOOTLIMIT when missing or no number
     on_trial = _flag(env)
-    changes: dict[str, str] = {}
+    writes: list[Mapping[str, str]] = []
     reason = BootReason.COMMITTED
     if on_trial:
         bootcount += 1
-        changes[ENV_BOOTCOUNT] = str(bootcount)
+        writes.append({ENV_BOOTCOUNT: str(bootcount)})  # bootcount_store
         reason = BootReason.TRIAL
         if bootlimit != NO_BOOTLIMIT and bootcount > bootlimit:
             boot_slot = boot_slot.other
             on_trial = False
-            changes[ENV_BOOT_SLOT] = boot_slot.value
-            changes[ENV_UPGRADE_AVAILABLE] = "0"
+            writes.append({ENV_BOOT_SLOT: boot_slot.value, ENV_UPGRADE_AVAILABLE: "0"})  # altbootcmd
             reason = BootReason.ROLLBACK
     outcome = BootOutcome.BOOTED if slot_bootable[boot_slot] else BootOutcome.FAILED
-    return BootDecision(boot_slot, outcome, reason, bootcount, bootlimit, on_trial, changes)
+    return BootDecision(boot_slot, outcome, reason, bootcount, bootlimit, on_trial, tuple(writes))
 
 
 def _slot(env: Mapping[str, str]) -> SlotName:
@@ -156,7 +163,8 @@ class BootResult:
             "bootcount": decision.bootcount,
             "bootlimit": decision.bootlimit,
             "upgrade_available": decision.upgrade_available,
-            "env_changes": dict(decision.env_changes),
+            "env_changes": decision.env_changes,
+            "env_writes": [dict(write) for write in decision.env_writes],
             "slot_status": self.check.status.value,
             "detail": self.check.detail,
             "message": self.message,
@@ -164,13 +172,13 @@ class BootResult:
 
 
 def boot(board: SimBoard) -> BootResult:
-    """Power the simulated board on once: decide, write the environment (one write, if anything changed),
-    then record what runs (the kernel command line) and clear the reboot request."""
+    """Power the simulated board on once: decide, make the environment writes U-Boot makes (none, one, or
+    two on a rollback), then record what runs (the kernel command line) and clear the reboot request."""
     env = board.boot_env.read()
     checks = _SlotChecks(board)
     decision = decide_boot(env, checks)
-    if decision.env_changes:
-        board.boot_env.write(decision.env_changes)
+    for write in decision.env_writes:
+        board.boot_env.write(write)
     board.record_boot(decision.slot if decision.outcome is BootOutcome.BOOTED else None)
     return BootResult(decision, checks.check(decision.slot))
 

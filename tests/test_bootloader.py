@@ -63,15 +63,25 @@ def test_a_trial_boot_counts_before_booting_the_new_slot():
     assert decision.env_changes == {"bootcount": "2"}
 
 
-def test_a_trial_past_the_bootlimit_rolls_back_in_one_environment_write():
+def test_a_trial_past_the_bootlimit_rolls_back_in_two_saves_as_real_u_boot_does():
+    """bootcount_store saves the count, then altbootcmd switches the slot and saves again."""
     decision = decide_boot(env("b", "1", "3"), OnlyChecks(SlotName.A, True))
     assert (decision.slot, decision.reason, decision.outcome) == (
         SlotName.A,
         BootReason.ROLLBACK,
         BootOutcome.BOOTED,
     )
+    assert decision.env_writes == ({"bootcount": "4"}, {"boot_slot": "a", "upgrade_available": "0"})
     assert decision.env_changes == {"bootcount": "4", "boot_slot": "a", "upgrade_available": "0"}
     assert not decision.upgrade_available
+
+
+def test_a_power_cut_between_the_two_saves_of_a_rollback_rolls_back_at_the_next_power_on():
+    variables = env("b", "1", "3")
+    counted = {**variables, **decide_boot(variables, BOTH_GOOD).env_writes[0]}  # the switch never saved
+    again = decide_boot(counted, BOTH_GOOD)
+    assert (again.slot, again.reason, again.bootcount) == (SlotName.A, BootReason.ROLLBACK, 5)
+    assert again.env_writes == ({"bootcount": "5"}, {"boot_slot": "a", "upgrade_available": "0"})
 
 
 def test_a_slot_that_fails_its_check_is_a_failed_boot_attempt():
@@ -223,7 +233,7 @@ def test_booting_after_an_upgrade_runs_the_new_slot_on_trial(upgraded):
     assert env_flags(upgraded) == flags + 1
 
 
-def test_a_corrupted_new_slot_fails_every_trial_then_rolls_back_with_one_write_per_boot(upgraded):
+def test_a_corrupted_new_slot_fails_every_trial_saving_the_count_then_rolls_back_saving_twice(upgraded):
     corrupt(upgraded.slot(SlotName.B).device)
     for attempt in (1, 2, 3):
         flags = env_flags(upgraded)
@@ -241,7 +251,7 @@ def test_a_corrupted_new_slot_fails_every_trial_then_rolls_back_with_one_write_p
         result.message
         == "booted slot a: rolled back from slot b (bootcount 4 > bootlimit 3); holds image 1.0.0+0"
     )
-    assert env_flags(upgraded) == flags + 1
+    assert env_flags(upgraded) == flags + 2  # the count, then altbootcmd's switch
     assert upgraded.boot_env.read() == env("a", "0", "4")
     assert upgraded.running_slot() is SlotName.A
     flags = env_flags(upgraded)
