@@ -18,12 +18,13 @@ import click
 from .bootloader import BootOutcome
 from .bootloader import boot as boot_board
 from .console_cli import console, sim_serve
+from .env_init import first_environment, initialise_environment, parse_defaults
 from .errors import BoardError, BootEnvError, ConfigError, StorageError
 from .fw_env_config import FwEnvConfigError
 from .gateway import GatewayBoard, parse_size
 from .interface import Identity, SlotName
 from .simboard import SimBoard
-from .ubootenv import UBootEnvError
+from .ubootenv import UBootEnv, UBootEnvError
 
 EXIT_BOOT_FAILED = 1  # `boot`: the attempt failed (printed on stdout like a success); boot again
 EXIT_USAGE = 2  # a value or configuration is not acceptable (click uses 2 as well)
@@ -157,6 +158,53 @@ def init(config: Path) -> None:
     click.echo(f"created the key store {where}" if created else f"the key store {where} exists: unchanged")
 
 
+@main.group()
+def env() -> None:
+    """The board's U-Boot environment."""
+
+
+@env.command("init")
+@click.argument("board_path", metavar="DIR|TOML", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--defaults",
+    "defaults_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="name=value lines as mkenvimage reads them (U-Boot's u-boot-initial-env with its boot commands).",
+)
+@click.option("--force", is_flag=True, help="Replace a valid environment (it holds the running slot).")
+def env_init(board_path: Path, defaults_file: Path | None, force: bool) -> None:
+    """Write a new board's first U-Boot environment, both copies: the defaults file's variables, with
+    boot_slot=a, upgrade_available=0, bootcount=0 and bootlimit=3 where it sets none.
+
+    Example: mers-board env init /etc/mers/board.toml --defaults u-boot-initial-env
+    """
+    with reported_errors():
+        try:
+            defaults = (
+                parse_defaults(defaults_file.read_text("utf-8"), str(defaults_file)) if defaults_file else {}
+            )
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"cannot read the defaults file {defaults_file}: {exc}", field="defaults"
+            ) from exc
+        variables = first_environment(defaults)
+        board = _open(board_path)
+        boot_env = board.boot_env
+        if not isinstance(boot_env, UBootEnv):
+            raise ConfigError(f"{board_path} keeps no U-Boot environment of its own", field="boot_env")
+        initialise_environment(boot_env, variables, force=force)
+    copies = len(boot_env.config.devices)
+    click.echo(
+        f"wrote the U-Boot environment ({copies} copies, {len(variables)} variables): boot_slot="
+        f"{variables['boot_slot']} bootlimit={variables['bootlimit']}"
+    )
+
+
+def _open(board_path: Path) -> GatewayBoard:
+    """A simulated board's directory, or a gateway's TOML file."""
+    return SimBoard.open(board_path) if board_path.is_dir() else GatewayBoard.from_toml(board_path)
+
+
 @main.command()
 @click.argument("board_path", metavar="DIR|TOML", type=click.Path(exists=True, path_type=Path))
 @click.option("--check-slots", is_flag=True, help="Hash each slot against its record (reads both slots).")
@@ -167,8 +215,7 @@ def info(board_path: Path, check_slots: bool, as_json: bool) -> None:
     Example: mers-board info ./gw1 --json
     """
     with reported_errors():
-        board = SimBoard.open(board_path) if board_path.is_dir() else GatewayBoard.from_toml(board_path)
-        description = describe(board, check_slots=check_slots)
+        description = describe(_open(board_path), check_slots=check_slots)
     click.echo(json.dumps(description, indent=2) if as_json else _as_text(description))
 
 

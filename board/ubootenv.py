@@ -382,7 +382,7 @@ class UBootEnv:
             names = ", ".join(f"{device.device}@{device.offset}" for device in self._config.devices)
             raise NoValidEnvironmentError(
                 f"no copy of the U-Boot environment has a valid CRC ({names}); refusing to use or write "
-                f"a default environment"
+                f"a default environment (a new board's first one is written by `mers-board env init`)"
             )
         return current
 
