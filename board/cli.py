@@ -167,26 +167,26 @@ def env() -> None:
 @click.argument("board_path", metavar="DIR|TOML", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--defaults",
-    "defaults_file",
+    "defaults_files",
+    multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="name=value lines as mkenvimage reads them (U-Boot's u-boot-initial-env with its boot commands).",
+    help="name=value lines as mkenvimage reads them; again for more files, later values winning.",
 )
 @click.option("--force", is_flag=True, help="Replace a valid environment (it holds the running slot).")
-def env_init(board_path: Path, defaults_file: Path | None, force: bool) -> None:
-    """Write a new board's first U-Boot environment, both copies: the defaults file's variables, with
-    boot_slot=a, upgrade_available=0, bootcount=0 and bootlimit=3 where it sets none.
+def env_init(board_path: Path, defaults_files: tuple[Path, ...], force: bool) -> None:
+    """Write a new board's first U-Boot environment, both copies: the defaults files' variables, with
+    boot_slot=a, upgrade_available=0, bootcount=0 and bootlimit=3 where they set none.
 
-    Example: mers-board env init /etc/mers/board.toml --defaults u-boot-initial-env
+    Example: mers-board env init /etc/mers/board.toml --defaults u-boot-initial-env --defaults mers-env.txt
     """
     with reported_errors():
-        try:
-            defaults = (
-                parse_defaults(defaults_file.read_text("utf-8"), str(defaults_file)) if defaults_file else {}
-            )
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"cannot read the defaults file {defaults_file}: {exc}", field="defaults"
-            ) from exc
+        defaults: dict[str, str] = {}
+        for path in defaults_files:
+            try:
+                text = path.read_text("utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read the defaults file {path}: {exc}", field="defaults") from exc
+            defaults.update(parse_defaults(text, str(path)))
         variables = first_environment(defaults)
         board = _open(board_path)
         boot_env = board.boot_env

@@ -4,9 +4,10 @@ A new gateway's boot medium holds no valid environment: U-Boot then boots from i
 mers refuses to use or write an environment it cannot read (a default written over a damaged one could
 switch the running slot). The integrator writes the first one once, both copies, from a defaults file in
 the text form `mkenvimage` reads: `name=value` lines, blank lines and lines with `#` in the first column
-skipped, a backslash just before a line's end keeping that newline in the value. Usually that file is
-U-Boot's own default environment (`u-boot-initial-env`, made by the U-Boot build) holding the boot
-commands of `uboot/mers-env.txt`.
+skipped, a backslash just before a line's end keeping that newline in the value. Usually that is U-Boot's
+own default environment (`u-boot-initial-env`, made by the U-Boot build), then `uboot/mers-env.txt` with
+the boot commands, its values replacing the first file's: an environment read from the medium replaces
+U-Boot's built-in one whole, so it must hold what the built-in one had (`kernel_addr_r`, say).
 
 mers's four variables are added where the file does not set them, and must be ones the bootloader and
 the installer agree on where it does: `boot_slot` a or b, `upgrade_available` 0 (no trial can be armed by
@@ -49,9 +50,9 @@ class EnvironmentExistsError(BoardError):
 
 
 def parse_defaults(text: str, source: str) -> dict[str, str]:
-    """The variables of a defaults file, as `mkenvimage` reads it; what mkenvimage would pass on but
-    U-Boot would drop or misread (a line without `=`, a name with blanks, a name set twice) is refused,
-    naming its line."""
+    """The variables of a defaults file, as `mkenvimage` reads it, a name set again taking the later value
+    as U-Boot does; what mkenvimage would pass on but U-Boot would drop or misread (a line without `=`, a
+    name with blanks) is refused, naming its line."""
     variables: dict[str, str] = {}
     lines = text.split("\n")
     number = 0
@@ -70,9 +71,8 @@ def parse_defaults(text: str, source: str) -> dict[str, str]:
             raise ConfigError(f"{where}: {entry[:60]!r} is not name=value", field="defaults")
         if name != name.strip() or any(blank in name for blank in " \t\r\n"):
             raise ConfigError(f"{where}: the variable name {name!r} holds blanks", field="defaults")
-        if name in variables:
-            raise ConfigError(f"{where}: {name} is set twice", field="defaults")
-        variables[name] = value
+        variables.pop(name, None)
+        variables[name] = value  # a later line wins, as U-Boot and fw_printenv read duplicates
     return {name: value for name, value in variables.items() if value != ""}  # empty: unset, as U-Boot
 
 

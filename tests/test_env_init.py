@@ -100,7 +100,6 @@ def test_env_init_keeps_a_valid_environment_unless_forced(tmp_path: Path) -> Non
     [
         ("bootcmd run x\n", "is not name=value"),
         (" bootcmd=run x\n", "holds blanks"),
-        ("a=1\na=2\n", "set twice"),
         ("bootlimit=0\n", "no limit U-Boot keeps"),
         ("bootlimit=0x100000000\n", "no limit U-Boot keeps"),
         ("upgrade_available=1\n", "must be 0"),
@@ -130,6 +129,18 @@ def test_the_defaults_file_is_read_as_mkenvimage_reads_it(tmp_path: Path) -> Non
     assert theirs.crc_valid
     expected = {name: value for name, value in parse_variables(theirs.data).items() if value}
     assert parse_defaults(source.read_text(), "defaults") == expected
+
+
+def test_a_later_defaults_file_or_line_wins_as_in_u_boot(tmp_path: Path) -> None:
+    config = blank_gateway(tmp_path)
+    (tmp_path / "initial").write_text("bootcmd=run distro_bootcmd\nkernel_addr_r=0x40400000\nbootlimit=4\n")
+    (tmp_path / "mers").write_text("bootcmd=run mers_boot\nbootlimit=5\nbootlimit=6\n")
+    result = mers_board(
+        "env", "init", config, "--defaults", tmp_path / "initial", "--defaults", tmp_path / "mers"
+    )
+    assert result.returncode == 0, result.stderr
+    seen = fw_printenv(tmp_path)
+    assert (seen["bootcmd"], seen["kernel_addr_r"], seen["bootlimit"]) == ("run mers_boot", "0x40400000", "6")
 
 
 def test_a_first_environment_without_defaults_is_mers_own() -> None:

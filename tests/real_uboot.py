@@ -1,0 +1,153 @@
+"""Real U-Boot and a real Linux kernel under QEMU (aarch64 `virt`, TCG): the virtual gateway's machine.
+
+The parts come from `scripts/build-uboot` (U-Boot built from Debian's source package with the shipped
+fragments, and its default environment) and `scripts/fetch-kernel` (Debian's arm64 kernel); `scripts/test`
+builds or reuses them before the suite and names them in `MERS_VM_UBOOT` and `MERS_VM_KERNEL`. The
+gateway's U-Boot environment lives on an SD card at the offsets `uboot/qemu-arm64.config` gives it; the
+slots are virtio disks, each a file system holding the kernel at `/boot/Image`.
+
+A power-on runs until the kernel prints its command line (U-Boot has chosen the slot, saved what it
+saves, and loaded that slot's kernel) or U-Boot gives up and resets (QEMU runs with `-no-reboot`, so a
+reset ends it): both are a boot attempt, as the simulated bootloader's `boot` is one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from board.fw_env_config import EnvDevice, FwEnvConfig, render
+from board.ubootenv import UBootEnv
+from tests.conftest import require_tool, unavailable
+
+#: where `uboot/qemu-arm64.config` puts the two environment copies on the SD card
+ENV_OFFSETS = (0x400000, 0x404000)
+ENV_SIZE = 0x4000
+SD_CARD_SIZE = 8 << 20  # QEMU's sd-card needs a power of two
+SLOT_SIZE = 48 << 20
+BOOT_DEADLINE = 120.0
+_COMMAND_LINE = re.compile(r"Kernel command line: ([^\r\n]*)\r?\n")
+
+
+@dataclass(frozen=True)
+class Parts:
+    uboot: Path  # u-boot.bin
+    initial_env: Path  # U-Boot's default environment, u-boot-initial-env
+    kernel: Path  # an arm64 Image
+
+
+def parts() -> Parts:
+    """The parts `scripts/test` built or reused; the test is skipped (failed under MERS_REQUIRE_ALL)
+    without them."""
+    require_tool("qemu-system-aarch64", "Debian package qemu-system-arm")
+    uboot, kernel = os.environ.get("MERS_VM_UBOOT"), os.environ.get("MERS_VM_KERNEL")
+    if not uboot or not kernel:
+        unavailable("MERS_VM_UBOOT and MERS_VM_KERNEL are not set (scripts/test builds them)")
+    found = Parts(Path(uboot) / "u-boot.bin", Path(uboot) / "u-boot-initial-env", Path(kernel))
+    for path in (found.uboot, found.initial_env, found.kernel):
+        if not path.is_file():
+            unavailable(f"{path} is missing (scripts/build-uboot, scripts/fetch-kernel make it)")
+    return found
+
+
+@dataclass(frozen=True)
+class PowerOn:
+    output: str
+    #: the command line the kernel printed; None: no kernel started (U-Boot reset the board)
+    cmdline: str | None
+
+    @property
+    def slot(self) -> str | None:
+        """The slot U-Boot told the kernel it booted (`mers.slot=`)."""
+        if self.cmdline is None:
+            return None
+        found = [
+            word.removeprefix("mers.slot=") for word in self.cmdline.split() if word.startswith("mers.slot=")
+        ]
+        return found[-1] if found else None
+
+
+class Gateway:
+    """The machine's disks in `directory`: an SD card for the environment, and slots a and b."""
+
+    def __init__(self, directory: Path, machine: Parts) -> None:
+        self.directory = directory
+        self.parts = machine
+        self.sd_card = directory / "sd-card.img"
+        self.slots = {name: directory / f"slot-{name}.img" for name in ("a", "b")}
+        self.fw_env_config = directory / "fw_env.config"
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(self.sd_card, "wb") as card:
+            card.truncate(SD_CARD_SIZE)
+        config = FwEnvConfig(tuple(EnvDevice(self.sd_card, offset, ENV_SIZE) for offset in ENV_OFFSETS))
+        self.fw_env_config.write_text(render(config))
+        self.env = UBootEnv(config, lock_path=directory / "fw_env.lock")
+        for name in self.slots:
+            self.write_slot(name, kernel=True)
+
+    def write_slot(self, name: str, *, kernel: bool) -> None:
+        """Slot `name` as a file system holding the kernel, or (kernel False) one U-Boot cannot boot."""
+        root = self.directory / f"root-{name}"
+        shutil.rmtree(root, ignore_errors=True)
+        (root / "boot").mkdir(parents=True)
+        if kernel:
+            shutil.copyfile(self.parts.kernel, root / "boot" / "Image")
+        self.slots[name].unlink(missing_ok=True)
+        subprocess.run(
+            [require_tool("mke2fs"), "-q", "-F", "-t", "ext4", "-d", str(root), str(self.slots[name]),
+             str(SLOT_SIZE >> 10)],
+            check=True,
+        )  # fmt: skip
+        shutil.rmtree(root)
+
+    def flags(self) -> int:
+        """The current environment copy's flags: each save raises them by one."""
+        current = next(copy for copy in self.env.copies() if copy.current)
+        assert current.flags is not None
+        return current.flags
+
+    def power_on(self) -> PowerOn:
+        """One power-on, until the kernel prints its command line or U-Boot resets."""
+        command = [
+            require_tool("qemu-system-aarch64"),
+            "-M", "virt", "-cpu", "cortex-a57", "-m", "256M", "-nographic", "-no-reboot", "-nic", "none",
+            "-bios", str(self.parts.uboot),
+            "-device", "sdhci-pci",
+            "-drive", f"if=none,id=sd,format=raw,file={self.sd_card}",
+            "-device", "sd-card,drive=sd",
+        ]  # fmt: skip
+        for name, path in self.slots.items():
+            command += ["-drive", f"if=none,id=slot-{name},format=raw,file={path}"]
+            command += ["-device", f"virtio-blk-pci,drive=slot-{name}"]
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        assert process.stdout is not None
+        output = b""
+        found = None
+        deadline = time.monotonic() + BOOT_DEADLINE
+        try:
+            while found is None:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"no kernel and no reset within {BOOT_DEADLINE} s:\n{_text(output)}"
+                ready, _, _ = select.select([process.stdout], [], [], remaining)
+                chunk = os.read(process.stdout.fileno(), 65536) if ready else b""
+                if ready and not chunk:
+                    break  # QEMU ended: U-Boot reset the board
+                output += chunk
+                found = _COMMAND_LINE.search(_text(output))
+        finally:
+            process.kill()
+            process.wait(timeout=30)
+            process.stdout.close()
+        return PowerOn(_text(output), found.group(1).strip() if found else None)
+
+
+def _text(output: bytes) -> str:
+    return output.decode("utf-8", "replace")
