@@ -41,7 +41,8 @@ EXIT_STORAGE: Final = 4
 
 
 @contextmanager
-def _reported_errors() -> Iterator[None]:
+def reported_errors() -> Iterator[None]:
+    """Our errors as one line on stderr and the exit codes of `board.cli`."""
     try:
         yield
     except BoardError as error:
@@ -125,7 +126,7 @@ def console(
     """Serve the provisioning console of BOARD (a gateway's TOML file or a simulated board's directory)
     on a serial device until SIGTERM or SIGINT."""
     _configure_logging(verbose)
-    with _reported_errors():
+    with reported_errors():
         conditions = LineConditions(
             corrupt_rate=corrupt_rate, drop_rate=drop_rate, cut_after=cut_after, seed=seed
         )
@@ -153,7 +154,7 @@ def sim_serve(
     The first line on stdout is the device to open (the pty's slave path), or with --json one JSON
     object; nothing else is printed there."""
     _configure_logging(verbose)
-    with _reported_errors():
+    with reported_errors():
         conditions = LineConditions(
             baud=baud, corrupt_rate=corrupt_rate, drop_rate=drop_rate, cut_after=cut_after, seed=seed
         )

@@ -99,7 +99,8 @@ def _line(error: FactoryError) -> str:
 
 
 @contextmanager
-def _reported() -> Iterator[None]:
+def reported_errors() -> Iterator[None]:
+    """Our errors as one line on stderr and the exit code each kind of failure has."""
     try:
         yield
     except FactoryError as error:
@@ -217,6 +218,7 @@ def exit_code_of(results: Sequence[Result]) -> ExitCode:
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}, epilog=EPILOG
 )
+@click.version_option(package_name="mers")
 def cli() -> None:
     """The factory provisioning station: trust keys and boarding configurations into new boards.
 
@@ -294,7 +296,7 @@ def provision(
       mers-factory provision --port /dev/ttyUSB0 --key release.pub.pem \\
           --boarding-batch batch.jsonl --device-ca hub-ca.pem --records postgresql+psycopg://line/records
     """
-    with _reported():
+    with reported_errors():
         source: BoardingSource
         if boarding_batch is not None:
             if hub_url or hub_token_file:
@@ -401,7 +403,7 @@ def batch_export(
     Example: mers-factory batch export GW-0001 GW-0002 --hub https://hub:8443 --hub-token-file t
     --hub-ca ca.pem -o batch.jsonl
     """
-    with _reported():
+    with reported_errors():
         names = read_serials(serials, serials_file)
         if not names:
             raise InputError("give at least one serial number", field="serials")
@@ -416,7 +418,7 @@ def records() -> None:
 
 
 def _with_records(action: Callable[[Records], None], url: str) -> None:
-    with _reported():
+    with reported_errors():
         store = Records.open(url)
         try:
             action(store)

@@ -16,6 +16,7 @@ CASES = [
     ("mers-board", ["info", "/nonexistent/board"]),
     ("mers-hub", ["--version"]),
     ("mers-hub", ["agent", "list", "--dir", "/nonexistent/hub"]),
+    ("mers-factory", ["--version"]),
     ("mers-factory", ["records", "verify", "--records", "/nonexistent/records.db"]),
     ("mers-factory", ["provision"]),
     ("mers", ["--version"]),
@@ -23,8 +24,9 @@ CASES = [
 ]
 
 
-def test_every_console_script_is_covered() -> None:
+def test_every_console_script_is_covered_and_tells_its_version() -> None:
     assert {program for program, _ in CASES} == set(IN_PROCESS)
+    assert {program for program, args in CASES if args == ["--version"]} == set(IN_PROCESS)
 
 
 @pytest.mark.parametrize(("program", "args"), CASES, ids=[" ".join([p, *a]) for p, a in CASES])
