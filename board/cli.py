@@ -7,11 +7,12 @@ one-line message on stderr and an exit code that says which kind of failure it w
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -67,7 +68,8 @@ def _exit_code(error: BoardError) -> int:
 
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"]},
-    epilog="Example: mers-board sim create ./gw1 --serial GW-0001 --vendor Acme --class gw-100",
+    epilog="Example: mers-board sim create ./gw1 --serial GW-0001 --vendor Acme --class gw-100\n\n"
+    "Exit codes: 0 ok, 1 boot attempt failed, 2 usage, 3 refused, 4 storage, 130 interrupted.",
 )
 @click.version_option(package_name="mers")
 def main() -> None:
@@ -284,3 +286,21 @@ def _as_text(description: dict[str, Any]) -> str:
         status = f", {slot['status']}: {slot['detail']}" if "status" in slot else ""
         lines.append(f"slot {name}: {slot['size']} bytes, {content}{status}")
     return "\n".join(lines)
+
+
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a command SIGINT ended
+
+
+def script() -> None:
+    """The `mers-board` console script: `main`, with Ctrl-C ending it in exit 130 (`main` itself is left
+    without a signal handler for tests and library users who call it in-process)."""
+    signal.signal(signal.SIGINT, _interrupted)
+    main()
+
+
+def _interrupted(signum: int, frame: object) -> NoReturn:
+    """Ctrl-C: unwind as KeyboardInterrupt would (context managers close, files stay whole), but end in
+    the shell's code for it, 130, rather than click's "Aborted!" and 1, which means something else here.
+    A SIGTERM is not caught: it ends the command as the signal does (143 in a shell)."""
+    click.echo("mers-board: interrupted", err=True)
+    raise SystemExit(EXIT_INTERRUPTED)

@@ -64,7 +64,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNIT_SECONDS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 EPILOG: Final = (
     "Exit codes: 0 ok, 1 boards failed differently or stopped, 2 usage or bad input, 3 refused, "
-    "4 serial port, 5 hub, 6 records."
+    "4 serial port, 5 hub, 6 records, 130 interrupted (Ctrl-C outside provision)."
 )
 
 
@@ -516,7 +516,9 @@ def records_show(serial: str, records_url: str, as_json: bool) -> None:
 
 
 def main() -> None:
-    """Run the CLI with click's own error output reduced to our one line."""
+    """Run the CLI with click's own error output reduced to our one line, and Ctrl-C outside `provision`
+    (which stops its boards first, see `_stop_between_steps`) ending it in exit 130."""
+    signal.signal(signal.SIGINT, _interrupted)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -527,6 +529,14 @@ def main() -> None:
     except click.ClickException as error:
         click.echo(f"mers-factory: error: {' '.join(error.format_message().split())}", err=True)
         sys.exit(int(ExitCode.USAGE))
+
+
+def _interrupted(signum: int, frame: object) -> NoReturn:
+    """Ctrl-C: unwind as KeyboardInterrupt would, but end in the shell's code for it, 130, rather than
+    click's "Aborted!" and 1, which means "boards failed" here. A SIGTERM is not caught outside
+    `provision`: it ends the command as the signal does (143 in a shell)."""
+    click.echo("mers-factory: interrupted", err=True)
+    raise SystemExit(int(ExitCode.INTERRUPTED))
 
 
 __all__ = ["DEFAULT_IAT_MARGIN_S", "Outcome", "cli", "main"]

@@ -31,6 +31,8 @@ class ExitCode(enum.IntEnum):
     """The hub: unreachable, TLS failure, or it refused a request."""
     RECORDS = 6
     """The records database: unreachable, or `records verify` found a broken chain."""
+    INTERRUPTED = 130
+    """Ctrl-C outside `provision` (which stops its boards first and exits 1)."""
 
 
 class FactoryError(Exception):

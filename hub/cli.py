@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import click
@@ -78,7 +78,8 @@ class Hostname(click.ParamType[str, Any]):
 
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
-    epilog="Exit codes: 0 ok, 1 refused by the hub, 2 usage, 3 hub directory, file or connection.",
+    epilog="Exit codes: 0 ok, 1 refused by the hub, 2 usage, 3 hub directory, file or connection, "
+    "130 interrupted.",
 )
 @click.version_option(package_name="mers")
 def main() -> None:
@@ -510,3 +511,21 @@ def task_cancel(admin: Admin, task_id: str) -> None:
     Example: mers-hub task cancel 8c1d… --dir ./hub
     """
     admin.show(admin.client.cancel_task(task_id), lambda t: "canceled " + show.task_line(t))
+
+
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a command SIGINT ended
+
+
+def script() -> None:
+    """The `mers-hub` console script: `main`, with Ctrl-C ending it in exit 130 (`main` itself is left
+    without a signal handler for tests and library users who call it in-process)."""
+    signal.signal(signal.SIGINT, _interrupted)
+    main()
+
+
+def _interrupted(signum: int, frame: object) -> NoReturn:
+    """Ctrl-C: unwind as KeyboardInterrupt would (context managers close, files stay whole), but end in
+    the shell's code for it, 130, rather than click's "Aborted!" and 1, which means something else here.
+    A SIGTERM is not caught: it ends the command as the signal does (143 in a shell)."""
+    click.echo("mers-hub: interrupted", err=True)
+    raise SystemExit(EXIT_INTERRUPTED)

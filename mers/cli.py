@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -103,7 +104,7 @@ def main() -> None:
 
     Exit codes: 2 bad input, 3 not onboarded or no boarding data, 4 board storage, 5 hub unreachable
     (retry later), 6 refused by the hub or by the install's state (operator action needed), 7 image
-    rejected, 8 new firmware not confirmed (health check failed or rolled back).
+    rejected, 8 new firmware not confirmed (health check failed or rolled back), 130 interrupted.
     """
 
 
@@ -433,3 +434,21 @@ class _ProgressBar:
         elapsed = max(time.monotonic() - self._started, 1e-6)
         rate = (done - self._first) / elapsed
         return f"{done / 2**20:.1f} MiB, {rate / 2**20:.1f} MiB/s"
+
+
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a command SIGINT ended
+
+
+def script() -> None:
+    """The `mers` console script: `main`, with Ctrl-C ending it in exit 130 (`main` itself is left
+    without a signal handler for tests and library users who call it in-process)."""
+    signal.signal(signal.SIGINT, _interrupted)
+    main()
+
+
+def _interrupted(signum: int, frame: object) -> NoReturn:
+    """Ctrl-C: unwind as KeyboardInterrupt would (context managers close, files stay whole), but end in
+    the shell's code for it, 130, rather than click's "Aborted!" and 1, which means something else here.
+    A SIGTERM is not caught: it ends the command as the signal does (143 in a shell)."""
+    click.echo("mers: interrupted", err=True)
+    raise SystemExit(EXIT_INTERRUPTED)

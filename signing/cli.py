@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -204,7 +205,7 @@ def _options(
 
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-    epilog="Exit codes: 0 ok, 1 image rejected, 2 usage, 3 key problem, 4 file problem.",
+    epilog="Exit codes: 0 ok, 1 image rejected, 2 usage, 3 key problem, 4 file problem, 130 interrupted.",
 )
 @click.version_option(package_name="mers")
 def main() -> None:
@@ -540,6 +541,7 @@ def run() -> NoReturn:
     usual, traceback included.
     """
     sys.setswitchinterval(STREAM_SWITCH_INTERVAL_S)
+    signal.signal(signal.SIGINT, _interrupted)
     try:
         main()
     except SystemExit as done:
@@ -555,3 +557,14 @@ def run() -> NoReturn:
         except (OSError, ValueError):  # a closed pipe: the interpreter's own exit would also exit 120
             os._exit(120)
     os._exit(code or 0)
+
+
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a command SIGINT ended
+
+
+def _interrupted(signum: int, frame: object) -> NoReturn:
+    """Ctrl-C: unwind as KeyboardInterrupt would (an output being written is removed, never left half),
+    but end in the shell's code for it, 130, rather than click's "Aborted!" and 1, which means "image
+    rejected" here. A SIGTERM is not caught: it ends the command as the signal does (143 in a shell)."""
+    click.echo("mers-sign: interrupted", err=True)
+    raise SystemExit(EXIT_INTERRUPTED)

@@ -818,6 +818,7 @@ def test_help_documents_every_exit_code_the_failures_use(mers_sign: MersSign) ->
         "2": "usage",
         "3": "key problem",
         "4": "file problem",
+        "130": "interrupted",  # Ctrl-C (tests/test_console_scripts.py)
     }
     assert {str(case.exit_code) for case in CASES} == {"1", "3", "4"}
 
