@@ -29,7 +29,7 @@ from urllib3.exceptions import MaxRetryError
 from urllib3.util.retry import Retry
 
 from .errors import DownloadError, HubRefusedError, ImageChangedError, InputError
-from .http import retry_policy
+from .http import pinned_session, retry_policy
 
 #: how much of a refusal's body is read for its reason (the hub's are a line of JSON)
 _REASON_BYTES = 4096
@@ -122,14 +122,10 @@ class BlobFetcher:
         self._refresh = refresh
         self._etag = ""
         self._size: int | None = None  # the probe's, which every later range must state as its total
-        self._http = requests.Session()
-        self._http.trust_env = False
-        if proxy_url:
-            self._http.proxies = {"https": proxy_url}
         # the adapter retries only 429 and 5xx answers; broken connections are this class's `_Budget`
         # (one budget, so the two layers do not multiply each other's attempts)
         statuses = self.settings.retry().new(total=None, connect=0, read=0, other=0)
-        self._http.mount("https://", HTTPAdapter(max_retries=statuses))
+        self._http = pinned_session(proxy_url, HTTPAdapter(max_retries=statuses))
 
     def close(self) -> None:
         self._http.close()

@@ -53,6 +53,19 @@ class BoundedRetry(Retry):
         return min(super().parse_retry_after(retry_after), self.backoff_max)
 
 
+def pinned_session(proxy_url: str | None, adapter: HTTPAdapter) -> requests.Session:
+    """The device's one kind of HTTP session: nothing from the environment (`trust_env` off, see the
+    module docstring), the boarding proxy or none, and `adapter` (its retries) for every request. TLS
+    verification against the boarding CA and `allow_redirects=False` are given on each request."""
+    session = requests.Session()
+    session.trust_env = False
+    if proxy_url:
+        session.proxies = {"https": proxy_url, "http": proxy_url}
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
 @dataclass(frozen=True)
 class HttpSettings:
     """Timeouts (seconds) and the retry budget; the defaults suit a gateway on a slow uplink."""
@@ -141,13 +154,8 @@ class HubSession:
         self._ca_file = str(ca_file)
         self._clock = clock
         self._settings = settings or HttpSettings()
-        self._http = requests.Session()
-        self._http.trust_env = False
-        if network is not None:
-            self._http.proxies = {"https": network.proxy_url, "http": network.proxy_url}
         self._adapter = HTTPAdapter(max_retries=self._settings.retry())
-        self._http.mount("https://", self._adapter)
-        self._http.mount("http://", self._adapter)
+        self._http = pinned_session(network.proxy_url if network else None, self._adapter)
 
     def close(self) -> None:
         self._http.close()
