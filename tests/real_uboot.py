@@ -76,7 +76,9 @@ class PowerOn:
 class Gateway:
     """The machine's disks in `directory`: an SD card for the environment, and slots a and b."""
 
-    def __init__(self, directory: Path, machine: Parts) -> None:
+    def __init__(self, directory: Path, machine: Parts, *, slot_image: Path | None = None) -> None:
+        """Slots holding just the kernel, or each a copy of `slot_image` (the guest's root file system,
+        `scripts/build-guest`)."""
         self.directory = directory
         self.parts = machine
         self.sd_card = directory / "sd-card.img"
@@ -88,8 +90,11 @@ class Gateway:
         config = FwEnvConfig(tuple(EnvDevice(self.sd_card, offset, ENV_SIZE) for offset in ENV_OFFSETS))
         self.fw_env_config.write_text(render(config))
         self.env = UBootEnv(config, lock_path=directory / "fw_env.lock")
-        for name in self.slots:
-            self.write_slot(name, kernel=True)
+        for name, path in self.slots.items():
+            if slot_image is None:
+                self.write_slot(name, kernel=True)
+            else:
+                shutil.copyfile(slot_image, path)
 
     def write_slot(self, name: str, *, kernel: bool) -> None:
         """Slot `name` as a file system holding the kernel, or (kernel False) one U-Boot cannot boot."""
@@ -112,11 +117,12 @@ class Gateway:
         assert current.flags is not None
         return current.flags
 
-    def power_on(self) -> PowerOn:
-        """One power-on, until the kernel prints its command line or U-Boot resets."""
+    def power_on(self, *, until_power_off: bool = False) -> PowerOn:
+        """One power-on, until the kernel prints its command line or U-Boot resets; with
+        `until_power_off`, until the machine powers itself off (what the guest printed is kept)."""
         command = [
             require_tool("qemu-system-aarch64"),
-            "-M", "virt", "-cpu", "cortex-a57", "-m", "256M", "-nographic", "-no-reboot", "-nic", "none",
+            "-M", "virt", "-cpu", "cortex-a57", "-m", "512M", "-nographic", "-no-reboot", "-nic", "none",
             "-bios", str(self.parts.uboot),
             "-device", "sdhci-pci",
             "-drive", f"if=none,id=sd,format=raw,file={self.sd_card}",
@@ -133,13 +139,15 @@ class Gateway:
         found = None
         deadline = time.monotonic() + BOOT_DEADLINE
         try:
-            while found is None:
+            while found is None or until_power_off:
                 remaining = deadline - time.monotonic()
-                assert remaining > 0, f"no kernel and no reset within {BOOT_DEADLINE} s:\n{_text(output)}"
+                assert remaining > 0, (
+                    f"the machine did not get there within {BOOT_DEADLINE} s:\n{_text(output)}"
+                )
                 ready, _, _ = select.select([process.stdout], [], [], remaining)
                 chunk = os.read(process.stdout.fileno(), 65536) if ready else b""
                 if ready and not chunk:
-                    break  # QEMU ended: U-Boot reset the board
+                    break  # QEMU ended: U-Boot reset the board, or the guest powered off
                 output += chunk
                 found = _COMMAND_LINE.search(_text(output))
         finally:
