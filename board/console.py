@@ -1,6 +1,6 @@
 """The board's provisioning console: a `Board` served over a serial port or a pseudo-terminal.
 
-The commands (DESIGN section 5, wire format in `board.protocol`): the OS group's echo, reset and MCUmgr
+The commands (docs/design.md §5, wire format in `board.protocol`): the OS group's echo, reset and MCUmgr
 parameters, so any MCUmgr client can talk to a board, and the provisioning group's info, write_key,
 write_boarding and lock. The console adds no state of its own beyond a chunked upload in progress:
 every rule (write-once slots, the lock, validation, atomic commits) is the `Board`'s, and every

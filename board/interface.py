@@ -1,4 +1,4 @@
-"""The device behind one interface (DESIGN section 4): what the factory writes, what the installer uses.
+"""The device behind one interface (docs/design.md §4): what the factory writes, what the installer uses.
 
 A real gateway (configured by a TOML file) and the simulated board (one directory) implement `Board`
 with the same code paths for files and block devices, so everything tested on the simulation runs on a
@@ -40,7 +40,7 @@ __all__ = [
 
 KEY_SLOT_COUNT = 3
 
-# The boot environment's variables (DESIGN section 4); all of one transition change in one env write.
+# The boot environment's variables (docs/design.md §4); all of one transition change in one env write.
 ENV_BOOT_SLOT = "boot_slot"  # a | b: the slot the bootloader boots
 ENV_UPGRADE_AVAILABLE = "upgrade_available"  # 1 while the booted slot is on trial, else 0
 ENV_BOOTCOUNT = "bootcount"  # trial boots so far
@@ -148,7 +148,7 @@ LockCheck = Callable[[tuple["KeySlot", ...], "BoardingData | None"], None]
 
 
 class BootEnvironment(Protocol):
-    """The U-Boot environment (DESIGN section 4), readable by fw_printenv."""
+    """The U-Boot environment (docs/design.md §4), readable by fw_printenv."""
 
     def read(self) -> dict[str, str]:
         """All variables of the current copy; raises a BoardError if no copy is valid."""

@@ -1,4 +1,4 @@
-"""The serial provisioning protocol's wire format (DESIGN section 5), shared by the board and the factory.
+"""The serial provisioning protocol's wire format (docs/design.md §5), shared by the board and the factory.
 
 This module is the whole contract between the factory station and a board's console: identifiers,
 request and response schemas, error codes, transport limits and the lock digest. It does no I/O, so

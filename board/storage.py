@@ -139,7 +139,7 @@ class StateDirectory:
     def write(self, name: str, data: bytes) -> None:
         path = self._directory / validate_name(name)
         ensure_directory(self._directory)
-        # every state file is 0600 (DESIGN section 4): tokens and journals alike say what the device is doing
+        # every state file is 0600 (docs/design.md §4): tokens and journals alike say what the device is doing
         write_atomically(path, data, mode=SECRET_MODE)
 
     def delete(self, name: str) -> None:

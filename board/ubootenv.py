@@ -1,6 +1,6 @@
 """The U-Boot environment, read and written so that U-Boot and Debian's fw_printenv/fw_setenv agree.
 
-Layout (DESIGN section 4, checked against libubootenv-tool 0.3.2): every copy is `crc32 | data` (single)
+Layout (docs/design.md §4, checked against libubootenv-tool 0.3.2): every copy is `crc32 | data` (single)
 or `crc32 | flags | data` (redundant), the CRC being zlib's CRC-32 over the entire data area, padding
 included, stored little-endian. The data area holds `name=value\\0` entries and one more `\\0`; what
 follows is padding. libubootenv pads with whatever its buffer held (in practice the bytes of the copy it

@@ -4,7 +4,7 @@ before the irreversible lock, and records every attempt in an append-only, hash-
 
 Modules, one job each: `smp_link` (one exclusive serial session: timeouts from the baud rate, bounded
 retries), `boarding_source` (the hub's admin API or an exported batch file), `records` (the hash chain
-and the IAT claims, SQLAlchemy: SQLite or PostgreSQL), `station` (the sequence of DESIGN section 5,
+and the IAT claims, SQLAlchemy: SQLite or PostgreSQL), `station` (the sequence of docs/design.md §5,
 concurrent over several ports), `ports` (stable by-path names), `errors` (the exception family and exit
 codes) and `cli` (`mers-factory`). Of `board` only the wire format `board.protocol` is imported.
 """

@@ -143,7 +143,7 @@ class BoardingSource(Protocol):
 
 
 class BoardingStatus(enum.StrEnum):
-    """An agent's boarding status as the hub's admin API reports it (DESIGN section 7).
+    """An agent's boarding status as the hub's admin API reports it (docs/design.md §7).
 
     ONBOARDING is what the hub reports as soon as the configuration was handed out, which `fresh` does
     itself, and also while a registration is in progress: the admin API does not tell the two apart."""
@@ -404,7 +404,7 @@ def _write_secret_atomically(path: Path, data: bytes) -> None:
     """`path` holds `data` whole, or what it held before: a temporary file beside it (created 0600 by
     mkstemp, so the IATs are never readable by others, even for a moment), fsynced, renamed over it, and
     the directory fsynced so the rename survives a power cut. Any failure (a full disk) removes the
-    temporary file, which holds credentials. `board.storage` has its like; DESIGN section 2 keeps the
+    temporary file, which holds credentials. `board.storage` has its like; docs/design.md §2 keeps the
     factory to `board.protocol`."""
     directory = path.absolute().parent
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)

@@ -10,7 +10,7 @@ answers), the message format `board.protocol`'s; this module adds only what a re
   line must not hang a station.
 - Every attempt carries a new SMP sequence number, and `board.protocol.decode_answer` refuses an answer to
   another one, so a late answer to an earlier attempt is never taken for this one. Writes are idempotent on
-  the board (DESIGN section 5), so resending a request whose answer was lost is safe.
+  the board (docs/design.md §5), so resending a request whose answer was lost is safe.
 - A request read back from the line is skipped: a half-duplex RS-485 adapter or a console in echo mode
   hands the station its own bytes before the board's answer.
 - A frame that arrives broken (CRC16, base64, length) during the wait is almost surely the answer, damaged

@@ -1,4 +1,4 @@
-"""The station sequence (DESIGN section 5): one serial session per board, checks before every
+"""The station sequence (docs/design.md §5): one serial session per board, checks before every
 irreversible step, and one record per attempt whatever happens.
 
     open (exclusive) -> params, echo -> info

@@ -1,6 +1,6 @@
 """`GET|HEAD /blobs/<sha256>?expires=&sig=`: release images for devices, by signed URL only.
 
-Outside the API prefix (DESIGN section 7) and without any other credential: the signed URL is the
+Outside the API prefix (docs/design.md §7) and without any other credential: the signed URL is the
 credential (`signed_urls`). Every refusal is the same 403 whether or not the blob exists, so the endpoint
 tells a prober nothing about which images the hub holds. Downloads resume: a single `Range` gets a 206,
 guarded by `If-Range` on the blob's strong ETag (its SHA-256, which never changes for a given URL path).

@@ -36,7 +36,7 @@ from .home import HubHome, HubSettings
 # `init` and `serve` import their library inside the command: the server side (FastAPI, uvicorn,
 # SQLAlchemy) takes most of a second to load, which every admin command would otherwise pay.
 
-#: the Agent Management API's client credential profiles (DESIGN section 6)
+#: the Agent Management API's client credential profiles (docs/design.md §6)
 SECURITY_PROFILES = ("SHARED_SECRET", "RSA_3072")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")

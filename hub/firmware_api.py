@@ -1,5 +1,5 @@
 """Firmware deployment, under `/api/firmwaredeployment/v3`: release trust keys, release upload and
-installation tasks (DESIGN section 7). Thin routes over `trust`, `releases` and `tasks`.
+installation tasks (docs/design.md §7). Thin routes over `trust`, `releases` and `tasks`.
 
 Who may do what: the admin everything; an agent (its access token) only reads and reports on its own
 tasks. Another agent's task is answered like a task that does not exist, so ids are not confirmed to

@@ -1,4 +1,4 @@
-"""Registration and renewal: an agent trades its IAT, then its RAT, for credentials (DESIGN section 6).
+"""Registration and renewal: an agent trades its IAT, then its RAT, for credentials (docs/design.md §6).
 
 Registration, in three steps so that a refused request changes nothing and two racing ones cannot both
 win:

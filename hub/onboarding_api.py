@@ -1,5 +1,5 @@
 """The agent's side of the Agent Management API v3: register, renew, the OAuth token endpoint and the
-key that verifies access tokens (DESIGN section 6).
+key that verifies access tokens (docs/design.md §6).
 
 Answers that carry credentials are marked `Cache-Control: no-store` (RFC 6749 section 5.1), so no proxy
 or client cache keeps a secret. The token endpoint reads its form body itself (`oauth_form`); register

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .errors import ForbiddenError
 
-#: where blobs are served, outside the API prefix (DESIGN section 7)
+#: where blobs are served, outside the API prefix (docs/design.md §7)
 BLOB_PATH_PREFIX = "/blobs/"
 #: the method a URL is signed for; HEAD, a GET without its body, is checked as GET
 SIGNED_METHOD = "GET"

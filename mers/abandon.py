@@ -1,7 +1,7 @@
 """Ending an install the operator no longer wants, before it is armed (`mers abandon`).
 
 An interrupted install is resumed from its journal, and a different install is refused until it ends
-(DESIGN section 8). Usually it ends by itself: it finishes, its image is rejected, or its task is cancelled
+(docs/design.md §8). Usually it ends by itself: it finishes, its image is rejected, or its task is cancelled
 on the hub. But some sources cannot come back: the USB stick was taken away, the signed URL expired and
 the operator has no new one. Without a way out, such a journal would block every later install, and the
 daemon would retry it forever.

@@ -1,6 +1,6 @@
 """The device's cloud client: onboarding, credentials kept fresh, cached access tokens, authorised calls.
 
-`DeviceClient` is what the CLI and the installer use. Its rules (DESIGN section 6):
+`DeviceClient` is what the CLI and the installer use. Its rules (docs/design.md §6):
 
 - every decision against a time the hub set is made in hub time (`mers.clock`); before the first one,
   the client asks the hub for its time;

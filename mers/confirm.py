@@ -1,4 +1,4 @@
-"""`mers confirm`: after a boot, commit the slot on trial or report that it failed (DESIGN section 8).
+"""`mers confirm`: after a boot, commit the slot on trial or report that it failed (docs/design.md §8).
 
 RAUC's vocabulary: a healthy trial is marked good (`upgrade_available=0`, the security-counter floor
 raised to the image's counter, the task ACTIVATED); an unhealthy one is left for the bootloader, which

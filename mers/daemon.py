@@ -1,4 +1,4 @@
-"""`mers run`: the daemon (DESIGN section 8). Onboard if needed, keep the credentials fresh, finish what the
+"""`mers run`: the daemon (docs/design.md §8). Onboard if needed, keep the credentials fresh, finish what the
 journal left (confirm after a boot, resume a download), poll open installation tasks with backoff and
 install them, one at a time.
 

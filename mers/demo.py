@@ -3,7 +3,7 @@
 It drives the real commands as subprocesses, exactly as their users would: the hub operator's `mers-hub`,
 the release engineer's `mers-sign`, a simulated board served on a pseudo-terminal by `mers-board`, the
 factory's `mers-factory`, and the device's `mers`. It imports nothing of the other packages, so it proves
-the command lines and the package boundaries of DESIGN section 2 at once.
+the command lines and the package boundaries of docs/design.md §2 at once.
 
 Each step prints one line: its result, its name, its time and what it found. The exit code is 0 only if
 every step did what it should; the first one that does not stops the demo, says why, and shows the end of

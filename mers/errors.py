@@ -7,7 +7,7 @@ operator), and the installer daemon can catch one base. A refused operation has 
 
 from __future__ import annotations
 
-#: exit codes of the `mers` CLI (documented in `mers --help` and DESIGN section 6)
+#: exit codes of the `mers` CLI (documented in `mers --help` and docs/design.md §6)
 EXIT_USAGE = 2  # bad input: an option, an import file, boarding data that does not validate
 EXIT_NOT_ONBOARDED = 3  # nothing to work with yet: no boarding data, or no credentials
 EXIT_STORAGE = 4  # the board or its state files cannot be used
@@ -80,7 +80,7 @@ class HubUnreachableError(MersError):
 
 
 class HubProtocolError(HubUnreachableError):
-    """The hub answered something that is not the protocol of DESIGN section 6 (wrong status, bad JSON)."""
+    """The hub answered something that is not the protocol of docs/design.md §6 (wrong status, bad JSON)."""
 
 
 class HubRefusedError(MersError):

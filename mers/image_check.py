@@ -1,6 +1,6 @@
 """The image's header and TLV trailer, fetched and judged before a single slot byte is written.
 
-DESIGN section 3, "reject early": the header (bytes 0..hdr_size) and the trailer (payload end to file end)
+docs/design.md §3, "reject early": the header (bytes 0..hdr_size) and the trailer (payload end to file end)
 are fetched first, by range, from wherever the image is; `signing` parses them and runs every check that
 needs no payload byte (vendor and class, security counter against the board's floor, slot size, a
 trusted, non-revoked key that signed the claimed digest). A wrong image therefore never erases the

@@ -1,4 +1,4 @@
-"""The installer (DESIGN section 8): from an installation task, a signed URL or a file, to an inactive slot
+"""The installer (docs/design.md §8): from an installation task, a signed URL or a file, to an inactive slot
 holding a fully verified image, a boot environment that tries it, and a reboot.
 
 Every step is journalled (`mers.journal`) before the next begins, and each step can be done again after a
@@ -562,15 +562,14 @@ def _payload_size(journal: Journal) -> int:
 
 
 def _check_free_space(fd: int, length: int, slot: SlotName | None) -> None:
-    """Before the first payload byte is written, check that the slot can hold `length` bytes (DESIGN §8:
-    "check the image against the slot size and free space before downloading"). A partition has its
-    size, checked with the image's header; a slot that is a file (a simulated board, a gateway with
-    file-backed slots) may be sparse, on a filesystem with less room than the image: that download would
-    fail with ENOSPC halfway. So the blocks the file still lacks are compared with the filesystem's free
-    space, and a shortfall is one `SlotStorageError` up front (the daemon retries it: space may be
-    freed). Only a check, nothing written: `posix_fallocate` would reserve the space, but musl's fails
-    on filesystems without fallocate and glibc's emulates it by writing into every block. On a resume
-    only the blocks still missing count."""
+    """Before the first payload byte is written, check that the slot can hold `length` bytes (docs/design.md
+    §8: "check the image against the slot size and free space before downloading"). A partition has its size,
+    checked with the image's header; a slot that is a file (a simulated board, a gateway with file-backed
+    slots) may be sparse, on a filesystem with less room than the image: that download would fail with ENOSPC
+    halfway. So the blocks the file still lacks are compared with the filesystem's free space, and a shortfall
+    is one `SlotStorageError` up front (the daemon retries it: space may be freed). Only a check, nothing
+    written: `posix_fallocate` would reserve the space, but musl's fails on filesystems without fallocate and
+    glibc's emulates it by writing into every block. On a resume only the blocks still missing count."""
     with _slot_io(slot, "measure the free space of"):
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):

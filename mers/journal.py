@@ -1,4 +1,4 @@
-"""The installer's journal (DESIGN section 8): where an install stands, so every step survives a crash,
+"""The installer's journal (docs/design.md §8): where an install stands, so every step survives a crash,
 a SIGKILL or a power cut.
 
 `IDLE → DOWNLOADING(offset) → VERIFIED → SWITCHED → REBOOTING → CONFIRMING → IDLE`. The journal is one

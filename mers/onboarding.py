@@ -1,4 +1,4 @@
-"""Registration and renewal on the wire (DESIGN section 6), and what each refusal means for the operator.
+"""Registration and renewal on the wire (docs/design.md §6), and what each refusal means for the operator.
 
 Pure request/answer handling over a `HubSession`; the decisions (when to register or renew, what to
 persist first) are `mers.client`'s.

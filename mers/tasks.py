@@ -1,4 +1,4 @@
-"""The installation-task client (DESIGN section 7): the agent's open tasks, one task with a freshly
+"""The installation-task client (docs/design.md §7): the agent's open tasks, one task with a freshly
 signed artifact URL, and reports of state, progress and message. The hub shows an agent only its own
 tasks; another agent's task id is answered as not found."""
 
@@ -15,7 +15,7 @@ from .errors import HubProtocolError, HubRefusedError, InputError, TaskClosedErr
 from .onboarding import refusal
 
 TASKS_PATH = "/api/firmwaredeployment/v3/installationTasks"
-#: the longest task message the hub stores (DESIGN section 7)
+#: the longest task message the hub stores (docs/design.md §7)
 MAX_MESSAGE = 4096
 
 
@@ -31,7 +31,7 @@ class TaskState(enum.StrEnum):
     CANCELED = "CANCELED"
 
 
-#: the way a successful installation goes, one step at a time (DESIGN section 7); the hub refuses skips
+#: the way a successful installation goes, one step at a time (docs/design.md §7); the hub refuses skips
 PROGRESSION = (
     TaskState.CREATED,
     TaskState.DOWNLOADING,

@@ -1,4 +1,4 @@
-"""Client assertions and access tokens (DESIGN section 6, RFC 7523).
+"""Client assertions and access tokens (docs/design.md §6, RFC 7523).
 
 The device authenticates at the token endpoint with a short self-signed JWT: HS256 keyed with the raw
 client secret (SHARED_SECRET), or RS256 with its own RSA-3072 key (RSA_3072). Its times are hub time

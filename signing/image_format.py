@@ -1,6 +1,6 @@
 """The MCUboot image format, declared once with construct for both parsing and building.
 
-Byte-compatible with MCUboot / imgtool 2.x (DESIGN section 3): a 32-byte header, the payload at
+Byte-compatible with MCUboot / imgtool 2.x (docs/design.md §3): a 32-byte header, the payload at
 `hdr_size`, an optional protected TLV area (covered by the image hash) and the unprotected TLV area that
 carries the hash, the key hashes and the signatures. All integers are little-endian. No offset arithmetic
 on these structures lives outside this module.

@@ -39,7 +39,7 @@ _PSS_SALT_LENGTH = 32  # MCUboot accepts only a salt as long as the hash
 
 
 class KeyAlgorithm(enum.Enum):
-    """The signature algorithms of DESIGN section 3, each with the TLV type that carries its signature."""
+    """The signature algorithms of docs/design.md §3, each with the TLV type that carries its signature."""
 
     RSA3072 = "rsa-3072"
     ECDSA_P256 = "ecdsa-p256"

@@ -1,7 +1,7 @@
 """What an image's TLVs say, checked for shape: the claimed digest, the metadata, the signatures.
 
 A `Manifest` is read from a layout before any payload byte is hashed, so a device can reject a wrong
-vendor, a downgrade or an unknown key from the header and trailer alone (DESIGN section 3, "reject
+vendor, a downgrade or an unknown key from the header and trailer alone (docs/design.md §3, "reject
 early"). Nothing here decides trust; `verify.py` does that.
 """
 

@@ -49,7 +49,7 @@ IMAGE_CLASS = "gw-1"
 SECURITY_COUNTER = 5
 PASSPHRASE = b"correct horse battery staple\n"
 
-#: the 32-byte header of DESIGN section 3 (`<IIHHIIBBHII`), field by field
+#: the 32-byte header of docs/design.md §3 (`<IIHHIIBBHII`), field by field
 HEADER_FIELDS = (
     ("magic", "I"),
     ("load_addr", "I"),
@@ -619,7 +619,7 @@ CASES = (
         verify_image(lambda kit: with_tlv_length(kit.rsa_image, kit.rsa_image.protected, TLV_CUSTOM, 5)),
     ),
     Case(
-        # DESIGN section 3 and imgtool give custom TLVs 0x00a0-0xfffe; 0xffff is reserved
+        # docs/design.md §3 and imgtool give custom TLVs 0x00a0-0xfffe; 0xffff is reserved
         "protected TLV of the reserved type 0xffff",
         "protected TLV type refused",
         EXIT_REJECTED,

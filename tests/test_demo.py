@@ -33,7 +33,7 @@ def test_the_demo_refuses_a_keep_directory_that_is_not_empty(tmp_path: Path) -> 
 
 
 def test_the_demo_imports_nothing_of_the_toolkit_it_drives() -> None:
-    """It proves the command lines only if it goes through them (DESIGN section 2's boundaries)."""
+    """It proves the command lines only if it goes through them (docs/design.md §2's boundaries)."""
     probe = (
         "import sys, mers.demo\n"
         "ours = {'signing', 'board', 'hub', 'factory', 'mers'}\n"

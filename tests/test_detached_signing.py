@@ -28,7 +28,7 @@ GENPKEY_OPTIONS = {
     "ecdsa-p256": ("-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"),
     "ed25519": ("-algorithm", "ED25519"),
 }
-#: how MCUboot expects each algorithm to sign the 32-byte digest (DESIGN section 3)
+#: how MCUboot expects each algorithm to sign the 32-byte digest (docs/design.md §3)
 PKEYUTL_OPTIONS = {
     "rsa-3072": (
         "-pkeyopt", "digest:sha256", "-pkeyopt", "rsa_padding_mode:pss", "-pkeyopt", "rsa_pss_saltlen:32",

@@ -1,4 +1,4 @@
-"""Registration and renewal against a real hub over TLS (DESIGN section 6): the whole life of an agent of
+"""Registration and renewal against a real hub over TLS (docs/design.md §6): the whole life of an agent of
 each profile, and every refusal leaving the agent exactly as it was."""
 
 from __future__ import annotations

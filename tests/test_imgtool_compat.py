@@ -1,10 +1,10 @@
 """MCUboot compatibility of `mers-sign`, proved against the reference tool, `imgtool` 2.5.0.
 
-Both directions are exercised with imgtool as a real subprocess and real keys of each algorithm (DESIGN
-section 3): imgtool accepts our images, we accept imgtool's under our strict checks, and both tools describe
-an image the same way. Then the places where we deliberately part ways: imgtool ignores KEYHASH, "verifies"
-without a key, and crashes on short files; our verifier refuses all three with one line naming the field.
-"""
+Both directions are exercised with imgtool as a real subprocess and real keys of each algorithm
+(docs/design.md §3): imgtool accepts our images, we accept imgtool's under our strict checks, and both tools
+describe an image the same way. Then the places where we deliberately part ways: imgtool ignores KEYHASH,
+"verifies" without a key, and crashes on short files; our verifier refuses all three with one line naming the
+field."""
 
 from __future__ import annotations
 

@@ -212,7 +212,7 @@ def test_a_payload_larger_than_the_slot_is_rejected(tmp_path):
 
 
 def test_wrong_hardware_is_rejected_from_header_and_trailer_without_reading_the_payload(tmp_path):
-    """DESIGN section 3: a device rejects early, before a byte is written or even downloaded."""
+    """docs/design.md §3: a device rejects early, before a byte is written or even downloaded."""
     payload = os.urandom(1 << 16)
     image = make_image(tmp_path, payload=payload, vendor="acme.example")
     reads: list[tuple[int, int]] = []
