@@ -124,14 +124,18 @@ def console(
     verbose: bool,
 ) -> None:
     """Serve the provisioning console of BOARD (a gateway's TOML file or a simulated board's directory)
-    on a serial device until SIGTERM or SIGINT."""
+    on a serial device until SIGTERM or SIGINT. Once the device is open, one line on stderr says so."""
     _configure_logging(verbose)
     with reported_errors():
         conditions = LineConditions(
             corrupt_rate=corrupt_rate, drop_rate=drop_rate, cut_after=cut_after, seed=seed
         )
         board = open_board(board_path)  # before the port: a wrong board never touches the device
-        _serve_until_stopped(board, impaired(SerialPort.open(device, baud), conditions))
+
+        def announce() -> None:  # on stderr, so a service's log (and a script) knows it can be reached
+            click.echo(f"mers-board: serving the provisioning console on {device} at {baud} baud", err=True)
+
+        _serve_until_stopped(board, impaired(SerialPort.open(device, baud), conditions), announce)
 
 
 @click.command("serve", epilog="Example: mers-board sim serve ./gw1 --json --baud 115200 --corrupt-rate 1e-3")

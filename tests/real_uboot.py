@@ -33,6 +33,7 @@ SD_CARD_SIZE = 8 << 20  # QEMU's sd-card needs a power of two
 SLOT_SIZE = 48 << 20
 BOOT_DEADLINE = 120.0
 _COMMAND_LINE = re.compile(r"Kernel command line: ([^\r\n]*)\r?\n")
+_UART = re.compile(r"char device redirected to (/dev/pts/\d+) \(label serial0\)")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Gateway:
         self.sd_card = directory / "sd-card.img"
         self.slots = {name: directory / f"slot-{name}.img" for name in ("a", "b")}
         self.fw_env_config = directory / "fw_env.config"
+        self.data_disk: Path | None = None
         directory.mkdir(parents=True, exist_ok=True)
         with open(self.sd_card, "wb") as card:
             card.truncate(SD_CARD_SIZE)
@@ -117,44 +119,109 @@ class Gateway:
         assert current.flags is not None
         return current.flags
 
-    def power_on(self, *, until_power_off: bool = False) -> PowerOn:
-        """One power-on, until the kernel prints its command line or U-Boot resets; with
-        `until_power_off`, until the machine powers itself off (what the guest printed is kept)."""
+    def add_data_disk(self) -> Path:
+        """A third virtio disk (the guest's /dev/vdc): an empty ext4 file system the guest keeps its key
+        store and the installer's state on, as a gateway does on a data partition."""
+        disk = self.directory / "data.img"
+        subprocess.run(
+            [require_tool("mke2fs"), "-q", "-F", "-t", "ext4", "-L", "mers-data", str(disk), "32M"],
+            check=True,
+        )
+        self.data_disk = disk
+        return disk
+
+    def start(self, *, uart: bool = False) -> Running:
+        """Power the machine on. With `uart`, its UART (the PL011, the guest's ttyAMA0) is a pseudo-terminal
+        of this host, as a factory's serial cable, and the kernel's console is hvc0 (virtio-console)."""
         command = [
             require_tool("qemu-system-aarch64"),
-            "-M", "virt", "-cpu", "cortex-a57", "-m", "512M", "-nographic", "-no-reboot", "-nic", "none",
+            "-M", "virt", "-cpu", "cortex-a57", "-m", "512M", "-no-reboot", "-nic", "none",
             "-bios", str(self.parts.uboot),
             "-device", "sdhci-pci",
             "-drive", f"if=none,id=sd,format=raw,file={self.sd_card}",
             "-device", "sd-card,drive=sd",
         ]  # fmt: skip
-        for name, path in self.slots.items():
-            command += ["-drive", f"if=none,id=slot-{name},format=raw,file={path}"]
-            command += ["-device", f"virtio-blk-pci,drive=slot-{name}"]
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        if uart:
+            command += ["-display", "none", "-monitor", "none", "-serial", "pty"]
+            command += ["-chardev", "stdio,id=console,signal=off", "-device", "virtio-serial-pci"]
+            command += ["-device", "virtconsole,chardev=console"]
+        else:
+            command += ["-nographic"]
+        disks = [*self.slots.items(), *([("data", self.data_disk)] if self.data_disk else [])]
+        for name, path in disks:
+            command += ["-drive", f"if=none,id=disk-{name},format=raw,file={path}"]
+            command += ["-device", f"virtio-blk-pci,drive=disk-{name}"]
+        return Running(
+            subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
         )
-        assert process.stdout is not None
-        output = b""
-        found = None
-        deadline = time.monotonic() + BOOT_DEADLINE
-        try:
-            while found is None or until_power_off:
-                remaining = deadline - time.monotonic()
-                assert remaining > 0, (
-                    f"the machine did not get there within {BOOT_DEADLINE} s:\n{_text(output)}"
-                )
-                ready, _, _ = select.select([process.stdout], [], [], remaining)
-                chunk = os.read(process.stdout.fileno(), 65536) if ready else b""
-                if ready and not chunk:
-                    break  # QEMU ended: U-Boot reset the board, or the guest powered off
-                output += chunk
-                found = _COMMAND_LINE.search(_text(output))
-        finally:
-            process.kill()
-            process.wait(timeout=30)
-            process.stdout.close()
-        return PowerOn(_text(output), found.group(1).strip() if found else None)
+
+    def power_on(self, *, until_power_off: bool = False) -> PowerOn:
+        """One power-on, until the kernel prints its command line or U-Boot resets; with
+        `until_power_off`, until the machine powers itself off (what the guest printed is kept)."""
+        with self.start() as running:
+            found = running.wait_for(_COMMAND_LINE, BOOT_DEADLINE)
+            if until_power_off:
+                running.wait_for_power_off(BOOT_DEADLINE)
+        return PowerOn(running.output, found.group(1).strip() if found else None)
+
+
+class Running:
+    """A powered-on machine: what it printed so far, and its end (a kill is a power cut)."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self._process = process
+        self._output = b""
+        self._ended = False
+
+    @property
+    def output(self) -> str:
+        return _text(self._output)
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str] | None:
+        """The first match of `pattern` in the output, read until it appears; None if the machine
+        ended (U-Boot reset it, or the guest powered off) before it did. Fails after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while (found := pattern.search(self.output)) is None and not self._ended:
+            self._read(deadline)
+        return found
+
+    def wait_for_power_off(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._ended:
+            self._read(deadline)
+
+    def uart(self, timeout: float = BOOT_DEADLINE) -> str:
+        """The host's end of the machine's UART, as QEMU names it."""
+        found = self.wait_for(_UART, timeout)
+        assert found is not None, self.output
+        return found.group(1)
+
+    def kill(self) -> None:
+        """Cut the power."""
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait(timeout=30)
+
+    def _read(self, deadline: float) -> None:
+        stdout = self._process.stdout
+        assert stdout is not None
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"the machine did not get there in time:\n{self.output[-4000:]}"
+        ready, _, _ = select.select([stdout], [], [], remaining)
+        if ready:
+            chunk = os.read(stdout.fileno(), 65536)
+            self._output += chunk
+            self._ended = not chunk
+
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+        assert self._process.stdout is not None
+        self._process.stdout.close()
 
 
 def _text(output: bytes) -> str:

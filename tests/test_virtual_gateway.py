@@ -13,12 +13,16 @@ from pathlib import Path
 import pytest
 
 from board.env_init import first_environment, initialise_environment, parse_defaults
-from tests.conftest import unavailable
-from tests.real_uboot import Gateway, Parts, parts
+from tests.conftest import run_cli, unavailable
+from tests.factory_helpers import station_files
+from tests.hub_helpers import AGENTS, RunningHub
+from tests.real_uboot import BOOT_DEADLINE, Gateway, Parts, parts
 
 REPO = Path(__file__).resolve().parent.parent
 #: the guest's own check runs instead of an init system (vm/guest-check): its commands, then power-off
 CHECK_ARGS = "console=ttyAMA0 rootwait ro panic=-1 init=/usr/local/sbin/mers-guest-check"
+#: at the factory: the provisioning console on the UART (ttyAMA0), the kernel's on hvc0 (vm/guest-console)
+CONSOLE_ARGS = "console=hvc0 rootwait ro panic=-1 init=/usr/local/sbin/mers-guest-console"
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +42,31 @@ def guest_commands(output: str) -> dict[str, tuple[int, str]]:
     return found
 
 
-def test_mers_runs_in_the_guest_on_the_slot_u_boot_booted(tmp_path: Path, guest_image: Path) -> None:
-    machine: Parts = parts()
-    gateway = Gateway(tmp_path, machine, slot_image=guest_image)
+def write_environment(gateway: Gateway, machine: Parts, bootargs: str) -> None:
+    """The first environment, from U-Boot's defaults and the shipped boot commands, with the guest's own
+    script as init (instead of an init system) and its console as `bootargs` say."""
     defaults = parse_defaults(machine.initial_env.read_text(), "u-boot-initial-env")
     defaults.update(parse_defaults((REPO / "uboot" / "mers-env.txt").read_text(), "mers-env.txt"))
-    defaults["mers_bootargs"] = CHECK_ARGS
-    initialise_environment(gateway.env, first_environment(defaults))
+    defaults["mers_bootargs"] = bootargs
+    initialise_environment(gateway.env, first_environment(defaults), force=True)
 
+
+def check_the_guest(gateway: Gateway, machine: Parts) -> dict[str, tuple[int, str]]:
+    """Boot `vm/guest-check` to its power-off: what each of its commands printed."""
+    gateway.env.write({"mers_bootargs": CHECK_ARGS})
     booted = gateway.power_on(until_power_off=True)
     assert "guest: done" in booted.output, booted.output[-3000:]
     assert booted.slot == "a"
-    commands = guest_commands(booted.output)
+    return guest_commands(booted.output)
+
+
+def test_mers_runs_in_the_guest_on_the_slot_u_boot_booted(tmp_path: Path, guest_image: Path) -> None:
+    machine = parts()
+    gateway = Gateway(tmp_path, machine, slot_image=guest_image)
+    write_environment(gateway, machine, CHECK_ARGS)
+    commands = check_the_guest(gateway, machine)
     assert commands["mers --version"][0] == 0, commands
     assert "mers, version" in commands["mers --version"][1]
-    assert commands["mers-board init /etc/mers/board.toml"][0] == 0, commands
     code, info_text = commands["mers-board info /etc/mers/board.toml --json"]
     assert code == 0, info_text
     info = json.loads(info_text)
@@ -65,3 +79,40 @@ def test_mers_runs_in_the_guest_on_the_slot_u_boot_booted(tmp_path: Path, guest_
     code, status_text = commands["mers status --board /etc/mers/board.toml --json"]
     assert code == 0, status_text
     assert json.loads(status_text)["firmware"]["running_slot"] == "a"
+
+
+def test_the_factory_provisions_the_guest_over_its_uart(
+    tmp_path: Path, guest_image: Path, hub: RunningHub
+) -> None:
+    """The guest serves its provisioning console on its real UART (QEMU's PL011, a pseudo-terminal here);
+    `mers-factory provision --hub` writes the trust key and the boarding data, reads them back and locks.
+    After a power cut the guest's key store, on its data disk, holds all of it, locked."""
+    machine = parts()
+    gateway = Gateway(tmp_path / "gateway", machine, slot_image=guest_image)
+    gateway.add_data_disk()
+    write_environment(gateway, machine, CONSOLE_ARGS)
+    files = station_files(tmp_path / "station")
+    token = tmp_path / "admin-token"
+    token.write_text(hub.admin_token + "\n")
+    with gateway.start(uart=True) as running:
+        port = running.uart()
+        serving = running.wait_for(
+            re.compile(r"serving the provisioning console on /dev/ttyAMA0"), BOOT_DEADLINE
+        )
+        assert serving is not None, running.output[-3000:]
+        provisioned = run_cli(
+            "mers-factory", "provision", "--records", tmp_path / "records.db", "--new-records",
+            "--port", port, "--key", files.keys[0],
+            "--hub", hub.url, "--hub-token-file", token, "--hub-ca", hub.ca, "--json",
+        )  # fmt: skip
+        assert provisioned.returncode == 0, provisioned.stdout + provisioned.stderr
+    # the power is cut there; the next boot finds what the factory wrote
+    commands = check_the_guest(gateway, machine)
+    code, info_text = commands["mers-board info /etc/mers/board.toml --json"]
+    assert code == 0, info_text
+    info = json.loads(info_text)
+    assert info["locked"] is True
+    assert info["key_slots"][0]["key_hash"] == files.public_keys[0].key_hash.hex()
+    agents = hub.admin("GET", f"{AGENTS}/agents").json()["content"]
+    (agent,) = [agent for agent in agents if agent["name"] == "GW-VM-0001"]
+    assert info["boarding"]["client_id"] == agent["id"]
