@@ -123,13 +123,18 @@ def join_stopping_hubs() -> None:
 
 @contextmanager
 def running_hub(
-    root: Path, settings: HubSettings | None = None, *, wait_for_stop: bool = True
+    root: Path,
+    settings: HubSettings | None = None,
+    *,
+    wait_for_stop: bool = True,
+    keys: HubKeys | None = None,
 ) -> Iterator[RunningHub]:
     """Create a hub in `root` and serve it until the block ends. uvicorn takes 0.1 to 0.2 s to stop
     (its tick and its shutdown each sleep 0.1 s); with `wait_for_stop` False the block ends once the
     server is told to stop and it stops in the background, for a caller that never looks at the hub
-    or its directory again (the `hub` fixture's teardown)."""
-    created = create_hub(root, settings=settings, keys=shared_hub_keys())
+    or its directory again (the `hub` fixture's teardown). `keys`: key material of its own (for other
+    host names in its certificate), instead of the test session's."""
+    created = create_hub(root, settings=settings, keys=keys or shared_hub_keys())
     clock = MovableClock()
     sock = bind("127.0.0.1", 0)
     server = build_server(created.home, sock, clock=clock)

@@ -33,6 +33,9 @@ SD_CARD_SIZE = 8 << 20  # QEMU's sd-card needs a power of two
 SLOT_SIZE = 48 << 20
 BOOT_DEADLINE = 120.0
 _COMMAND_LINE = re.compile(r"Kernel command line: ([^\r\n]*)\r?\n")
+#: where the guest reaches the hub: QEMU forwards it to the hub on this host's 127.0.0.1
+GUEST_HUB_ADDRESS = "10.0.2.100"
+GUEST_HUB_PORT = 8443
 _UART = re.compile(r"char device redirected to (/dev/pts/\d+) \(label serial0\)")
 
 
@@ -130,17 +133,49 @@ class Gateway:
         self.data_disk = disk
         return disk
 
-    def start(self, *, uart: bool = False) -> Running:
+    def put_on_data_disk(self, name: str, text: str) -> None:
+        """Write the file `name` at the root of the data disk (the guest's /var/lib/mers), powered off.
+        The journal a power cut left is replayed first (e2fsck), as the guest's next mount would: debugfs
+        writes past it, and a later replay would put the old directory blocks back over the file."""
+        assert self.data_disk is not None, "no data disk"
+        checked = subprocess.run(
+            [require_tool("e2fsck"), "-f", "-y", str(self.data_disk)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert checked.returncode in (0, 1), checked.stdout + checked.stderr  # 1: the journal replayed
+        source = self.directory / f".{name}"
+        source.write_text(text)
+        debugfs = require_tool("debugfs")
+        subprocess.run(
+            [debugfs, "-w", "-R", f"rm {name}", str(self.data_disk)], capture_output=True, check=False
+        )
+        subprocess.run(
+            [debugfs, "-w", "-R", f"write {source} {name}", str(self.data_disk)],
+            capture_output=True,
+            check=True,
+        )
+        source.unlink()
+
+    def start(self, *, uart: bool = False, hub_port: int | None = None) -> Running:
         """Power the machine on. With `uart`, its UART (the PL011, the guest's ttyAMA0) is a pseudo-terminal
-        of this host, as a factory's serial cable, and the kernel's console is hvc0 (virtio-console)."""
+        of this host, as a factory's serial cable, and the kernel's console is hvc0 (virtio-console). With
+        `hub_port`, the guest has a network on which 10.0.2.100:8443 is 127.0.0.1:`hub_port` of this host,
+        and nothing else is reached (QEMU's user network with restrict=on)."""
         command = [
             require_tool("qemu-system-aarch64"),
-            "-M", "virt", "-cpu", "cortex-a57", "-m", "512M", "-no-reboot", "-nic", "none",
+            "-M", "virt", "-cpu", "cortex-a57", "-m", "512M", "-no-reboot",
             "-bios", str(self.parts.uboot),
             "-device", "sdhci-pci",
             "-drive", f"if=none,id=sd,format=raw,file={self.sd_card}",
             "-device", "sd-card,drive=sd",
         ]  # fmt: skip
+        if hub_port is None:
+            command += ["-nic", "none"]
+        else:
+            forward = f"guestfwd=tcp:{GUEST_HUB_ADDRESS}:{GUEST_HUB_PORT}-tcp:127.0.0.1:{hub_port}"
+            command += ["-nic", f"user,model=virtio-net-pci,restrict=on,{forward}"]
         if uart:
             command += ["-display", "none", "-monitor", "none", "-serial", "pty"]
             command += ["-chardev", "stdio,id=console,signal=off", "-device", "virtio-serial-pci"]
@@ -157,10 +192,10 @@ class Gateway:
             )
         )
 
-    def power_on(self, *, until_power_off: bool = False) -> PowerOn:
+    def power_on(self, *, until_power_off: bool = False, hub_port: int | None = None) -> PowerOn:
         """One power-on, until the kernel prints its command line or U-Boot resets; with
         `until_power_off`, until the machine powers itself off (what the guest printed is kept)."""
-        with self.start() as running:
+        with self.start(hub_port=hub_port) as running:
             found = running.wait_for(_COMMAND_LINE, BOOT_DEADLINE)
             if until_power_off:
                 running.wait_for_power_off(BOOT_DEADLINE)

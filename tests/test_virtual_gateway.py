@@ -8,15 +8,19 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from board.env_init import first_environment, initialise_environment, parse_defaults
+from hub.home import HubSettings
+from hub.setup import new_hub_keys
 from tests.conftest import run_cli, unavailable
 from tests.factory_helpers import station_files
-from tests.hub_helpers import AGENTS, RunningHub
-from tests.real_uboot import BOOT_DEADLINE, Gateway, Parts, parts
+from tests.hub_helpers import AGENTS, RunningHub, running_hub
+from tests.real_uboot import BOOT_DEADLINE, GUEST_HUB_ADDRESS, GUEST_HUB_PORT, Gateway, Parts, parts
 
 REPO = Path(__file__).resolve().parent.parent
 #: the guest's own check runs instead of an init system (vm/guest-check): its commands, then power-off
@@ -33,9 +37,13 @@ def guest_image() -> Path:
     return Path(directory) / "slot.img"
 
 
+#: a kernel message that reached the console before the guest quieted it
+_KERNEL_MESSAGE = re.compile(r"^\[ *\d+\.\d+\] .*\n", re.M)
+
+
 def guest_commands(output: str) -> dict[str, tuple[int, str]]:
     """What each command of vm/guest-check printed, and its exit status, by command line."""
-    text = output.replace("\r\n", "\n")
+    text = _KERNEL_MESSAGE.sub("", output.replace("\r\n", "\n"))
     found = {}
     for match in re.finditer(r"^guest: \$ (.*?)\n(.*?)^guest: exit (\d+)$", text, re.S | re.M):
         found[match.group(1)] = (int(match.group(3)), match.group(2))
@@ -51,10 +59,11 @@ def write_environment(gateway: Gateway, machine: Parts, bootargs: str) -> None:
     initialise_environment(gateway.env, first_environment(defaults), force=True)
 
 
-def check_the_guest(gateway: Gateway, machine: Parts) -> dict[str, tuple[int, str]]:
-    """Boot `vm/guest-check` to its power-off: what each of its commands printed."""
+def check_the_guest(gateway: Gateway, hub: RunningHub | None = None) -> dict[str, tuple[int, str]]:
+    """Boot `vm/guest-check` to its power-off (on the network, reaching `hub`): what each of its commands
+    printed."""
     gateway.env.write({"mers_bootargs": CHECK_ARGS})
-    booted = gateway.power_on(until_power_off=True)
+    booted = gateway.power_on(until_power_off=True, hub_port=urlsplit(hub.url).port if hub else None)
     assert "guest: done" in booted.output, booted.output[-3000:]
     assert booted.slot == "a"
     return guest_commands(booted.output)
@@ -64,7 +73,7 @@ def test_mers_runs_in_the_guest_on_the_slot_u_boot_booted(tmp_path: Path, guest_
     machine = parts()
     gateway = Gateway(tmp_path, machine, slot_image=guest_image)
     write_environment(gateway, machine, CHECK_ARGS)
-    commands = check_the_guest(gateway, machine)
+    commands = check_the_guest(gateway)
     assert commands["mers --version"][0] == 0, commands
     assert "mers, version" in commands["mers --version"][1]
     code, info_text = commands["mers-board info /etc/mers/board.toml --json"]
@@ -81,12 +90,22 @@ def test_mers_runs_in_the_guest_on_the_slot_u_boot_booted(tmp_path: Path, guest_
     assert json.loads(status_text)["firmware"]["running_slot"] == "a"
 
 
-def test_the_factory_provisions_the_guest_over_its_uart(
-    tmp_path: Path, guest_image: Path, hub: RunningHub
+@pytest.fixture
+def guest_hub(tmp_path: Path) -> Iterator[RunningHub]:
+    """A hub the guest reaches at 10.0.2.100:8443 (what its boarding data and certificate name)."""
+    settings = HubSettings(public_url=f"https://{GUEST_HUB_ADDRESS}:{GUEST_HUB_PORT}")
+    with running_hub(tmp_path / "hub", settings, keys=new_hub_keys((GUEST_HUB_ADDRESS,))) as hub:
+        yield hub
+
+
+def test_the_factory_provisions_the_guest_over_its_uart_and_its_first_boot_onboards(
+    tmp_path: Path, guest_image: Path, guest_hub: RunningHub
 ) -> None:
     """The guest serves its provisioning console on its real UART (QEMU's PL011, a pseudo-terminal here);
     `mers-factory provision --hub` writes the trust key and the boarding data, reads them back and locks.
-    After a power cut the guest's key store, on its data disk, holds all of it, locked."""
+    After a power cut, the key store on the guest's data disk holds it all, locked, and `mers onboard`
+    in the guest registers with the hub through the guest's only network path to it."""
+    hub = guest_hub
     machine = parts()
     gateway = Gateway(tmp_path / "gateway", machine, slot_image=guest_image)
     gateway.add_data_disk()
@@ -106,8 +125,13 @@ def test_the_factory_provisions_the_guest_over_its_uart(
             "--hub", hub.url, "--hub-token-file", token, "--hub-ca", hub.ca, "--json",
         )  # fmt: skip
         assert provisioned.returncode == 0, provisioned.stdout + provisioned.stderr
-    # the power is cut there; the next boot finds what the factory wrote
-    commands = check_the_guest(gateway, machine)
+    # the power is cut there; the first boot at the site onboards
+    board = "--board /etc/mers/board.toml"
+    gateway.put_on_data_disk(
+        "guest-commands",
+        f"mers-board info /etc/mers/board.toml --json\nmers onboard {board}\nmers status {board} --json\n",
+    )
+    commands = check_the_guest(gateway, hub)
     code, info_text = commands["mers-board info /etc/mers/board.toml --json"]
     assert code == 0, info_text
     info = json.loads(info_text)
@@ -116,3 +140,10 @@ def test_the_factory_provisions_the_guest_over_its_uart(
     agents = hub.admin("GET", f"{AGENTS}/agents").json()["content"]
     (agent,) = [agent for agent in agents if agent["name"] == "GW-VM-0001"]
     assert info["boarding"]["client_id"] == agent["id"]
+    assert info["boarding"]["base_url"] == f"https://{GUEST_HUB_ADDRESS}:{GUEST_HUB_PORT}"
+    assert f"mers onboard {board}" in commands, commands
+    assert commands[f"mers onboard {board}"][0] == 0, commands
+    status = hub.admin("GET", f"{AGENTS}/agents/{agent['id']}/boarding/status").json()
+    assert status["status"] == "ONBOARDED", status
+    code, status_text = commands[f"mers status {board} --json"]
+    assert code == 0 and json.loads(status_text)["client_id"] == agent["id"], status_text
