@@ -43,7 +43,7 @@ from .interface import (
     SlotRecord,
     SlotStatus,
 )
-from .storage import read_if_present, remove_durably, write_atomically
+from .storage import ensure_directory, read_if_present, remove_durably, write_atomically
 
 _CHUNK = 1 << 20
 _RECORD_FORMAT = "mers-slot-record"
@@ -314,8 +314,11 @@ class SlotDevice:
     # --- for the board only ----------------------------------------------------------------------------
 
     def _open_for_writing(self) -> BinaryIO:
-        """Mark the record as being written first: from then on the slot never passes for its old image."""
+        """Mark the record as being written first: from then on the slot never passes for its old image.
+        A gateway's first install creates the records' directory (nothing else does: the factory image
+        may have none there)."""
         size = self.size
+        ensure_directory(self.record_path.parent)
         write_atomically(self.record_path, encode_record(None))
         try:
             return _BoundedSlotFile(self.device, size, self._name)

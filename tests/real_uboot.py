@@ -174,7 +174,9 @@ class Gateway:
         if hub_port is None:
             command += ["-nic", "none"]
         else:
-            forward = f"guestfwd=tcp:{GUEST_HUB_ADDRESS}:{GUEST_HUB_PORT}-tcp:127.0.0.1:{hub_port}"
+            # a relay per connection (a `tcp:` chardev would carry only the first one)
+            relay = f"cmd:{require_tool('socat')} - TCP:127.0.0.1:{hub_port}"
+            forward = f"guestfwd=tcp:{GUEST_HUB_ADDRESS}:{GUEST_HUB_PORT}-{relay}"
             command += ["-nic", f"user,model=virtio-net-pci,restrict=on,{forward}"]
         if uart:
             command += ["-display", "none", "-monitor", "none", "-serial", "pty"]

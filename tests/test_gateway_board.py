@@ -200,6 +200,16 @@ def test_a_gateway_board_writes_its_otp_and_state_where_configured(tmp_path):
     assert (tmp_path / "state" / "journal").read_bytes() == b"{}"
 
 
+def test_the_first_install_creates_the_directory_of_the_slot_records(tmp_path):
+    """A gateway fresh from the factory has no slot records, and maybe not their directory either."""
+    config = write_gateway(tmp_path)
+    config.write_text(config.read_text().replace('record = "b.record"', 'record = "records/b.record"'))
+    board = GatewayBoard.from_toml(config)
+    with board.open_inactive_slot_for_writing() as slot:
+        slot.write(b"payload")
+    assert (tmp_path / "records" / "b.record").is_file()
+
+
 @pytest.mark.parametrize("cmdline", ["quiet root=/dev/sda", "mers.slot=c", "xmers.slot=a", ""])
 def test_a_command_line_that_does_not_name_a_slot_leaves_the_running_slot_unknown(tmp_path, cmdline):
     board = GatewayBoard.from_toml(write_gateway(tmp_path, cmdline=cmdline))

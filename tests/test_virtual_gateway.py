@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -17,10 +19,10 @@ import pytest
 from board.env_init import first_environment, initialise_environment, parse_defaults
 from hub.home import HubSettings
 from hub.setup import new_hub_keys
-from tests.conftest import run_cli, unavailable
-from tests.factory_helpers import station_files
-from tests.hub_helpers import AGENTS, RunningHub, running_hub
+from tests.conftest import require_tool, run_cli, unavailable
+from tests.hub_helpers import AGENTS, FIRMWARE, RunningHub, running_hub
 from tests.real_uboot import BOOT_DEADLINE, GUEST_HUB_ADDRESS, GUEST_HUB_PORT, Gateway, Parts, parts
+from tests.signing_helpers import succeeded
 
 REPO = Path(__file__).resolve().parent.parent
 #: the guest's own check runs instead of an init system (vm/guest-check): its commands, then power-off
@@ -59,14 +61,36 @@ def write_environment(gateway: Gateway, machine: Parts, bootargs: str) -> None:
     initialise_environment(gateway.env, first_environment(defaults), force=True)
 
 
-def check_the_guest(gateway: Gateway, hub: RunningHub | None = None) -> dict[str, tuple[int, str]]:
-    """Boot `vm/guest-check` to its power-off (on the network, reaching `hub`): what each of its commands
-    printed."""
+def check_the_guest(
+    gateway: Gateway, hub: RunningHub | None = None, *, slot: str = "a", reboots: bool = False
+) -> dict[str, tuple[int, str]]:
+    """Boot `vm/guest-check` to its power-off (on the network, reaching `hub`), from `slot`: what each of
+    its commands printed. With `reboots`, a command reboots the guest before the list ends."""
     gateway.env.write({"mers_bootargs": CHECK_ARGS})
     booted = gateway.power_on(until_power_off=True, hub_port=urlsplit(hub.url).port if hub else None)
-    assert "guest: done" in booted.output, booted.output[-3000:]
-    assert booted.slot == "a"
+    assert ("guest: done" in booted.output) is not reboots, booted.output[-3000:]
+    assert booted.slot == slot, booted.output[-3000:]
     return guest_commands(booted.output)
+
+
+def release(directory: Path, slot_image: Path, key: Path, version: str, counter: int) -> Path:
+    """A signed image of the guest's root file system with /etc/mers-release saying `version`, for the
+    vendor and class of vm/board.toml."""
+    payload = directory / f"rootfs-{version}.img"
+    shutil.copyfile(slot_image, payload)
+    marker = directory / f"mers-release-{version}"
+    marker.write_text(version + "\n")
+    script = directory / f"debugfs-{version}"
+    script.write_text(f"cd /etc\nwrite {marker} mers-release\n")
+    subprocess.run(
+        [require_tool("debugfs"), "-w", "-f", str(script), str(payload)], capture_output=True, check=True
+    )
+    signed = directory / f"rootfs-{version}.signed"
+    sign: list[str | Path] = ["sign", "--key", key, "--version", version, "--security-counter", str(counter)]
+    sign += ["--vendor", "acme.example", "--class", "gateway-g1", payload, signed]
+    succeeded(run_cli("mers-sign", *sign))
+    payload.unlink()
+    return signed
 
 
 def test_mers_runs_in_the_guest_on_the_slot_u_boot_booted(tmp_path: Path, guest_image: Path) -> None:
@@ -98,21 +122,27 @@ def guest_hub(tmp_path: Path) -> Iterator[RunningHub]:
         yield hub
 
 
-def test_the_factory_provisions_the_guest_over_its_uart_and_its_first_boot_onboards(
+def test_a_gateway_is_provisioned_over_its_uart_onboarded_updated_and_confirmed(
     tmp_path: Path, guest_image: Path, guest_hub: RunningHub
 ) -> None:
     """The guest serves its provisioning console on its real UART (QEMU's PL011, a pseudo-terminal here);
     `mers-factory provision --hub` writes the trust key and the boarding data, reads them back and locks.
     After a power cut, the key store on the guest's data disk holds it all, locked, and `mers onboard`
-    in the guest registers with the hub through the guest's only network path to it."""
+    in the guest registers with the hub through the guest's only network path to it. A task for v2 is
+    downloaded, verified and written into slot b, the environment flipped, and the guest reboots; U-Boot
+    counts the trial and boots v2 from slot b; `mers confirm` there commits it and the task is ACTIVATED."""
     hub = guest_hub
     machine = parts()
     gateway = Gateway(tmp_path / "gateway", machine, slot_image=guest_image)
     gateway.add_data_disk()
     write_environment(gateway, machine, CONSOLE_ARGS)
-    files = station_files(tmp_path / "station")
+    key, public = tmp_path / "release.pem", tmp_path / "release.pub.pem"
+    succeeded(run_cli("mers-sign", "keygen", "--type", "ecdsa-p256", "-o", key))
+    public.write_text(succeeded(run_cli("mers-sign", "getpub", key, "--format", "pem")).stdout)
     token = tmp_path / "admin-token"
     token.write_text(hub.admin_token + "\n")
+    admin: list[str | Path] = ["--url", hub.url, "--token-file", token, "--ca", hub.ca]
+    succeeded(run_cli("mers-hub", "release", "trust", "add", public, "--name", "release", *admin))
     with gateway.start(uart=True) as running:
         port = running.uart()
         serving = running.wait_for(
@@ -121,7 +151,7 @@ def test_the_factory_provisions_the_guest_over_its_uart_and_its_first_boot_onboa
         assert serving is not None, running.output[-3000:]
         provisioned = run_cli(
             "mers-factory", "provision", "--records", tmp_path / "records.db", "--new-records",
-            "--port", port, "--key", files.keys[0],
+            "--port", port, "--key", public,
             "--hub", hub.url, "--hub-token-file", token, "--hub-ca", hub.ca, "--json",
         )  # fmt: skip
         assert provisioned.returncode == 0, provisioned.stdout + provisioned.stderr
@@ -136,7 +166,7 @@ def test_the_factory_provisions_the_guest_over_its_uart_and_its_first_boot_onboa
     assert code == 0, info_text
     info = json.loads(info_text)
     assert info["locked"] is True
-    assert info["key_slots"][0]["key_hash"] == files.public_keys[0].key_hash.hex()
+    assert info["key_slots"][0]["state"] == "written"
     agents = hub.admin("GET", f"{AGENTS}/agents").json()["content"]
     (agent,) = [agent for agent in agents if agent["name"] == "GW-VM-0001"]
     assert info["boarding"]["client_id"] == agent["id"]
@@ -147,3 +177,46 @@ def test_the_factory_provisions_the_guest_over_its_uart_and_its_first_boot_onboa
     assert status["status"] == "ONBOARDED", status
     code, status_text = commands[f"mers status {board} --json"]
     assert code == 0 and json.loads(status_text)["client_id"] == agent["id"], status_text
+
+    # a release for it: installed by the task, into slot b, the boot environment flipped, a reboot
+    image = release(tmp_path, guest_image, key, "2.0.0", counter=2)
+    uploaded = json.loads(succeeded(run_cli("mers-hub", "release", "upload", image, "--json", *admin)).stdout)
+    task = json.loads(
+        succeeded(
+            run_cli(
+                "mers-hub",
+                "task",
+                "create",
+                "--device",
+                agent["id"],
+                "--release",
+                uploaded["id"],
+                "--json",
+                *admin,
+            )
+        ).stdout
+    )
+    image.unlink()
+    gateway.put_on_data_disk("guest-commands", f"mers install --task {task['id']} --no-progress {board}\n")
+    check_the_guest(gateway, hub, reboots=True)
+    env = gateway.env.read()
+    assert (env["boot_slot"], env["upgrade_available"], env["bootcount"]) == ("b", "1", "0")
+    assert task_state(hub, task["id"]) == "ACTIVATING"  # reported before the reboot
+
+    # U-Boot counts the trial and boots slot b, where v2 runs; confirm commits it
+    gateway.put_on_data_disk(
+        "guest-commands", f"cat /etc/mers-release\nmers confirm {board}\nmers status {board} --json\n"
+    )
+    commands = check_the_guest(gateway, hub, slot="b")
+    assert commands["cat /etc/mers-release"] == (0, "2.0.0\n"), commands
+    assert commands[f"mers confirm {board}"][0] == 0, commands
+    assert task_state(hub, task["id"]) == "ACTIVATED"
+    env = gateway.env.read()
+    assert (env["boot_slot"], env["upgrade_available"]) == ("b", "0")
+
+
+def task_state(hub: RunningHub, task_id: str) -> str:
+    response = hub.admin("GET", f"{FIRMWARE}/installationTasks/{task_id}")
+    assert response.status_code == 200, response.text
+    state: str = response.json()["state"]
+    return state
