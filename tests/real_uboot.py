@@ -112,6 +112,7 @@ class Gateway:
         subprocess.run(
             [require_tool("mke2fs"), "-q", "-F", "-t", "ext4", "-d", str(root), str(self.slots[name]),
              str(SLOT_SIZE >> 10)],
+            capture_output=True,
             check=True,
         )  # fmt: skip
         shutil.rmtree(root)

@@ -17,6 +17,9 @@ from board.interface import SlotName
 from mers.install import trial_env_changes
 from tests.real_uboot import Gateway, Parts, PowerOn, parts
 
+#: run by scripts/test-vm, not with the suite
+pytestmark = pytest.mark.vm
+
 REPO = Path(__file__).resolve().parent.parent
 
 

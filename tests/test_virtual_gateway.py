@@ -23,6 +23,10 @@ from tests.conftest import require_tool, run_cli, unavailable
 from tests.hub_helpers import AGENTS, FIRMWARE, RunningHub, running_hub
 from tests.real_uboot import BOOT_DEADLINE, GUEST_HUB_ADDRESS, GUEST_HUB_PORT, Gateway, Parts, parts
 from tests.signing_helpers import succeeded
+from tests.vm_steps import step
+
+#: run by scripts/test-vm, not with the suite
+pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parent.parent
 #: the guest's own check runs instead of an init system (vm/guest-check): its commands, then power-off
@@ -143,7 +147,7 @@ def test_a_gateway_is_provisioned_over_its_uart_onboarded_updated_and_confirmed(
     token.write_text(hub.admin_token + "\n")
     admin: list[str | Path] = ["--url", hub.url, "--token-file", token, "--ca", hub.ca]
     succeeded(run_cli("mers-hub", "release", "trust", "add", public, "--name", "release", *admin))
-    with gateway.start(uart=True) as running:
+    with step("the factory provisions it over its UART"), gateway.start(uart=True) as running:
         port = running.uart()
         serving = running.wait_for(
             re.compile(r"serving the provisioning console on /dev/ttyAMA0"), BOOT_DEADLINE
@@ -155,64 +159,71 @@ def test_a_gateway_is_provisioned_over_its_uart_onboarded_updated_and_confirmed(
             "--hub", hub.url, "--hub-token-file", token, "--hub-ca", hub.ca, "--json",
         )  # fmt: skip
         assert provisioned.returncode == 0, provisioned.stdout + provisioned.stderr
-    # the power is cut there; the first boot at the site onboards
     board = "--board /etc/mers/board.toml"
-    gateway.put_on_data_disk(
-        "guest-commands",
-        f"mers-board info /etc/mers/board.toml --json\nmers onboard {board}\nmers status {board} --json\n",
-    )
-    commands = check_the_guest(gateway, hub)
-    code, info_text = commands["mers-board info /etc/mers/board.toml --json"]
-    assert code == 0, info_text
-    info = json.loads(info_text)
-    assert info["locked"] is True
-    assert info["key_slots"][0]["state"] == "written"
-    agents = hub.admin("GET", f"{AGENTS}/agents").json()["content"]
-    (agent,) = [agent for agent in agents if agent["name"] == "GW-VM-0001"]
-    assert info["boarding"]["client_id"] == agent["id"]
-    assert info["boarding"]["base_url"] == f"https://{GUEST_HUB_ADDRESS}:{GUEST_HUB_PORT}"
-    assert f"mers onboard {board}" in commands, commands
-    assert commands[f"mers onboard {board}"][0] == 0, commands
-    status = hub.admin("GET", f"{AGENTS}/agents/{agent['id']}/boarding/status").json()
-    assert status["status"] == "ONBOARDED", status
-    code, status_text = commands[f"mers status {board} --json"]
-    assert code == 0 and json.loads(status_text)["client_id"] == agent["id"], status_text
-
-    # a release for it: installed by the task, into slot b, the boot environment flipped, a reboot
-    image = release(tmp_path, guest_image, key, "2.0.0", counter=2)
-    uploaded = json.loads(succeeded(run_cli("mers-hub", "release", "upload", image, "--json", *admin)).stdout)
-    task = json.loads(
-        succeeded(
-            run_cli(
-                "mers-hub",
-                "task",
-                "create",
-                "--device",
-                agent["id"],
-                "--release",
-                uploaded["id"],
-                "--json",
-                *admin,
-            )
-        ).stdout
-    )
-    image.unlink()
-    gateway.put_on_data_disk("guest-commands", f"mers install --task {task['id']} --no-progress {board}\n")
-    check_the_guest(gateway, hub, reboots=True)
-    env = gateway.env.read()
-    assert (env["boot_slot"], env["upgrade_available"], env["bootcount"]) == ("b", "1", "0")
-    assert task_state(hub, task["id"]) == "ACTIVATING"  # reported before the reboot
-
-    # U-Boot counts the trial and boots slot b, where v2 runs; confirm commits it
-    gateway.put_on_data_disk(
-        "guest-commands", f"cat /etc/mers-release\nmers confirm {board}\nmers status {board} --json\n"
-    )
-    commands = check_the_guest(gateway, hub, slot="b")
-    assert commands["cat /etc/mers-release"] == (0, "2.0.0\n"), commands
-    assert commands[f"mers confirm {board}"][0] == 0, commands
-    assert task_state(hub, task["id"]) == "ACTIVATED"
-    env = gateway.env.read()
-    assert (env["boot_slot"], env["upgrade_available"]) == ("b", "0")
+    with step("its first boot onboards"):
+        # the power is cut there; the first boot at the site onboards
+        lines = [
+            f"mers-board info {board.split()[1]} --json",
+            f"mers onboard {board}",
+            f"mers status {board} --json",
+        ]
+        gateway.put_on_data_disk("guest-commands", "\n".join(lines) + "\n")
+        commands = check_the_guest(gateway, hub)
+        code, info_text = commands["mers-board info /etc/mers/board.toml --json"]
+        assert code == 0, info_text
+        info = json.loads(info_text)
+        assert info["locked"] is True
+        assert info["key_slots"][0]["state"] == "written"
+        agents = hub.admin("GET", f"{AGENTS}/agents").json()["content"]
+        (agent,) = [agent for agent in agents if agent["name"] == "GW-VM-0001"]
+        assert info["boarding"]["client_id"] == agent["id"]
+        assert info["boarding"]["base_url"] == f"https://{GUEST_HUB_ADDRESS}:{GUEST_HUB_PORT}"
+        assert f"mers onboard {board}" in commands, commands
+        assert commands[f"mers onboard {board}"][0] == 0, commands
+        status = hub.admin("GET", f"{AGENTS}/agents/{agent['id']}/boarding/status").json()
+        assert status["status"] == "ONBOARDED", status
+        code, status_text = commands[f"mers status {board} --json"]
+        assert code == 0 and json.loads(status_text)["client_id"] == agent["id"], status_text
+    with step("a task installs v2 into slot b and reboots"):
+        # a release for it: installed by the task, into slot b, the boot environment flipped, a reboot
+        image = release(tmp_path, guest_image, key, "2.0.0", counter=2)
+        uploaded = json.loads(
+            succeeded(run_cli("mers-hub", "release", "upload", image, "--json", *admin)).stdout
+        )
+        task = json.loads(
+            succeeded(
+                run_cli(
+                    "mers-hub",
+                    "task",
+                    "create",
+                    "--device",
+                    agent["id"],
+                    "--release",
+                    uploaded["id"],
+                    "--json",
+                    *admin,
+                )
+            ).stdout
+        )
+        image.unlink()
+        gateway.put_on_data_disk(
+            "guest-commands", f"mers install --task {task['id']} --no-progress {board}\n"
+        )
+        check_the_guest(gateway, hub, reboots=True)
+        env = gateway.env.read()
+        assert (env["boot_slot"], env["upgrade_available"], env["bootcount"]) == ("b", "1", "0")
+        assert task_state(hub, task["id"]) == "ACTIVATING"  # reported before the reboot
+    with step("U-Boot boots the trial of v2; confirm activates it"):
+        # U-Boot counts the trial and boots slot b, where v2 runs; confirm commits it
+        gateway.put_on_data_disk(
+            "guest-commands", f"cat /etc/mers-release\nmers confirm {board}\nmers status {board} --json\n"
+        )
+        commands = check_the_guest(gateway, hub, slot="b")
+        assert commands["cat /etc/mers-release"] == (0, "2.0.0\n"), commands
+        assert commands[f"mers confirm {board}"][0] == 0, commands
+        assert task_state(hub, task["id"]) == "ACTIVATED"
+        env = gateway.env.read()
+        assert (env["boot_slot"], env["upgrade_available"]) == ("b", "0")
 
 
 def task_state(hub: RunningHub, task_id: str) -> str:
