@@ -126,7 +126,7 @@ def guest_hub(tmp_path: Path) -> Iterator[RunningHub]:
         yield hub
 
 
-def test_a_gateway_is_provisioned_over_its_uart_onboarded_updated_and_confirmed(
+def test_a_gateway_is_provisioned_onboarded_updated_confirmed_and_rolled_back(
     tmp_path: Path, guest_image: Path, guest_hub: RunningHub
 ) -> None:
     """The guest serves its provisioning console on its real UART (QEMU's PL011, a pseudo-terminal here);
@@ -134,7 +134,9 @@ def test_a_gateway_is_provisioned_over_its_uart_onboarded_updated_and_confirmed(
     After a power cut, the key store on the guest's data disk holds it all, locked, and `mers onboard`
     in the guest registers with the hub through the guest's only network path to it. A task for v2 is
     downloaded, verified and written into slot b, the environment flipped, and the guest reboots; U-Boot
-    counts the trial and boots v2 from slot b; `mers confirm` there commits it and the task is ACTIVATED."""
+    counts the trial and boots v2 from slot b; `mers confirm` there commits it and the task is ACTIVATED.
+    Then v3, whose health check fails at every trial boot, is rolled back by U-Boot past `bootlimit`:
+    v2 runs again and the task is FAILED."""
     hub = guest_hub
     machine = parts()
     gateway = Gateway(tmp_path / "gateway", machine, slot_image=guest_image)
@@ -222,6 +224,36 @@ def test_a_gateway_is_provisioned_over_its_uart_onboarded_updated_and_confirmed(
         assert commands["cat /etc/mers-release"] == (0, "2.0.0\n"), commands
         assert commands[f"mers confirm {board}"][0] == 0, commands
         assert task_state(hub, task["id"]) == "ACTIVATED"
+        env = gateway.env.read()
+        assert (env["boot_slot"], env["upgrade_available"]) == ("b", "0")
+
+    with step("a task installs v3 into slot a and reboots"):
+        image = release(tmp_path, guest_image, key, "3.0.0", counter=3)
+        uploaded = json.loads(
+            succeeded(run_cli("mers-hub", "release", "upload", image, "--json", *admin)).stdout
+        )
+        image.unlink()
+        create = ["task", "create", "--device", agent["id"], "--release", uploaded["id"], "--json"]
+        failing = json.loads(succeeded(run_cli("mers-hub", *create, *admin)).stdout)
+        gateway.put_on_data_disk(
+            "guest-commands", f"mers install --task {failing['id']} --no-progress {board}\n"
+        )
+        check_the_guest(gateway, hub, slot="b", reboots=True)
+        assert gateway.env.read()["boot_slot"] == "a"
+
+    with step("v3's health check fails at each trial; U-Boot rolls back to v2"):
+        checks = f"cat /etc/mers-release\nmers confirm --health-hook /bin/false {board}\n"
+        gateway.put_on_data_disk("guest-commands", checks)
+        limit = int(gateway.env.read()["bootlimit"])
+        for trial in range(1, limit + 1):
+            commands = check_the_guest(gateway, hub, slot="a", reboots=True)
+            assert commands["cat /etc/mers-release"] == (0, "3.0.0\n"), commands
+            assert gateway.env.read()["bootcount"] == str(trial)
+        gateway.put_on_data_disk("guest-commands", f"cat /etc/mers-release\nmers confirm {board}\n")
+        commands = check_the_guest(gateway, hub, slot="b")  # bootcount past bootlimit: altbootcmd
+        assert commands["cat /etc/mers-release"] == (0, "2.0.0\n"), commands
+        assert commands[f"mers confirm {board}"][0] == 8, commands
+        assert task_state(hub, failing["id"]) == "FAILED"
         env = gateway.env.read()
         assert (env["boot_slot"], env["upgrade_available"]) == ("b", "0")
 
