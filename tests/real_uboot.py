@@ -19,6 +19,7 @@ import select
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +226,17 @@ class Running:
             self._read(deadline)
         return found
 
+    def wait_until(self, condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+        """Read the output (so QEMU never blocks on a full pipe) until `condition()` holds, checked every
+        `interval` s; False if the machine ended first. Fails after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self._ended:
+                return False
+            assert time.monotonic() < deadline, f"not within {timeout} s:\n{self.output[-3000:]}"
+            self._read(min(deadline, time.monotonic() + interval), wait=False)
+        return True
+
     def wait_for_power_off(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not self._ended:
@@ -242,10 +254,13 @@ class Running:
             self._process.kill()
         self._process.wait(timeout=30)
 
-    def _read(self, deadline: float) -> None:
+    def _read(self, deadline: float, *, wait: bool = True) -> None:
+        """Read what the machine printed until `deadline`; past it, fail (or with `wait` False, return)."""
         stdout = self._process.stdout
         assert stdout is not None
         remaining = deadline - time.monotonic()
+        if not wait and remaining <= 0:
+            return
         assert remaining > 0, f"the machine did not get there in time:\n{self.output[-4000:]}"
         ready, _, _ = select.select([stdout], [], [], remaining)
         if ready:

@@ -136,7 +136,8 @@ def test_a_gateway_is_provisioned_onboarded_updated_confirmed_and_rolled_back(
     downloaded, verified and written into slot b, the environment flipped, and the guest reboots; U-Boot
     counts the trial and boots v2 from slot b; `mers confirm` there commits it and the task is ACTIVATED.
     Then v3, whose health check fails at every trial boot, is rolled back by U-Boot past `bootlimit`:
-    v2 runs again and the task is FAILED."""
+    v2 runs again and the task is FAILED. Then v4's install loses power in the middle of its download, and
+    again right after the environment write: the next power-on boots its trial, which is confirmed."""
     hub = guest_hub
     machine = parts()
     gateway = Gateway(tmp_path / "gateway", machine, slot_image=guest_image)
@@ -256,6 +257,38 @@ def test_a_gateway_is_provisioned_onboarded_updated_confirmed_and_rolled_back(
         assert task_state(hub, failing["id"]) == "FAILED"
         env = gateway.env.read()
         assert (env["boot_slot"], env["upgrade_available"]) == ("b", "0")
+
+    with step("power cuts in the middle of a download and right after the env write; it always boots"):
+        image = release(tmp_path, guest_image, key, "4.0.0", counter=4)
+        uploaded = json.loads(
+            succeeded(run_cli("mers-hub", "release", "upload", image, "--json", *admin)).stdout
+        )
+        image.unlink()
+        create = ["task", "create", "--device", agent["id"], "--release", uploaded["id"], "--json"]
+        cut = json.loads(succeeded(run_cli("mers-hub", *create, *admin)).stdout)
+        gateway.put_on_data_disk("guest-commands", f"mers install --task {cut['id']} --no-progress {board}\n")
+        gateway.env.write({"mers_bootargs": CHECK_ARGS})
+        hub_port = urlsplit(hub.url).port
+        with gateway.start(hub_port=hub_port) as running:  # cut once a fifth of the image is in slot a
+            assert running.wait_until(lambda: task_progress(hub, cut["id"]) >= 0.2, BOOT_DEADLINE, 0.2)
+        assert gateway.env.read()["boot_slot"] == "b"  # nothing was switched
+        with gateway.start(
+            hub_port=hub_port
+        ) as running:  # the install resumes; cut right after the env write
+            assert running.wait_until(lambda: gateway.env.read()["boot_slot"] == "a", BOOT_DEADLINE, 0.01)
+        assert task_progress(hub, cut["id"]) >= 0.2
+        gateway.put_on_data_disk("guest-commands", f"cat /etc/mers-release\nmers confirm {board}\n")
+        commands = check_the_guest(gateway, hub, slot="a")  # the trial boots, and is confirmed
+        assert commands["cat /etc/mers-release"] == (0, "4.0.0\n"), commands
+        assert commands[f"mers confirm {board}"][0] == 0, commands
+        assert task_state(hub, cut["id"]) == "ACTIVATED"
+
+
+def task_progress(hub: RunningHub, task_id: str) -> float:
+    response = hub.admin("GET", f"{FIRMWARE}/installationTasks/{task_id}")
+    assert response.status_code == 200, response.text
+    progress: float = response.json()["progress"] or 0.0
+    return progress
 
 
 def task_state(hub: RunningHub, task_id: str) -> str:
