@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -187,31 +188,21 @@ def test_a_gateway_is_provisioned_onboarded_updated_confirmed_and_rolled_back(
         assert status["status"] == "ONBOARDED", status
         code, status_text = commands[f"mers status {board} --json"]
         assert code == 0 and json.loads(status_text)["client_id"] == agent["id"], status_text
+
+    def task_for(image: Path) -> dict[str, Any]:
+        """The release uploaded (its image then removed: they are large) and a task for the gateway."""
+        upload: list[str | Path] = ["release", "upload", image, "--json"]
+        uploaded = json.loads(succeeded(run_cli("mers-hub", *upload, *admin)).stdout)
+        image.unlink()
+        create = ["task", "create", "--device", agent["id"], "--release", uploaded["id"], "--json"]
+        task: dict[str, Any] = json.loads(succeeded(run_cli("mers-hub", *create, *admin)).stdout)
+        return task
+
     with step("a task installs v2 into slot b and reboots"):
         # a release for it: installed by the task, into slot b, the boot environment flipped, a reboot
-        image = release(tmp_path, guest_image, key, "2.0.0", counter=2)
-        uploaded = json.loads(
-            succeeded(run_cli("mers-hub", "release", "upload", image, "--json", *admin)).stdout
-        )
-        task = json.loads(
-            succeeded(
-                run_cli(
-                    "mers-hub",
-                    "task",
-                    "create",
-                    "--device",
-                    agent["id"],
-                    "--release",
-                    uploaded["id"],
-                    "--json",
-                    *admin,
-                )
-            ).stdout
-        )
-        image.unlink()
-        gateway.put_on_data_disk(
-            "guest-commands", f"mers install --task {task['id']} --no-progress {board}\n"
-        )
+        task = task_for(release(tmp_path, guest_image, key, "2.0.0", counter=2))
+        install = f"mers install --task {task['id']} --no-progress {board}\n"
+        gateway.put_on_data_disk("guest-commands", install)
         check_the_guest(gateway, hub, reboots=True)
         env = gateway.env.read()
         assert (env["boot_slot"], env["upgrade_available"], env["bootcount"]) == ("b", "1", "0")
@@ -229,16 +220,9 @@ def test_a_gateway_is_provisioned_onboarded_updated_confirmed_and_rolled_back(
         assert (env["boot_slot"], env["upgrade_available"]) == ("b", "0")
 
     with step("a task installs v3 into slot a and reboots"):
-        image = release(tmp_path, guest_image, key, "3.0.0", counter=3)
-        uploaded = json.loads(
-            succeeded(run_cli("mers-hub", "release", "upload", image, "--json", *admin)).stdout
-        )
-        image.unlink()
-        create = ["task", "create", "--device", agent["id"], "--release", uploaded["id"], "--json"]
-        failing = json.loads(succeeded(run_cli("mers-hub", *create, *admin)).stdout)
-        gateway.put_on_data_disk(
-            "guest-commands", f"mers install --task {failing['id']} --no-progress {board}\n"
-        )
+        failing = task_for(release(tmp_path, guest_image, key, "3.0.0", counter=3))
+        install = f"mers install --task {failing['id']} --no-progress {board}\n"
+        gateway.put_on_data_disk("guest-commands", install)
         check_the_guest(gateway, hub, slot="b", reboots=True)
         assert gateway.env.read()["boot_slot"] == "a"
 
@@ -259,14 +243,9 @@ def test_a_gateway_is_provisioned_onboarded_updated_confirmed_and_rolled_back(
         assert (env["boot_slot"], env["upgrade_available"]) == ("b", "0")
 
     with step("power cuts in the middle of a download and right after the env write; it always boots"):
-        image = release(tmp_path, guest_image, key, "4.0.0", counter=4)
-        uploaded = json.loads(
-            succeeded(run_cli("mers-hub", "release", "upload", image, "--json", *admin)).stdout
-        )
-        image.unlink()
-        create = ["task", "create", "--device", agent["id"], "--release", uploaded["id"], "--json"]
-        cut = json.loads(succeeded(run_cli("mers-hub", *create, *admin)).stdout)
-        gateway.put_on_data_disk("guest-commands", f"mers install --task {cut['id']} --no-progress {board}\n")
+        cut = task_for(release(tmp_path, guest_image, key, "4.0.0", counter=4))
+        install = f"mers install --task {cut['id']} --no-progress {board}\n"
+        gateway.put_on_data_disk("guest-commands", install)
         gateway.env.write({"mers_bootargs": CHECK_ARGS})
         hub_port = urlsplit(hub.url).port
         with gateway.start(hub_port=hub_port) as running:  # cut once a fifth of the image is in slot a
