@@ -194,14 +194,29 @@ def test_hooks_that_leave_a_writer_behind_leave_no_thread_or_descriptor(tmp_path
     """Each check stops reading the hook's stderr once it has judged: a background process the hook left
     writing there held a thread and a descriptor of the daemon for as long as it lived."""
     hook = hook_script(tmp_path, "( while :; do echo tick >&2; sleep 0.1; done ) &\nexit 1\n")
-    join_stopping_hubs()  # hubs of earlier tests still stopping would end threads and close descriptors
-    before = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    join_stopping_hubs()
+    threads_before, descriptors_before = set(threading.enumerate()), _open_descriptors()
     try:
         for _ in range(5):
             assert run_health_hook([str(hook)], 20) == "health hook exited with 1: tick"
-        assert (threading.active_count(), len(os.listdir("/proc/self/fd"))) == before
+        # Compared as sets of what is new, not as counts: a thread or descriptor of an earlier test in this
+        # worker may end during the checks, and a count would then hide a leak or report one that is not.
+        assert set(threading.enumerate()) - threads_before == set()
+        assert _open_descriptors() - descriptors_before == set()
     finally:
         subprocess.run(["pkill", "-f", str(hook)], check=False)
+
+
+def _open_descriptors() -> set[tuple[str, str]]:
+    """Each open descriptor with what it points at: a leaked pipe shows as a new pipe even where it took the
+    number of a descriptor that closed meanwhile."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
+        except FileNotFoundError:  # the descriptor listdir itself used
+            continue
+    return found
 
 
 def _running(pid: int) -> bool:
