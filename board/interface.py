@@ -22,6 +22,9 @@ __all__ = [
     "ENV_BOOT_SLOT",
     "ENV_UPGRADE_AVAILABLE",
     "KEY_SLOT_COUNT",
+    "MAX_CA_BUNDLE_SIZE",
+    "MAX_CONFIG_SIZE",
+    "MAX_NETWORK_SIZE",
     "Board",
     "BoardError",
     "BoardingData",
@@ -39,6 +42,15 @@ __all__ = [
 ]
 
 KEY_SLOT_COUNT = 3
+
+# What a board stores of its boarding data, at most (the console's wire format, `board.protocol`, refuses
+# more; they live here so the device side reads them without importing the wire format and its SMP stack).
+MAX_CONFIG_SIZE = 64 * 1024
+"""The largest boarding configuration JSON a board stores (``config``)."""
+MAX_CA_BUNDLE_SIZE = 1024 * 1024
+"""The largest CA bundle a board stores (``ca``); over the serial line `MAX_BOARDING_SIZE` bounds it first."""
+MAX_NETWORK_SIZE = 64 * 1024
+"""The largest network configuration JSON a board stores (``network``)."""
 
 # The boot environment's variables (docs/design.md §4); all of one transition change in one env write.
 ENV_BOOT_SLOT = "boot_slot"  # a | b: the slot the bootloader boots

@@ -40,7 +40,6 @@ from signing.image_format import class_uuid, vendor_uuid
 from signing.keys import PublicKey, public_key_from_bytes
 from signing.verify import Trust
 
-from . import protocol as wire
 from .errors import (
     BoardingDataError,
     BoardLockedError,
@@ -56,7 +55,17 @@ from .errors import (
     StorageError,
     WriteOnceError,
 )
-from .interface import KEY_SLOT_COUNT, Board, BoardingData, KeySlot, KeySlotState, LockCheck
+from .interface import (
+    KEY_SLOT_COUNT,
+    MAX_CA_BUNDLE_SIZE,
+    MAX_CONFIG_SIZE,
+    MAX_NETWORK_SIZE,
+    Board,
+    BoardingData,
+    KeySlot,
+    KeySlotState,
+    LockCheck,
+)
 from .storage import (
     SECRET_MODE,
     ensure_directory,
@@ -202,9 +211,6 @@ def _short(key_hash: bytes | None) -> str:
 
 #: bounds on what a station may put into the OTP file: enough for any real bundle, not a way to fill a disk;
 #: part of the serial protocol's contract, so a station can refuse too large data before writing a key
-_MAX_CONFIG = wire.MAX_CONFIG_SIZE
-_MAX_CA_BUNDLE = wire.MAX_CA_BUNDLE_SIZE
-_MAX_NETWORK = wire.MAX_NETWORK_SIZE
 CREDENTIAL_PROFILES = frozenset({"SHARED_SECRET", "RSA_3072"})
 
 
@@ -248,7 +254,7 @@ def validate_boarding_data(data: BoardingData) -> BoardingSummary:
     jti = claims.get("jti")
     _check_ca_bundle(data.ca_bundle)
     if data.network is not None:
-        _json_object(data.network, "network", _MAX_NETWORK)
+        _json_object(data.network, "network", MAX_NETWORK_SIZE)
     return BoardingSummary(
         client_id=client_id,
         tenant=tenant,
@@ -263,7 +269,7 @@ def validate_boarding_data(data: BoardingData) -> BoardingSummary:
 
 
 def _config_content(config: bytes) -> dict[str, Any]:
-    document = _json_object(config, "config", _MAX_CONFIG)
+    document = _json_object(config, "config", MAX_CONFIG_SIZE)
     content = document.get("content")
     if not isinstance(content, dict):
         raise BoardingDataError("the boarding configuration has no content object", field="config.content")
@@ -331,9 +337,10 @@ def _iat_claims(token: str) -> dict[str, Any]:
 
 
 def _check_ca_bundle(bundle: bytes) -> None:
-    if len(bundle) > _MAX_CA_BUNDLE:
+    if len(bundle) > MAX_CA_BUNDLE_SIZE:
         raise BoardingDataError(
-            f"the CA bundle is {len(bundle)} bytes; at most {_MAX_CA_BUNDLE} are accepted", field="ca_bundle"
+            f"the CA bundle is {len(bundle)} bytes; at most {MAX_CA_BUNDLE_SIZE} are accepted",
+            field="ca_bundle",
         )
     try:
         certificates = x509.load_pem_x509_certificates(bundle)

@@ -61,6 +61,7 @@ from smp import header as smp_header
 from smp import packet as smp_packet
 from smp.error import MGMT_ERR
 
+from . import interface
 from .errors import BoardError
 from .interface import KEY_SLOT_COUNT
 
@@ -89,12 +90,12 @@ MAX_BOARDING_SIZE: Final = 256 * 1024
 """The largest chunked `write_boarding` upload (its ``len``, `WriteBoardingRequest.upload_size`): bounds
 the board's staging memory."""
 
-MAX_CONFIG_SIZE: Final = 64 * 1024
-"""The largest boarding configuration JSON a board stores (``config``)."""
-MAX_CA_BUNDLE_SIZE: Final = 1024 * 1024
-"""The largest CA bundle a board stores (``ca``); over the serial line `MAX_BOARDING_SIZE` bounds it first."""
-MAX_NETWORK_SIZE: Final = 64 * 1024
-"""The largest network configuration JSON a board stores (``network``)."""
+
+# What a board stores of its boarding data, at most: part of the wire format, defined with the board's
+# interface, which the device side reads without this module and its SMP stack.
+MAX_CONFIG_SIZE: Final = interface.MAX_CONFIG_SIZE
+MAX_CA_BUNDLE_SIZE: Final = interface.MAX_CA_BUNDLE_SIZE
+MAX_NETWORK_SIZE: Final = interface.MAX_NETWORK_SIZE
 
 RECOMMENDED_CHUNK_SIZE: Final = 256
 """A `write_boarding` chunk size that survives a byte error rate of 1e-3 about two times in three."""

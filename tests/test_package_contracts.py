@@ -1,10 +1,13 @@
 """The package table (docs/design.md §2) as a checked contract: what each package may import of the
 others, read from every module's import statements; and the vocabularies two packages keep apart because
-the table forbids one to import the other (the installation task states of the hub and the device)."""
+the table forbids one to import the other (the installation task states of the hub and the device); and
+what the installer on the device loads at start-up."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +82,18 @@ def test_the_hub_and_the_device_name_and_order_the_task_states_alike() -> None:
     assert {state.value for state in hub_tasks.CLOSED} == {
         state.value for state in device_tasks.CLOSED_STATES
     }
+
+
+#: what the installer on the device never needs: the provisioning console's wire format and its SMP stack
+#: (with pydantic), which cost seconds of start-up on a gateway's CPU at every `mers` command
+CONSOLE_ONLY = ("board.protocol", "board.console", "smp", "pydantic", "cbor2")
+
+
+def test_the_installer_on_the_device_does_not_load_the_console_wire_format() -> None:
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, mers.cli; print('\\n'.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert [name for name in loaded if name.partition(".")[0] in CONSOLE_ONLY or name in CONSOLE_ONLY] == []
