@@ -361,7 +361,14 @@ def abandon(reason: str, board_path: Path, timeout: float, retries: int) -> None
 
 
 @main.command(epilog="Example: mers run --poll-interval 600 -v   (systemd: systemd/mers.service)")
-@click.option("--poll-interval", type=click.FloatRange(1, 86400), default=300.0, show_default=True)
+@click.option(
+    "--poll-interval",
+    envvar="MERS_POLL_INTERVAL",
+    type=click.FloatRange(1, 86400),
+    default=300.0,
+    show_default=True,
+    help="Seconds between polls for installation tasks while all is well (env MERS_POLL_INTERVAL).",
+)
 @click.option("--health-hook", envvar="MERS_HEALTH_HOOK", help="Passed to the confirm step.")
 @click.option(
     "--health-timeout",

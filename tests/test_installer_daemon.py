@@ -19,7 +19,7 @@ from mers.daemon import Daemon, DaemonSettings, backoff_delay
 from mers.errors import EXIT_REFUSED
 from mers.install import Installer, InstallOutcome, InstallStep
 from mers.journal import Phase, load_journal
-from tests.conftest import BIN_DIR
+from tests.conftest import BIN_DIR, run_cli
 from tests.device_helpers import DAY, bundle_file, make_gateway
 from tests.hub_helpers import RunningHub, create_agent
 from tests.installer_helpers import PAYLOAD_SIZE, TEST_INSTALL, Rig, make_rig
@@ -60,6 +60,34 @@ def test_daemon_stops_cleanly_on_sigterm(hub: RunningHub, tmp_path: Path) -> Non
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
     assert time.monotonic() - started < 10, "SIGTERM ends the wait at once"
+
+
+def test_the_poll_interval_comes_from_the_environment_the_unit_reads(hub: RunningHub, tmp_path: Path) -> None:
+    """`mers.service` passes no options: MERS_POLL_INTERVAL in /etc/mers/mers.env sets how soon a task
+    created after a poll is found."""
+    rig = make_rig(hub, tmp_path)
+    process = subprocess.Popen(
+        [str(BIN_DIR / "mers"), "run", "-v", "--board", str(rig.gateway.path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MERS_POLL_INTERVAL": "1"},
+    )
+    assert process.stderr is not None
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while "no open installation task" not in line:
+            assert time.monotonic() < deadline and process.poll() is None, "the daemon did not poll"
+            line = process.stderr.readline()
+        rig.task_for(rig.image("2.0.0", counter=2))
+        while "installing task" not in line:  # 300 s away with the default interval
+            assert time.monotonic() < deadline and process.poll() is None, "the task was not found"
+            line = process.stderr.readline()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    refused = run_cli("mers", "run", "--once", env={"MERS_POLL_INTERVAL": "0"})
+    assert refused.returncode == 2 and "--poll-interval" in refused.stderr, refused.stderr
 
 
 def test_stop_request_mid_download_journals_the_offset_and_resume_finishes(
