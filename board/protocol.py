@@ -393,7 +393,25 @@ def decode_body(data: bytes) -> dict[str, object]:
         raise ProtocolError("body has bytes after its CBOR map", field="body")
     if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
         raise ProtocolError("body is not a CBOR map with text keys", field="body")
+    _refuse_big_integers(value, "body")
     return value
+
+
+#: the integers CBOR encodes without a bignum tag; no field of ours needs more, and an unbounded one
+#: (a 16,000-digit slot number) would fail far from here, where Python refuses to print it
+_CBOR_INT_RANGE = range(-(1 << 64), 1 << 64)
+
+
+def _refuse_big_integers(value: object, where: str) -> None:
+    """Every integer anywhere in a body (cbor2 bounds the nesting) within CBOR's plain integer range."""
+    if isinstance(value, int) and value not in _CBOR_INT_RANGE:
+        raise ProtocolError(f"{where} holds an integer beyond 64 bits", field=where)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_big_integers(item, key if where == "body" else where)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _refuse_big_integers(item, where)
 
 
 def encode_body(body: Mapping[str, object]) -> bytes:

@@ -100,7 +100,13 @@ def test_arbitrary_bytes_are_a_schema_or_a_protocol_error_never_anything_else(sc
 
 
 cbor_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text() | st.binary(),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=10**4400, max_value=10**4500)
+    | st.floats()
+    | st.text()
+    | st.binary(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
@@ -116,6 +122,34 @@ cbor_values = st.recursive(
 def test_well_formed_cbor_with_wrong_fields_is_a_protocol_error_never_anything_else(schema, body):
     with contextlib.suppress(ProtocolError):
         schema.from_cbor(cbor2.dumps(body))
+
+
+@pytest.mark.parametrize("schema", list(SCHEMAS), ids=lambda schema: schema.__name__)
+@settings(max_examples=150)
+@given(
+    body=st.dictionaries(
+        st.sampled_from(["slot", "key", "d", "off", "data", "len", "digest", "x"]), cbor_values
+    )
+)
+def test_whatever_a_schema_accepts_can_be_logged(schema, body):
+    """A message is logged as it is read: one that decodes must also print (an integer too long to print
+    raised far from the decoder, as a traceback in the console's log)."""
+    with contextlib.suppress(ProtocolError):
+        repr(schema.from_cbor(cbor2.dumps(body)))
+
+
+@pytest.mark.parametrize("huge", [2**64, -(2**64) - 1, 10**16000], ids=["2^64", "-2^64-1", "16000 digits"])
+def test_an_integer_beyond_64_bits_is_refused_in_any_field_at_any_depth(huge):
+    with pytest.raises(ProtocolError) as caught:
+        WriteKeyRequest.from_cbor(cbor2.dumps({"slot": huge, "key": b"k"}))
+    assert caught.value.field == "slot"
+    with pytest.raises(ProtocolError) as caught:
+        wire.decode_body(cbor2.dumps({"x": [1, {"y": huge}]}))
+    assert caught.value.field == "x" and "64 bits" in str(caught.value)
+    assert wire.decode_body(cbor2.dumps({"slot": 2**64 - 1, "x": -(2**64)})) == {
+        "slot": 2**64 - 1,
+        "x": -(2**64),
+    }
 
 
 def test_a_boolean_is_not_accepted_where_the_schema_wants_an_integer():
