@@ -124,21 +124,17 @@ class Gateway:
         assert current.flags is not None
         return current.flags
 
-    def add_data_disk(self) -> Path:
-        """A third virtio disk (the guest's /dev/vdc): an empty ext4 file system the guest keeps its key
-        store and the installer's state on, as a gateway does on a data partition."""
+    def add_data_disk(self, image: Path) -> Path:
+        """A third virtio disk (the guest's /dev/vdc), a copy of `image`: the data partition the guest keeps
+        its key store and the installer's state on, which updates do not write."""
         disk = self.directory / "data.img"
-        subprocess.run(
-            [require_tool("mke2fs"), "-q", "-F", "-t", "ext4", "-L", "mers-data", str(disk), "32M"],
-            check=True,
-        )
+        shutil.copyfile(image, disk)
         self.data_disk = disk
         return disk
 
-    def put_on_data_disk(self, name: str, text: str) -> None:
-        """Write the file `name` at the root of the data disk (the guest's /var/lib/mers), powered off.
-        The journal a power cut left is replayed first (e2fsck), as the guest's next mount would: debugfs
-        writes past it, and a later replay would put the old directory blocks back over the file."""
+    def read_from_data_disk(self, path: str) -> str:
+        """The file `path` of the data disk, powered off. The journal a power cut left is replayed first
+        (e2fsck), as the guest's next mount would: debugfs reads past it."""
         assert self.data_disk is not None, "no data disk"
         checked = subprocess.run(
             [require_tool("e2fsck"), "-f", "-y", str(self.data_disk)],
@@ -147,18 +143,13 @@ class Gateway:
             check=False,
         )
         assert checked.returncode in (0, 1), checked.stdout + checked.stderr  # 1: the journal replayed
-        source = self.directory / f".{name}"
-        source.write_text(text)
-        debugfs = require_tool("debugfs")
-        subprocess.run(
-            [debugfs, "-w", "-R", f"rm {name}", str(self.data_disk)], capture_output=True, check=False
-        )
-        subprocess.run(
-            [debugfs, "-w", "-R", f"write {source} {name}", str(self.data_disk)],
+        read = subprocess.run(
+            [require_tool("debugfs"), "-R", f"cat {path}", str(self.data_disk)],
             capture_output=True,
+            text=True,
             check=True,
         )
-        source.unlink()
+        return read.stdout
 
     def start(self, *, uart: bool = False, hub_port: int | None = None) -> Running:
         """Power the machine on. With `uart`, its UART (the PL011, the guest's ttyAMA0) is a pseudo-terminal
@@ -167,7 +158,7 @@ class Gateway:
         and nothing else is reached (QEMU's user network with restrict=on)."""
         command = [
             require_tool("qemu-system-aarch64"),
-            "-M", "virt", "-cpu", "cortex-a57", "-m", "512M", "-no-reboot",
+            "-M", "virt", "-cpu", "cortex-a57", "-smp", "2", "-m", "512M", "-no-reboot",
             "-bios", str(self.parts.uboot),
             "-device", "sdhci-pci",
             "-drive", f"if=none,id=sd,format=raw,file={self.sd_card}",
@@ -196,14 +187,16 @@ class Gateway:
             )
         )
 
-    def power_on(self, *, until_power_off: bool = False, hub_port: int | None = None) -> PowerOn:
+    def power_on(
+        self, *, until_power_off: bool = False, hub_port: int | None = None, timeout: float = BOOT_DEADLINE
+    ) -> PowerOn:
         """One power-on, until the kernel prints its command line or U-Boot resets; with
-        `until_power_off`, until the machine powers itself off (what the guest printed is kept)."""
+        `until_power_off`, until the machine powers itself off or reboots (what it printed is kept)."""
         with self.start(hub_port=hub_port) as running:
-            found = running.wait_for(_COMMAND_LINE, BOOT_DEADLINE)
+            running.cmdline(timeout)
             if until_power_off:
-                running.wait_for_power_off(BOOT_DEADLINE)
-        return PowerOn(running.output, found.group(1).strip() if found else None)
+                running.wait_for_power_off(timeout)
+        return PowerOn(running.output, running.cmdline(0))
 
 
 class Running:
@@ -225,6 +218,12 @@ class Running:
         while (found := pattern.search(self.output)) is None and not self._ended:
             self._read(deadline)
         return found
+
+    def cmdline(self, timeout: float = BOOT_DEADLINE) -> str | None:
+        """The command line the kernel printed, read until it does; None if the machine ended first (U-Boot
+        reset it)."""
+        found = self.wait_for(_COMMAND_LINE, timeout)
+        return found.group(1).strip() if found else None
 
     def wait_until(self, condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
         """Read the output (so QEMU never blocks on a full pipe) until `condition()` holds, checked every
