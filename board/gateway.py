@@ -48,8 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from signing.errors import SigningError
-from signing.image_format import class_uuid
+from signing import SigningError, class_uuid
 
 from . import fw_env_config
 from .errors import (

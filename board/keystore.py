@@ -35,10 +35,7 @@ from typing import Any
 import jwt
 from cryptography import x509
 
-from signing.errors import SigningError
-from signing.image_format import class_uuid, vendor_uuid
-from signing.keys import PublicKey, public_key_from_bytes
-from signing.verify import Trust
+from signing import PublicKey, SigningError, Trust, class_uuid, public_key_from_bytes, vendor_uuid
 
 from .errors import (
     BoardingDataError,

@@ -1,9 +1,9 @@
 """The A/B slots: files or block devices of a fixed size, each with its record kept beside it.
 
 A slot holds an image's payload only; its record holds the rest of the image (header and padding, then the
-TLV areas), so the content can be checked again at any time by splicing the two back together and
-hashing them exactly as `signing` does (`verify_slot_content`). Writing is the board's business: which
-slot may be written depends on the boot environment (`writable_slot`), and `SlotDevice` opens a slot for
+TLV areas), so the content can be checked again at any time by hashing the slot's payload between the two
+through `signing`'s own check (`verify_slot_content`). Writing is the board's business: which slot may be
+written depends on the boot environment (`writable_slot`), and `SlotDevice` opens a slot for
 writing only when the board asks (the methods with a leading underscore), never by itself.
 """
 
@@ -11,21 +11,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import io
 import json
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from signing.errors import SigningError
-from signing.image_format import HEADER_SIZE
-from signing.layout import FileSource, Header, read_layout
-from signing.layout import parse_header as parse_image_header
-from signing.manifest import read_manifest
+from signing import ContentCheck, ImageHead, SigningError, read_image_head
 
 from .errors import (
     ActiveSlotWriteError,
@@ -84,39 +77,29 @@ def writable_slot(running: SlotName, env: Mapping[str, str]) -> SlotName:
 def slot_record(header_and_tlvs: bytes) -> SlotRecord:
     """The record of an image from its bytes outside the payload, refusing bytes that are not the header
     and TLV areas of a well-formed image (so a bootloader check can never fail on a malformed record)."""
-    header = _parse_header(header_and_tlvs)
-    if header.hdr_size > len(header_and_tlvs):
-        raise SlotRecordError(
-            f"the record is {len(header_and_tlvs)} bytes, "
-            f"shorter than its header's hdr_size {header.hdr_size}"
-        )
-    image = _SplicedImage(header_and_tlvs, header.hdr_size, header.img_size, _zeros)
-    try:
-        read_manifest(read_layout(image))
-    except SigningError as exc:
-        raise SlotRecordError(f"the record is not an image's header and TLVs: {exc}") from exc
-    return SlotRecord(header_and_tlvs, header.img_size, str(header.version))
+    head = _record_head(header_and_tlvs)
+    return SlotRecord(header_and_tlvs, head.payload_size, str(head.version))
 
 
 def slot_record_of_image(path: Path) -> SlotRecord:
     """The record of the image file at `path` (everything but its payload)."""
     try:
         with open(path, "rb") as handle:
-            layout = read_layout(FileSource(handle.fileno(), os.fstat(handle.fileno()).st_size))
-            head = os.pread(handle.fileno(), layout.payload_offset, 0)
-            tail_offset = layout.payload_offset + layout.header.img_size
-            tail = os.pread(handle.fileno(), layout.file_size - tail_offset, tail_offset)
+            fd = handle.fileno()
+            head = read_image_head(
+                lambda start, stop: _pread_all(fd, stop - start, start), os.fstat(fd).st_size
+            )
     except OSError as exc:
         raise SlotRecordError(f"cannot read image {path}: {exc.strerror}", field="image") from exc
     except SigningError as exc:
         raise SlotRecordError(f"{path} is not an image: {exc}", field="image") from exc
-    return slot_record(head + tail)
+    return slot_record(head.record_bytes)
 
 
 def verify_slot_content(record: SlotRecord, fd: int, slot_size: int) -> bytes:
-    """Check that the slot open at `fd` holds the recorded image's payload: splice header, payload and TLVs
-    back together, hash the signed range as `signing` does, and compare with the SHA256 TLV. Returns the
-    digest. Memory is one chunk, whatever the payload size.
+    """Check that the slot open at `fd` holds the recorded image's payload: hash it after the record's
+    header and before its protected TLVs (`signing.ContentCheck`), and compare with the SHA256 TLV.
+    Returns the digest. Memory is one chunk, whatever the payload size.
 
     This catches a slot that was corrupted, half-written or overwritten since its image was verified, so
     neither the bootloader nor `mers status` takes it for the image it once held."""
@@ -124,9 +107,9 @@ def verify_slot_content(record: SlotRecord, fd: int, slot_size: int) -> bytes:
         raise SlotRecordError(
             f"the recorded payload of {record.payload_size} bytes exceeds the {slot_size}-byte slot"
         )
-    header = _parse_header(record.header_and_tlvs)
-
-    def payload(offset: int, length: int) -> bytes:
+    check = ContentCheck(_record_head(record.header_and_tlvs))
+    for offset in range(0, record.payload_size, _CHUNK):
+        length = min(_CHUNK, record.payload_size - offset)
         try:
             data = _pread_all(fd, length, offset)
         except OSError as exc:  # a read error is the device's failure, not a content mismatch
@@ -137,70 +120,26 @@ def verify_slot_content(record: SlotRecord, fd: int, slot_size: int) -> bytes:
             raise SlotContentMismatchError(
                 f"the slot ends before the recorded payload's end at {offset + len(data)}"
             )
-        return data
-
-    image = _SplicedImage(record.header_and_tlvs, header.hdr_size, header.img_size, payload)
+        check.update(data)
     try:
-        manifest = read_manifest(read_layout(image))
-        signed_length = read_layout(image).signed_length
+        return check.finish()
     except SigningError as exc:
-        raise SlotRecordError(f"the record is not an image's header and TLVs: {exc}") from exc
-    digest = hashlib.sha256()
-    for offset in range(0, signed_length, _CHUNK):
-        digest.update(image.read_at(offset, min(_CHUNK, signed_length - offset)))
-    if not hmac.compare_digest(digest.digest(), manifest.digest):
         raise SlotContentMismatchError(
-            f"the content hashes to {digest.hexdigest()[:16]}, not to the recorded image's SHA256 "
-            f"{manifest.digest.hex()[:16]}"
-        )
-    return manifest.digest
+            f"the content hashes to something else than the recorded image's SHA256 "
+            f"{check.head.digest.hex()[:16]}: {exc}"
+        ) from exc
 
 
 def payload_offset(record: SlotRecord) -> int:
     """Where the payload starts in the recorded image (its header's hdr_size)."""
-    return int(_parse_header(record.header_and_tlvs).hdr_size)
+    return _record_head(record.header_and_tlvs).hdr_size
 
 
-def _parse_header(data: bytes) -> Header:
+def _record_head(header_and_tlvs: bytes) -> ImageHead:
     try:
-        return parse_image_header(data[:HEADER_SIZE])
+        return ImageHead.from_record(header_and_tlvs)
     except SigningError as exc:
-        raise SlotRecordError(f"the record does not start with an image header: {exc}") from exc
-
-
-def _zeros(offset: int, length: int) -> bytes:
-    del offset
-    return bytes(length)
-
-
-@dataclass(frozen=True)
-class _SplicedImage:
-    """An image as `signing.layout` reads it (`RandomAccess`), made of the record's head (header and
-    padding), a payload read by `payload(offset, length)`, and the record's tail (the TLV areas)."""
-
-    header_and_tlvs: bytes
-    hdr_size: int
-    payload_size: int
-    payload: Callable[[int, int], bytes]
-
-    @property
-    def size(self) -> int:
-        return len(self.header_and_tlvs) + self.payload_size
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        end = min(offset + length, self.size)
-        pieces = []
-        payload_end = self.hdr_size + self.payload_size
-        if offset < self.hdr_size:
-            pieces.append(self.header_and_tlvs[offset : min(end, self.hdr_size)])
-        if offset < payload_end and end > self.hdr_size:
-            start = max(offset, self.hdr_size)
-            pieces.append(self.payload(start - self.hdr_size, min(end, payload_end) - start))
-        if end > payload_end:
-            start = max(offset, payload_end)
-            tail_start = start - self.payload_size
-            pieces.append(self.header_and_tlvs[tail_start : end - self.payload_size])
-        return b"".join(pieces)
+        raise SlotRecordError(f"the record is not an image's header and TLVs: {exc}") from exc
 
 
 def _pread_all(fd: int, length: int, offset: int) -> bytes:

@@ -36,8 +36,7 @@ from typing import IO, Any, Final, NoReturn
 
 import click
 
-from signing.errors import SigningError
-from signing.keys import PublicKey, load_public_key
+from signing import PublicKey, SigningError, load_public_key
 
 from .boarding_source import (
     PROFILES,

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from board import protocol as wire
-from signing.keys import PublicKey
+from signing import PublicKey
 
 from .boarding_source import Boarding, BoardingSource
 from .errors import (

@@ -28,9 +28,7 @@ import anyio.to_thread
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from signing.errors import SigningError
-from signing.keys import PublicKey
-from signing.verify import Trust, VerifiedImage, verify_image
+from signing import PublicKey, SigningError, Trust, VerifiedImage, verify_image
 
 from .database import Database
 from .errors import (

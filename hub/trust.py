@@ -15,8 +15,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from signing.errors import SigningError
-from signing.keys import PublicKey, public_key_from_bytes
+from signing import PublicKey, SigningError, public_key_from_bytes
 
 from .database import Database
 from .errors import ConflictError, InvalidRequestError

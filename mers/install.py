@@ -44,8 +44,7 @@ from board.interface import (
     uboot_number,
 )
 from board.slots import writable_slot
-from signing.errors import SigningError
-from signing.verify import Trust, finish_verification
+from signing import ImageHead, ImageVerifier, SigningError, Trust
 
 from .boarding import current_boarding, parse_network
 from .client import DeviceClient
@@ -63,7 +62,7 @@ from .errors import (
     StorageError,
     TaskClosedError,
 )
-from .image_check import ImageHead, board_trust, read_image_head, stored_image_head
+from .image_check import board_trust, read_image_head, stored_image_head
 from .journal import Journal, Phase, SourceKind, journal_owner, load_journal, save_journal
 from .tasks import CLOSED_STATES, Artifact, InstallationTask, TaskClient, TaskState
 
@@ -227,8 +226,8 @@ class Installer:
                 previous_slot=active,
                 offset=0,
                 header_and_tlvs=head.record_bytes,
-                version=str(head.manifest.version),
-                security_counter=head.manifest.security_counter or 0,
+                version=str(head.version),
+                security_counter=head.security_counter,
                 message="",
             )
             self._report(
@@ -275,14 +274,14 @@ class Installer:
         self, journal: Journal, head: ImageHead, trust: Trust, source: _Source
     ) -> InstallResult:
         self._step(InstallStep.STARTED)
-        digest, journal = self._download(journal, head, source)
-        if digest is None:
+        with _rejected():
+            verifier = ImageVerifier(head, trust)
+        journal, stopped = self._download(journal, verifier, source)
+        if stopped:
             return InstallResult(InstallOutcome.STOPPED, journal, source.stats)
         self._step(InstallStep.DOWNLOADED)
-        try:
-            finish_verification(head.manifest, digest, trust)
-        except SigningError as exc:
-            raise ImageRejectedError(str(exc), field=exc.field or type(exc).__name__) from exc
+        with _rejected():
+            verifier.finish()
         journal = journal.advanced(Phase.VERIFIED)
         save_journal(self.board.state, journal)
         self._step(InstallStep.VERIFIED)
@@ -295,36 +294,27 @@ class Installer:
         assert journal.slot is not None
         trust = board_trust(self.board, self.board.slot(journal.slot).size)
         head = stored_image_head(journal.header_and_tlvs, journal.image_size, trust)
-        hasher = hashlib.sha256(head.head)
-        with self.board.slot(journal.slot).open_for_reading() as slot:
-            _rehash_prefix(slot.fileno(), head.payload_size, hasher, journal.slot)
-        hasher.update(head.protected_tail)
-        try:
-            finish_verification(head.manifest, hasher.digest(), trust)
-        except SigningError as exc:
-            raise ImageRejectedError(
-                f"slot {journal.slot} no longer holds the verified image: {exc}",
-                field=exc.field or type(exc).__name__,
-            ) from exc
+        with _rejected(f"slot {journal.slot} no longer holds the verified image: "):
+            verifier = ImageVerifier(head, trust)
+            with self.board.slot(journal.slot).open_for_reading() as slot:
+                _rehash_prefix(slot.fileno(), head.payload_size, verifier, journal.slot)
+            verifier.finish()
 
-    def _download(self, journal: Journal, head: ImageHead, source: _Source) -> tuple[bytes | None, Journal]:
-        """Stream the payload into the slot from the journalled offset; the digest covers the header,
-        the payload as the slot holds it, and the protected TLVs. None when asked to stop."""
-        hasher = hashlib.sha256(head.head)
+    def _download(self, journal: Journal, verifier: ImageVerifier, source: _Source) -> tuple[Journal, bool]:
+        """Stream the payload into the slot from the journalled offset, into `verifier` as the slot holds
+        it (the prefix already there read back first); True when asked to stop."""
+        head = verifier.head
         size = head.payload_size
         with self._open_slot(journal) as slot:
             fd = slot.fileno()
             _check_free_space(fd, size, journal.slot)
-            offset = _rehash_prefix(fd, journal.offset, hasher, journal.slot)
+            offset = _rehash_prefix(fd, journal.offset, verifier, journal.slot)
             slot.seek(offset)
             self._show(offset, size)
-            stream = source.stream(head.payload_offset + offset, head.payload_offset + size)
-            writer = _SlotWriter(slot, hasher, journal.slot)
-            journal, stopped = self._pump(stream, writer, journal, offset, size)
-            if stopped:
-                return None, journal
-        hasher.update(head.protected_tail)
-        return hasher.digest(), journal
+            stream = source.stream(head.hdr_size + offset, head.hdr_size + size)
+            writer = _SlotWriter(slot, verifier, journal.slot)
+            with _rejected():
+                return self._pump(stream, writer, journal, offset, size)
 
     def _pump(
         self, stream: Iterator[bytes], writer: _SlotWriter, journal: Journal, offset: int, size: int
@@ -586,7 +576,7 @@ def _check_free_space(fd: int, length: int, slot: SlotName | None) -> None:
         )
 
 
-def _rehash_prefix(fd: int, length: int, hasher: hashlib._Hash, slot: SlotName | None) -> int:
+def _rehash_prefix(fd: int, length: int, hasher: ImageVerifier, slot: SlotName | None) -> int:
     """Hash the first `length` bytes the slot already holds (a resumed download), one chunk at a time."""
     offset = 0
     while offset < length:
@@ -597,6 +587,16 @@ def _rehash_prefix(fd: int, length: int, hasher: hashlib._Hash, slot: SlotName |
         hasher.update(chunk)
         offset += len(chunk)
     return offset
+
+
+@contextlib.contextmanager
+def _rejected(context: str = "") -> Iterator[None]:
+    """A `SigningError` of the image's verification is the image's rejection: `ImageRejectedError`, its
+    field kept (the task is reported FAILED with it, and nothing is activated)."""
+    try:
+        yield
+    except SigningError as exc:
+        raise ImageRejectedError(f"{context}{exc}", field=exc.field or type(exc).__name__) from exc
 
 
 def describe_install(journal: Journal) -> str:
@@ -627,7 +627,7 @@ class _SlotWriter:
     """Writes the payload's chunks into the slot and hashes them as written, so the digest is of what
     the slot holds; `sync` makes every chunk so far durable (before the journal may say so)."""
 
-    def __init__(self, slot: BinaryIO, hasher: hashlib._Hash, name: SlotName | None) -> None:
+    def __init__(self, slot: BinaryIO, hasher: ImageVerifier, name: SlotName | None) -> None:
         self._slot = slot
         self._hasher = hasher
         self._name = name

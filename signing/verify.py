@@ -70,12 +70,12 @@ def verify_image(path: Path, trust: Trust) -> VerifiedImage:
 
 def verify_open_image(handle: BinaryIO, hasher: PrefixHasher, trust: Trust) -> VerifiedImage:
     """`verify_image` for a file already open and being hashed (the CLI starts hashing first, so that
-    loading this module and the keys costs no time)."""
+    loading this module and the keys costs no time). A stream of bytes goes through
+    `signing.stream.ImageVerifier` instead; both end in `judge_digest`."""
     layout = read_layout(FileSource(handle.fileno(), file_size(handle)))
     manifest = read_manifest(layout)
-    check_manifest(manifest, trust)
-    digest = hasher.digest(layout.signed_length)
-    return finish_verification(manifest, digest, trust)
+    signers = check_manifest(manifest, trust)
+    return judge_digest(manifest, hasher.digest(layout.signed_length), signers)
 
 
 def check_manifest(manifest: Manifest, trust: Trust) -> tuple[bytes, ...]:
@@ -94,21 +94,25 @@ def check_manifest(manifest: Manifest, trust: Trust) -> tuple[bytes, ...]:
     return _trusted_signers(manifest, trust)
 
 
-def finish_verification(manifest: Manifest, computed_digest: bytes, trust: Trust) -> VerifiedImage:
-    """The last step, once the signed range has been hashed: the hash must be the one that was signed."""
-    signed_by = check_manifest(manifest, trust)
-    if not hmac.compare_digest(computed_digest, manifest.digest):
+def require_digest(computed: bytes, claimed: bytes) -> None:
+    """The signed range hashed to `computed` must be what the image claims (and its signatures cover)."""
+    if not hmac.compare_digest(computed, claimed):
         raise HashMismatchError(
-            f"image hash {computed_digest.hex()} differs from the signed SHA256 {manifest.digest.hex()}: "
+            f"image hash {computed.hex()} differs from the signed SHA256 {claimed.hex()}: "
             "the header, payload or protected TLVs were changed"
         )
+
+
+def judge_digest(manifest: Manifest, computed: bytes, signers: tuple[bytes, ...]) -> VerifiedImage:
+    """The last step, once the signed range has been hashed and `check_manifest` found `signers`."""
+    require_digest(computed, manifest.digest)
     return VerifiedImage(
         version=manifest.version,
         security_counter=manifest.security_counter or 0,
         img_size=manifest.img_size,
         hdr_size=manifest.hdr_size,
         digest=manifest.digest,
-        signed_by=signed_by,
+        signed_by=signers,
         vendor_uuid=manifest.vendor_uuid,
         class_uuid=manifest.class_uuid,
         custom_tlvs=manifest.custom_tlvs,

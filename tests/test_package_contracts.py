@@ -1,7 +1,7 @@
 """The package table (docs/design.md §2) as a checked contract: what each package may import of the
 others, read from every module's import statements; and the vocabularies two packages keep apart because
-the table forbids one to import the other (the installation task states of the hub and the device); and
-what the installer on the device loads at start-up."""
+the table forbids one to import the other (the installation task states of the hub and the device); that
+the others use only `signing`'s public API; and what the installer on the device loads at start-up."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import signing
 from hub import tasks as hub_tasks
 from mers import tasks as device_tasks
 
@@ -97,3 +98,16 @@ def test_the_installer_on_the_device_does_not_load_the_console_wire_format() -> 
         check=True,
     ).stdout.split()
     assert [name for name in loaded if name.partition(".")[0] in CONSOLE_ONLY or name in CONSOLE_ONLY] == []
+
+
+@pytest.mark.parametrize("package", ("board", "factory", "mers", "hub"))
+def test_other_packages_use_only_the_public_api_of_signing(package: str) -> None:
+    """`signing` owns the image format, its layout and manifest readers, and the verdict on an image
+    (`ImageVerifier`): the others import what its `__all__` names, never one of its modules."""
+    offending = {
+        f"{path.relative_to(REPO)}: {name}"
+        for path in sorted((REPO / package).rglob("*.py"))
+        for name in imported_names(path)
+        if name.partition(".")[0] == "signing" and name.partition(".")[2] not in signing.__all__
+    }
+    assert not offending, sorted(offending)

@@ -21,7 +21,6 @@ from board.errors import (
 from board.interface import SlotName, SlotRecord, SlotStatus
 from board.slots import (
     SlotDevice,
-    _SplicedImage,
     decode_record,
     encode_record,
     payload_offset,
@@ -189,21 +188,6 @@ def test_a_file_that_is_not_an_image_has_no_record(tmp_path):
     assert caught.value.field == "image"
     with pytest.raises(SlotRecordError):
         slot_record_of_image(tmp_path / "absent")
-
-
-@given(
-    head=st.integers(1, 40),
-    payload=st.binary(max_size=60),
-    tail=st.binary(max_size=40),
-    offset=st.integers(0, 160),
-    length=st.integers(0, 160),
-)
-def test_a_spliced_image_reads_like_the_concatenation_of_its_parts(head, payload, tail, offset, length):
-    header = bytes(range(head))
-    image = _SplicedImage(header + tail, head, len(payload), lambda at, n: payload[at : at + n])
-    whole = header + payload + tail
-    assert image.size == len(whole)
-    assert image.read_at(offset, length) == whole[offset : offset + length]
 
 
 # --- the slot device -------------------------------------------------------------------------------
