@@ -114,7 +114,8 @@ class BadServer:
     (`busy`), with 200 and `{}` but no `Server-Time` (`timeless`), hangs, drops the connection, or cuts
     its answer short after the headers (`cut`; `cut-once` only on the first connection, then answers
     whole), or answers 206 with one byte and the `Content-Range` given (`partial`; `later_range`, if
-    given, from the second connection on); `connections` counts the attempts the client made, `requests`
+    given, from the second connection on), or redirects every request to `/elsewhere` (`redirect`);
+    `connections` counts the attempts the client made, `requests`
     holds their request lines."""
 
     mode: str
@@ -177,6 +178,10 @@ def bad_server(
                 connection.close()
             elif mode == "cut-once":
                 answer(connection, "200 OK", b'{"answer": "whole"}')
+            elif mode == "redirect":  # to another path here, so a client that follows it is seen doing so
+                answer(
+                    connection, "302 Found", b"{}", f"Location: https://127.0.0.1:{server.port}/elsewhere\r\n"
+                )
             elif mode == "partial":
                 # latin-1: the encoding http.client reads header values in, so a "²" sent arrives as "²"
                 sent = later_range if later_range is not None and number > 1 else content_range

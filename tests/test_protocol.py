@@ -125,7 +125,7 @@ def test_well_formed_cbor_with_wrong_fields_is_a_protocol_error_never_anything_e
 
 
 @pytest.mark.parametrize("schema", list(SCHEMAS), ids=lambda schema: schema.__name__)
-@settings(max_examples=150)
+@settings(max_examples=60)
 @given(
     body=st.dictionaries(
         st.sampled_from(["slot", "key", "d", "off", "data", "len", "digest", "x"]), cbor_values
