@@ -92,15 +92,21 @@ class CustomTlv(click.ParamType[tuple[int, bytes], Any]):
 
 
 @contextmanager
-def reported_errors() -> Iterator[None]:
-    """Turn our errors into one line on stderr and an exit code that says which kind of failure it was."""
+def reported_errors(*, refusal_as_json: bool = False) -> Iterator[None]:
+    """Turn our errors into one line on stderr and an exit code that says which kind of failure it was.
+    With `refusal_as_json`, a rejected image is also told on stdout, as `verify --json` tells a valid one:
+    a pipeline reading stdout gets a verdict either way."""
     try:
         yield
     except SigningError as error:
         message = str(error)
         field = f"[{error.field}] " if error.field else ""
         click.echo(f"mers-sign: error: {field}{message}", err=True)
-        sys.exit(_exit_code(error))
+        code = _exit_code(error)
+        if refusal_as_json and code == EXIT_REJECTED:
+            verdict = {"valid": False, "reason": type(error).__name__, "field": error.field, "error": message}
+            click.echo(json.dumps(verdict, indent=2))
+        sys.exit(code)
 
 
 def _exit_code(error: SigningError) -> int:
@@ -119,7 +125,7 @@ def key_access_options(function: F) -> F:
     """--passphrase-file, --pkcs11-module, --pkcs11-pin-file: what opening a private key may need."""
     function = click.option(
         "--pkcs11-pin-file",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=click.Path(path_type=Path),
         help="File holding the token PIN (else the URI's pin-value or pin-source).",
     )(function)
     function = click.option(
@@ -130,7 +136,7 @@ def key_access_options(function: F) -> F:
     )(function)
     function = click.option(
         "--passphrase-file",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=click.Path(path_type=Path),
         help="File holding the passphrase of an encrypted PEM key.",
     )(function)
     return function
@@ -227,12 +233,8 @@ def main() -> None:
     default=KEY_TYPES[0],
     show_default=True,
 )
-@click.option(
-    "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Private key path."
-)
-@click.option(
-    "--passphrase-file", type=click.Path(dir_okay=False, path_type=Path), help="Encrypt the key with this."
-)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Private key path.")
+@click.option("--passphrase-file", type=click.Path(path_type=Path), help="Encrypt the key with this.")
 def keygen(key_type: str, output: Path, passphrase_file: Path | None) -> None:
     """Generate a signing key: OUTPUT (mode 0600) and its public half beside it (KEY.pub.pem).
 
@@ -257,9 +259,7 @@ def keygen(key_type: str, output: Path, passphrase_file: Path | None) -> None:
     show_default=True,
     help="der is the form MCUboot embeds (PKCS#1 for RSA); hash is its SHA-256, the KEYHASH.",
 )
-@click.option(
-    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here, not stdout."
-)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here, not stdout.")
 @key_access_options
 def getpub(
     key: str,
@@ -322,8 +322,8 @@ def _public_key_output(public: PublicKey, output_format: str) -> bytes:
 )
 @key_access_options
 @image_options
-@click.argument("input_path", metavar="IN", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("output_path", metavar="OUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("input_path", metavar="IN", type=click.Path(path_type=Path))
+@click.argument("output_path", metavar="OUT", type=click.Path(path_type=Path))
 def sign(
     keys: tuple[str, ...],
     passphrase_file: Path | None,
@@ -368,8 +368,10 @@ def sign(
 @click.option("--vendor", help="Require this vendor's UUID_VID.")
 @click.option("--class", "image_class", help="Require this class's UUID_CID (needs --vendor).")
 @click.option("--slot-size", type=Integer(), help="Require the payload to fit a slot of this many bytes.")
-@click.option("--json", "as_json", is_flag=True, help="Print the verified fields as JSON.")
-@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the verified fields as JSON (or the refusal, exit 1)."
+)
+@click.argument("image", type=click.Path(path_type=Path))
 def verify(
     keys: tuple[str, ...],
     min_security_counter: int,
@@ -387,7 +389,11 @@ def verify(
 
     if image_class is not None and vendor is None:
         raise click.UsageError("--class needs --vendor: a class is named within its vendor")
-    with reported_errors(), open_input(image, "image") as handle, PrefixHasher(handle) as hasher:
+    with (
+        reported_errors(refusal_as_json=as_json),
+        open_input(image, "image") as handle,
+        PrefixHasher(handle) as hasher,
+    ):
         # the image is being hashed in the background while the verifier and the keys load
         from .image_format import class_uuid, vendor_uuid
         from .keys import load_public_key
@@ -442,7 +448,7 @@ def _verified_json(verified: VerifiedImage) -> dict[str, Any]:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON shaped like imgtool dumpinfo --format json.")
-@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("image", type=click.Path(path_type=Path))
 def info(as_json: bool, image: Path) -> None:
     """Show every header field and TLV of IMAGE. Needs no key and checks no signature.
 
@@ -462,11 +468,11 @@ def info(as_json: bool, image: Path) -> None:
     "--output",
     "digest_path",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     help="Where to write the 32-byte digest to sign.",
 )
-@click.argument("input_path", metavar="IN", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("unsigned_path", metavar="UNSIGNED", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("input_path", metavar="IN", type=click.Path(path_type=Path))
+@click.argument("unsigned_path", metavar="UNSIGNED", type=click.Path(path_type=Path))
 def digest(input_path: Path, unsigned_path: Path, digest_path: Path, **image: Any) -> None:
     """Detached signing, step 1: write the unsigned image UNSIGNED and the digest to sign.
 
@@ -485,17 +491,17 @@ def digest(input_path: Path, unsigned_path: Path, digest_path: Path, **image: An
 @click.option(
     "--signature",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     help="Raw signature of the digest.",
 )
 @click.option(
     "--pubkey",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     help="The signer's public key.",
 )
-@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("output_path", metavar="OUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("output_path", metavar="OUT", type=click.Path(path_type=Path))
 def attach(signature: Path, pubkey: Path, image: Path, output_path: Path) -> None:
     """Detached signing, step 2: check the signature, then write IMAGE with it as OUT.
 

@@ -1204,3 +1204,60 @@ def test_a_closed_output_stream_changes_no_verdict(mers_sign: MersSign, tmp_path
         )
         assert completed.returncode == verdict, completed.stderr
         assert "Traceback" not in completed.stderr + completed.stdout
+
+
+# --- a directory where a file is wanted -----------------------------------------------------------------
+
+#: each file a command reads or writes, given a directory: the file error (or the key error) of that file,
+#: not a usage error, as for any other file it cannot use
+DIRECTORY_CASES = [
+    pytest.param(lambda k, d: ["verify", "--key", k.rsa.public, d], EXIT_FILE, "[image]", id="verify_image"),
+    pytest.param(lambda k, d: ["verify", "--key", d, k.rsa_image.path], EXIT_KEY, "[key]", id="verify_key"),
+    pytest.param(lambda k, d: ["info", d], EXIT_FILE, "[image]", id="info_image"),
+    pytest.param(
+        lambda k, d: ["sign", "--key", k.rsa.private, "--version", "1.0", d, d.parent / "o"],
+        EXIT_FILE,
+        "[input]",
+        id="sign_input",
+    ),
+    pytest.param(
+        lambda k, d: ["sign", "--key", k.rsa.private, "--version", "1.0", k.payload, d],
+        EXIT_FILE,
+        "[output]",
+        id="sign_output",
+    ),
+    pytest.param(lambda k, d: ["getpub", k.rsa.private, "-o", d], EXIT_FILE, "[output]", id="getpub_output"),
+]
+
+
+@pytest.mark.parametrize(("argv", "code", "field"), DIRECTORY_CASES)
+def test_a_directory_given_for_a_file_is_that_files_error_not_a_usage_error(
+    kit: Kit,
+    mers_sign: MersSign,
+    tmp_path: Path,
+    argv: Callable[[Kit, Path], Argv],
+    code: int,
+    field: str,
+) -> None:
+    directory = tmp_path / "a-directory"
+    directory.mkdir()
+    result = mers_sign(*argv(kit, directory))
+    assert result.returncode == code, result.stderr
+    assert result.error_line.startswith(f"mers-sign: error: {field} ") and "directory" in result.error_line
+
+
+def test_verify_json_prints_the_refusal_on_stdout_too(kit: Kit, mers_sign: MersSign, tmp_path: Path) -> None:
+    """A pipeline reading `verify --json` gets a verdict whether the image is good or not."""
+    tampered = tmp_path / "tampered.signed"
+    data = bytearray(kit.rsa_image.data)
+    data[kit.rsa_image.hdr_size + 10] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    refused = mers_sign("verify", "--json", "--key", kit.rsa.public, tampered)
+    assert refused.returncode == EXIT_REJECTED
+    verdict = json.loads(refused.stdout)
+    assert (verdict["valid"], verdict["reason"]) == (False, "HashMismatchError"), verdict
+    assert verdict["error"] in refused.error_line
+    accepted = mers_sign("verify", "--json", "--key", kit.rsa.public, kit.rsa_image.path)
+    assert accepted.returncode == 0 and json.loads(accepted.stdout)["valid"] is True
+    silent = mers_sign("verify", "--key", kit.rsa.public, tampered)
+    assert silent.returncode == EXIT_REJECTED and silent.stdout == ""  # without --json, stdout stays clean
