@@ -214,6 +214,8 @@ def list_tasks(as_json: bool, board_path: Path, timeout: float, retries: int) ->
         found = TaskClient(client).open_tasks()
     if as_json:
         emit([task.to_json() for task in found])
+    elif not found:
+        click.echo("no open installation task")
     else:
         for task in found:
             click.echo(f"{task.id} {task.state} {task.progress:.0%} {task.version} {task.message}".rstrip())

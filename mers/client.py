@@ -431,7 +431,9 @@ class DeviceClient:
     @contextlib.contextmanager
     def _operation(self) -> Iterator[None]:
         """Hold the state directory's lock, turn board failures into `StorageError`, and record the last
-        error for `mers status`."""
+        error for `mers status`: the outcome of the last operation with the hub, so one that succeeds
+        clears it (an error already overcome is not the device's state)."""
+        outermost = self._lock_depth == 0
         with self._locked():
             try:
                 yield
@@ -442,6 +444,9 @@ class DeviceClient:
             except MersError as exc:
                 self._record_error(exc)
                 raise
+            if outermost:
+                with contextlib.suppress(BoardError):
+                    self.board.state.delete(LAST_ERROR_FILE)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -224,6 +224,8 @@ def test_offboarded_gateway_is_told_to_reonboard_and_recovers_with_an_imported_i
     assert gateway.board.state.read(IMPORT_FILE) is not None
     assert mers(gateway.path, "datasources").returncode == 0
     assert mers(gateway.path, "onboard").stdout.startswith("already onboarded")
+    status = json.loads(mers(gateway.path, "status", "--json").stdout)
+    assert status["last_error"] is None, status  # overcome by the onboarding since: not the state now
 
 
 def test_boarding_import_on_an_unlocked_board_writes_the_board_and_keeps_credentials_until_success(
@@ -403,6 +405,16 @@ def test_tasks_are_listed_fetched_and_reported_for_this_agent_only(hub: RunningH
     assert "sig=" not in listing.stdout, "signed URLs are credentials"
     shown = mers(gateway.path, "tasks", "report", mine["id"], "--state", "DOWNLOADED", "--progress", "1")
     assert shown.returncode == 0 and "DOWNLOADED" in shown.stdout
+
+
+def test_an_empty_task_list_says_so(hub: RunningHub, tmp_path: Path) -> None:
+    gateway = make_gateway(hub, tmp_path / "gw")
+    with gateway.client() as client:
+        client.onboard()
+    listing = mers(gateway.path, "tasks", "list")
+    assert (listing.returncode, listing.stdout) == (0, "no open installation task\n"), listing.stderr
+    listing = mers(gateway.path, "tasks", "list", "--json")
+    assert (listing.returncode, json.loads(listing.stdout)) == (0, [])
 
 
 def test_reonboarding_error_keeps_the_stored_credentials(hub: RunningHub, tmp_path: Path) -> None:
