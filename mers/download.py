@@ -29,7 +29,7 @@ from urllib3.exceptions import MaxRetryError
 from urllib3.util.retry import Retry
 
 from .errors import DownloadError, HubRefusedError, ImageChangedError, InputError
-from .http import pinned_session, retry_policy
+from .http import network_reason, pinned_session, retry_policy
 
 #: how much of a refusal's body is read for its reason (the hub's are a line of JSON)
 _REASON_BYTES = 4096
@@ -348,7 +348,7 @@ def _reason(exc: BaseException, url: str) -> str:
     """The error's text, or only its type when the text may hold any part of `url`: requests puts the
     request's URL into its messages ("Max retries exceeded with url: /path?query"), and a signed URL's
     credential may be in its query (the hub's, S3's) or in its path (CDN tokens)."""
-    text = " ".join(str(exc).split())
+    text = network_reason(exc)
     parts = urllib.parse.urlsplit(url)
     pieces = ["https://", parts.query, parts.path, urllib.parse.unquote(parts.path)]
     try:

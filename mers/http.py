@@ -19,6 +19,7 @@ bounded retries with exponential backoff and jitter, bounded answers, and the hu
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -205,7 +206,7 @@ class HubSession:
                 try:
                     body = _bounded_body(response)
                 except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError) as exc:
-                    raise _AnswerCut(_reason(exc)) from exc
+                    raise _AnswerCut(network_reason(exc)) from exc
                 elapsed = response.elapsed.total_seconds()
                 answer = HubAnswer(
                     response.status_code,
@@ -216,13 +217,13 @@ class HubSession:
         except requests.exceptions.SSLError as exc:
             raise HubUnreachableError(
                 f"TLS to {_origin(url)} failed (is the hub's certificate from the boarding CA?): "
-                f"{_reason(exc)}",
+                f"{network_reason(exc)}",
                 reached_the_hub=tries.reached_or_unknown,
             ) from exc
         except requests.exceptions.RequestException as exc:
             attempts = self._settings.retries + 1
             raise HubUnreachableError(
-                f"cannot reach the hub at {_origin(url)} after {attempts} attempts: {_reason(exc)}",
+                f"cannot reach the hub at {_origin(url)} after {attempts} attempts: {network_reason(exc)}",
                 reached_the_hub=tries.reached_or_unknown,
             ) from exc
         self._clock.observe(answer.headers, round_trip=elapsed)
@@ -315,9 +316,21 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
-def _reason(exc: BaseException) -> str:
-    """The innermost cause, on one line, without the URL (which may carry a signed query)."""
-    while exc.__context__ is not None and not str(exc):
-        exc = exc.__context__
-    text = " ".join(str(exc).split())
-    return text[:300] if text else type(exc).__name__
+def network_reason(exc: BaseException) -> str:
+    """What went wrong on the network, in one line: the innermost cause ("[Errno 111] Connection
+    refused"), without the layers requests and urllib3 wrap around it ("HTTPSConnectionPool(host=...):
+    Max retries exceeded with url: /path?query (Caused by NewConnectionError(...))"), which repeat the
+    request's URL, and a signed URL's credential with it."""
+    cause = exc
+    for _ in range(16):  # the wrapping is a few layers deep; a cycle of causes must not loop for ever
+        inner = getattr(cause, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = cause.args[0] if cause.args and isinstance(cause.args[0], BaseException) else None
+        if inner is None and not str(cause) and cause.__context__ is not None:
+            inner = cause.__context__
+        if inner is None:
+            break
+        cause = inner
+    text = re.sub(r"^\w+\(host=[^)]*\): ", "", " ".join(str(cause).split()))
+    text = text.removeprefix("Failed to establish a new connection: ")
+    return text[:300] if text else type(cause).__name__

@@ -361,6 +361,14 @@ def test_the_cli_reports_an_unreachable_hub_on_one_line(hub: RunningHub, tmp_pat
         assert server.connections == 2
     assert result.returncode == EXIT_UNREACHABLE
     assert "cannot reach the hub" in result.error_line and "after 2 attempts" in result.error_line
+    # a port nothing listens on: the cause in a few words, not urllib3's layers around it and the URL
+    with bad_server("drop") as closed:
+        redirect_credentials_to(gateway, closed.url, closed.ca_pem)
+    result = run_cli("mers", "datasources", "--board", gateway.path, "--retries", "1", "--timeout", "2")
+    assert result.returncode == EXIT_UNREACHABLE
+    assert result.error_line.endswith(
+        f"cannot reach the hub at {closed.url} after 2 attempts: [Errno 111] Connection refused"
+    ), result.error_line
 
 
 def test_a_hub_whose_certificate_is_not_from_the_boarding_ca_is_refused(
