@@ -122,6 +122,17 @@ class Gateway:
         )  # fmt: skip
         shutil.rmtree(root)
 
+    def printenv(self) -> dict[str, str]:
+        """The environment as Debian's `fw_printenv` reads it from the SD card (a peer's reading, not
+        mers's own), through the same offsets the guest's `fw_env.config` gives."""
+        completed = subprocess.run(
+            [require_tool("fw_printenv", "Debian's libubootenv-tool"), "-c", str(self.fw_env_config)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return dict(line.partition("=")[::2] for line in completed.stdout.splitlines() if "=" in line)
+
     def flags(self) -> int:
         """The current environment copy's flags: each save raises them by one."""
         current = next(copy for copy in self.env.copies() if copy.current)

@@ -3,7 +3,7 @@ installs it (`scripts/build-guest`), booted by real U-Boot from the slot `boot_s
 Debian's real kernel. Its units (`systemd/`) do the work, as on a gateway: the provisioning console at the
 factory, `mers-confirm.service` after each boot, `mers.service` onboarding and installing. The tests only
 power the machine on and off, and look from outside: the hub's state, the U-Boot environment on its SD
-card, the key store on its data disk, what it printed on its console."""
+card (as Debian's `fw_printenv` reads it), the key store on its data disk, what it printed on its console."""
 
 from __future__ import annotations
 
@@ -215,7 +215,7 @@ def test_a_gateway_is_provisioned_onboarded_updated_confirmed_and_rolled_back(
         assert booted.slot == "a", booted.output[-3000:]
         status = hub.admin("GET", f"{AGENTS}/agents/{agent['id']}/boarding/status").json()
         assert status["status"] == "ONBOARDED", (status, booted.output[-3000:])
-        env = gateway.env.read()
+        env = gateway.printenv()
         assert (env["boot_slot"], env["upgrade_available"], env["bootcount"]) == ("b", "1", "0")
         assert task_state(hub, v2) == "ACTIVATING", booted.output[-3000:]  # reported before the reboot
 
@@ -232,22 +232,22 @@ def test_a_gateway_is_provisioned_onboarded_updated_confirmed_and_rolled_back(
             v3 = task_for(v3_release)  # found at the daemon's next poll
             running.wait_for_power_off(SCENARIO_BOOT_DEADLINE)
         assert task_state(hub, v3) == "ACTIVATING", running.output[-3000:]
-        env = gateway.env.read()
+        env = gateway.printenv()
         assert (env["boot_slot"], env["upgrade_available"], env["bootcount"]) == ("a", "1", "0")
 
     v4_release = upload(release(tmp_path, guest.slot, key, "4.0.0", counter=4))
     with step("v3's health check fails at each trial; U-Boot rolls back to v2"):
-        for trial in range(1, int(gateway.env.read()["bootlimit"]) + 1):
+        for trial in range(1, int(gateway.printenv()["bootlimit"]) + 1):
             booted = boot_to_reboot()  # mers-confirm asks for the reboot that counts the next trial
             assert booted.slot == "a", booted.output[-3000:]
-            assert gateway.env.read()["bootcount"] == str(trial)
+            assert gateway.printenv()["bootcount"] == str(trial)
             assert task_state(hub, v3) == "ACTIVATING", booted.output[-3000:]
         running = gateway.start(hub_port=hub_port)  # bootcount past bootlimit: altbootcmd boots slot b
         try:
             failed = running.wait_until(lambda: task_state(hub, v3) == "FAILED", SCENARIO_BOOT_DEADLINE, 0.5)
             assert failed, running.output[-3000:]
             assert PowerOn(running.output, running.cmdline()).slot == "b"
-            env = gateway.env.read()
+            env = gateway.printenv()
             assert (env["boot_slot"], env["upgrade_available"]) == ("b", "0")
         except BaseException:
             running.kill()
@@ -258,10 +258,10 @@ def test_a_gateway_is_provisioned_onboarded_updated_confirmed_and_rolled_back(
             v4 = task_for(v4_release)
             cut = running.wait_until(lambda: task_progress(hub, v4) >= 0.2, SCENARIO_BOOT_DEADLINE, 0.2)
             assert cut, running.output[-3000:]
-        assert gateway.env.read()["boot_slot"] == "b"  # nothing was switched
+        assert gateway.printenv()["boot_slot"] == "b"  # nothing was switched
         with gateway.start(hub_port=hub_port) as running:  # it resumes; cut right after the env write
             switched = running.wait_until(
-                lambda: gateway.env.read()["boot_slot"] == "a", SCENARIO_BOOT_DEADLINE, 0.01
+                lambda: gateway.printenv()["boot_slot"] == "a", SCENARIO_BOOT_DEADLINE, 0.01
             )
             assert switched, running.output[-3000:]
         assert task_progress(hub, v4) >= 0.2
@@ -271,7 +271,7 @@ def test_a_gateway_is_provisioned_onboarded_updated_confirmed_and_rolled_back(
             )
             assert activated, running.output[-3000:]
             assert PowerOn(running.output, running.cmdline()).slot == "a"
-        env = gateway.env.read()
+        env = gateway.printenv()
         assert (env["boot_slot"], env["upgrade_available"]) == ("a", "0")
 
 
