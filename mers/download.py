@@ -29,7 +29,7 @@ from urllib3.exceptions import MaxRetryError
 from urllib3.util.retry import Retry
 
 from .errors import DownloadError, HubRefusedError, ImageChangedError, InputError
-from .http import network_reason, pinned_session, retry_policy
+from .http import certificate_refused, network_reason, pinned_session, retry_policy
 
 #: how much of a refusal's body is read for its reason (the hub's are a line of JSON)
 _REASON_BYTES = 4096
@@ -260,6 +260,11 @@ class _Budget:
                 ) from None
             fetcher.refresh_url(exc.reason)
             self._refreshed = True
+        elif certificate_refused(exc):  # the same certificate at every try: no retry cures it
+            raise DownloadError(
+                f"TLS to {redacted(fetcher.url)} refused the server's certificate (is it from the boarding "
+                f"CA?): {_reason(exc, fetcher.url)}"
+            ) from None
         else:
             try:
                 self._retry = self._retry.increment(

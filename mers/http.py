@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import urllib.parse
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -52,6 +53,44 @@ class BoundedRetry(Retry):
 
     def parse_retry_after(self, retry_after: str) -> float:
         return min(super().parse_retry_after(retry_after), self.backoff_max)
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: BaseHTTPResponse | None = None,
+        error: Exception | None = None,
+        _pool: ConnectionPool | None = None,
+        _stacktrace: TracebackType | None = None,
+    ) -> Self:
+        """No retry for a certificate the CA did not sign: it is the same certificate at every try, and
+        retrying held the call (and the state directory's lock) for the whole backoff, over a minute."""
+        if error is not None and certificate_refused(error):
+            raise MaxRetryError(_pool, url or "", error) from error  # type: ignore[arg-type]
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
+def certificate_refused(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps) is TLS refusing the server's certificate: not signed by the CA
+    given, or not for that host."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return True
+        reason = getattr(current, "reason", None)
+        wrapped = [arg for arg in current.args if isinstance(arg, BaseException)]
+        pending += [
+            reason if isinstance(reason, BaseException) else None,
+            current.__cause__,
+            current.__context__,
+        ]
+        pending += wrapped
+    return False
 
 
 def pinned_session(proxy_url: str | None, adapter: HTTPAdapter) -> requests.Session:
