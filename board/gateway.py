@@ -37,6 +37,7 @@ See `board/gateway.example.toml`.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import stat
@@ -144,6 +145,19 @@ def parse_size(value: object, field: str) -> int:
 T = TypeVar("T")
 
 
+#: every key name of the file, at any level: a key left unread that is one of them is read later, not a
+#: misspelling of the key found missing (a missing [boot] is not a misspelt [reboot])
+KNOWN_KEYS = frozenset(
+    {
+        "identity", "serial_number", "serial_number_file", "vendor", "class", "hardware_revision",
+        "storage", "state_dir", "key_store",
+        "slots", "a", "b", "device", "record", "size",
+        "boot", "fw_env_config", "lock_file", "cmdline", "slot_parameter",
+        "reboot", "command", "request_file",
+    }
+)  # fmt: skip
+
+
 class _Table:
     """One TOML table, read key by key with typed errors naming the dotted key; `done` refuses leftovers."""
 
@@ -154,6 +168,19 @@ class _Table:
 
     def _key(self, key: str) -> str:
         return f"{self._prefix}.{key}" if self._prefix else key
+
+    def missing(self, key: str, message: str | None = None) -> ConfigError:
+        """The error for a required `key` that is absent, naming a key left in the table that looks like
+        a misspelling of it: that key is the fault, not the one the reader never saw."""
+        message = message or f"{self._key(key)} is missing"
+        unread = [name for name in self._data if isinstance(name, str) and name not in KNOWN_KEYS]
+        near = difflib.get_close_matches(key, unread, n=1, cutoff=0.6)
+        if not near:
+            return ConfigError(message, field=self._key(key))
+        misspelt = self._key(near[0])
+        return ConfigError(
+            f"unknown key {misspelt}: is it {self._key(key)} misspelt? ({message})", field=misspelt
+        )
 
     def _take(self, key: str, kind: type[T], what: str) -> T | None:
         value = self._data.pop(key, None)
@@ -167,7 +194,7 @@ class _Table:
         if value is not None:
             return value
         if default is None:
-            raise ConfigError(f"{self._key(key)} is missing", field=self._key(key))
+            raise self.missing(key)
         return default
 
     def optional_text(self, key: str, *, empty: bool = False) -> str | None:
@@ -199,7 +226,7 @@ class _Table:
     def table(self, key: str) -> _Table:
         value = self._take(key, dict, "a table")
         if value is None:
-            raise ConfigError(f"[{self._key(key)}] is missing", field=self._key(key))
+            raise self.missing(key, f"[{self._key(key)}] is missing")
         return _Table(value, self._key(key), self._base)
 
     def done(self) -> None:
@@ -290,7 +317,11 @@ def _identity(table: _Table) -> Identity:
     serial_file = table.optional_path("serial_number_file")
     if serial_file is not None and serial is None:
         serial = _read_serial(serial_file)
-    elif (serial is None) == (serial_file is None):
+    elif serial is None and serial_file is None:
+        raise table.missing(
+            "serial_number", "give exactly one of identity.serial_number and identity.serial_number_file"
+        )
+    elif serial is not None and serial_file is not None:
         raise ConfigError(
             "give exactly one of identity.serial_number and identity.serial_number_file",
             field="identity.serial_number",

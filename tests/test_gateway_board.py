@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from board.errors import BoardError, BootEnvError, ConfigError, RebootError, RunningSlotUnknownError
 from board.gateway import (
     DEFAULT_REBOOT_COMMAND,
+    KNOWN_KEYS,
     GatewayBoard,
     load_config,
     parse_config,
@@ -26,6 +27,8 @@ from board.gateway import (
 from board.interface import Identity, SlotName
 from board.ubootenv import NoValidEnvironmentError
 from tests.board_helpers import der, write_gateway
+
+REPO = Path(__file__).resolve().parent.parent
 
 EXAMPLE = Path(__file__).parent.parent / "board" / "gateway.example.toml"
 
@@ -82,6 +85,19 @@ def _without(table: str, key: str):
     return change
 
 
+def _misspelt(path: str, as_written: str):
+    """The key at `path` written as `as_written` (a typo), its value kept."""
+
+    def change(document: dict[str, Any]) -> None:
+        *tables, key = path.split(".")
+        target = document
+        for table in tables:
+            target = target[table]
+        target[as_written] = target.pop(key)
+
+    return change
+
+
 def _setting(path: str, value: object):
     def change(document: dict[str, Any]) -> None:
         *tables, key = path.split(".")
@@ -123,6 +139,11 @@ def _setting(path: str, value: object):
         (_setting("reboot.when", "now"), "reboot.when"),
         (_setting("extra", {"x": 1}), "extra"),
         (lambda d: d.pop("boot"), "boot"),
+        # a misspelt required key is named as the fault, not the key it was meant to be
+        (_misspelt("slots.a.device", "devcie"), "slots.a.devcie"),
+        (_misspelt("storage.state_dir", "state_dirr"), "storage.state_dirr"),
+        (_misspelt("identity.serial_number", "serial_numbr"), "identity.serial_numbr"),
+        (_misspelt("boot", "boto"), "boto"),
     ],
 )
 def test_a_wrong_configuration_is_refused_naming_the_key(change, field):
@@ -131,6 +152,20 @@ def test_a_wrong_configuration_is_refused_naming_the_key(change, field):
     with pytest.raises(ConfigError) as caught:
         parse_config(document, Path("/etc/mers"))
     assert caught.value.field == field
+
+
+def test_every_key_the_example_file_uses_is_a_known_key():
+    """What tells a misspelt key from one read later: it must hold every key of the file format."""
+
+    def keys(table: dict[str, Any]) -> set[str]:
+        found = set(table)
+        for value in table.values():
+            if isinstance(value, dict):
+                found |= keys(value)
+        return found
+
+    example = tomllib.loads((REPO / "board" / "gateway.example.toml").read_text())
+    assert keys(example) | {"serial_number", "serial_number_file", "request_file"} <= KNOWN_KEYS
 
 
 def test_a_file_that_is_not_toml_is_a_config_error(tmp_path):
