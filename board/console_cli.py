@@ -8,6 +8,7 @@ line on stderr, ``mers-board: error: [field] message``, with the exit codes of `
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -29,11 +30,12 @@ from .console import (
     serve,
     write_timeout_for,
 )
-from .errors import BoardError, BootEnvError, ConfigError, StorageError
+from .errors import BoardError, BootEnvError, ConfigError, ConsoleBusyError, StorageError
 from .interface import Board
 from .line import LineConditions, Port
 from .opening import open_board
 from .simboard import SimBoard
+from .storage import ensure_directory
 
 EXIT_USAGE: Final = 2
 EXIT_REFUSED: Final = 3
@@ -93,11 +95,32 @@ def _stop_on_signals() -> threading.Event:
 def _serve_until_stopped(board: Board, port: Port, announce: Callable[[], None] = lambda: None) -> None:
     """Serve `port` until a signal; the port is closed on every way out, a failure included."""
     try:
-        stop = _stop_on_signals()  # before announcing: whoever reads the announcement may signal at once
-        announce()
-        serve(board, port, stop)
+        with _the_only_console(board):
+            stop = _stop_on_signals()  # before announcing: whoever reads the announcement may signal at once
+            announce()
+            serve(board, port, stop)
     finally:
         port.close()
+
+
+@contextmanager
+def _the_only_console(board: Board) -> Iterator[None]:
+    """One console per board: two would let two stations provision one board at once, each reading back
+    what the other wrote. Held as a lock on the board's state directory, which the kernel releases with
+    the process, however it ends."""
+    directory = board.state.directory
+    ensure_directory(directory)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConsoleBusyError(
+                f"another console already serves this board (its state directory {directory} is locked)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -157,3 +157,9 @@ class RebootError(BoardError):
     """The reboot command failed or the reboot request could not be recorded."""
 
     field = "reboot"
+
+
+class ConsoleBusyError(BoardError):
+    """Another provisioning console already serves this board."""
+
+    field = "board"

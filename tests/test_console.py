@@ -36,6 +36,7 @@ from board.console import ProvisioningService
 from board.simboard import SimBoard
 from signing.keys import KeyAlgorithm
 from tests.board_helpers import ca_bundle
+from tests.conftest import run_cli
 from tests.console_helpers import (
     IAT_EXPIRY,
     REPO,
@@ -479,3 +480,16 @@ def test_console_on_a_device_that_does_not_exist_is_one_line(board_dir, tmp_path
     assert completed.returncode == 4
     (line,) = completed.stderr.decode().splitlines()
     assert "[port]" in line and "Traceback" not in completed.stderr.decode()
+
+
+def test_a_second_console_on_a_served_board_is_refused_until_the_first_ends(board_dir):
+    """Two consoles on one board would let two stations provision it at once, each reading back what
+    the other wrote."""
+    with ConsoleProcess(board_dir) as console:
+        second = run_cli("mers-board", "sim", "serve", board_dir)
+        assert second.returncode == 3, second.stderr
+        assert "another console already serves this board" in second.error_line
+        assert second.stdout == ""  # no port was announced
+        assert console.stop() == 0
+    with ConsoleProcess(board_dir) as console:  # the lock went with the process
+        assert console.stop() == 0
