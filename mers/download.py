@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +48,11 @@ class DownloadSettings:
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     retries: int = 8  # failures in a row without a byte of progress
+    #: a connection that brings fewer than `low_speed_limit` bytes a second for `low_speed_time` seconds
+    #: is dropped and the range asked again, as curl's --speed-limit/--speed-time: a server trickling a
+    #: byte just inside the read timeout would otherwise hold the download for ever
+    low_speed_limit: int = 1024
+    low_speed_time: float = 60.0
     backoff_factor: float = 0.5
     backoff_max: float = 30.0
     backoff_jitter: float = 0.5
@@ -189,13 +195,42 @@ class BlobFetcher:
     def _chunks(self, start: int, stop: int) -> Iterator[bytes]:
         with self._get(start, stop) as response:
             got = 0
-            for chunk in response.iter_content(self.settings.chunk_size):
+            for chunk in self._paced(response):
                 if got + len(chunk) > stop - start:
                     raise DownloadError(f"{redacted(self.url)} sent more than the {stop - start} bytes asked")
                 got += len(chunk)
                 yield chunk
             if got != stop - start:
                 raise requests.exceptions.ChunkedEncodingError(f"the body ended after {got} bytes")
+
+    def _paced(self, response: requests.Response) -> Iterator[bytes]:
+        """The body in chunks of up to `chunk_size`, each yielded as soon as it is whole or the stream
+        pauses; a stretch of `low_speed_time` below `low_speed_limit` ends it (`_TooSlow`, retried)."""
+        settings = self.settings
+        window_start, window_bytes = time.monotonic(), 0
+        pending: list[bytes] = []
+        pending_size = 0
+        while True:
+            data = response.raw.read1(settings.chunk_size - pending_size)
+            if data:
+                pending.append(data)
+                pending_size += len(data)
+                window_bytes += len(data)
+            if not data or pending_size >= settings.chunk_size:
+                if pending:
+                    yield b"".join(pending)
+                    pending, pending_size = [], 0
+                if not data:
+                    return
+            now = time.monotonic()
+            if now - window_start >= settings.low_speed_time:
+                rate = window_bytes / (now - window_start)
+                if rate < settings.low_speed_limit:
+                    raise _TooSlow(
+                        f"{rate:.0f} bytes/s for {now - window_start:.0f} s, under the "
+                        f"{settings.low_speed_limit} bytes/s it must keep"
+                    )
+                window_start, window_bytes = now, 0
 
     def _get(self, start: int, stop: int, *, pin: bool = True) -> requests.Response:
         headers = {"Range": f"bytes={start}-{stop - 1}", "Accept-Encoding": "identity"}
@@ -279,6 +314,10 @@ class _Budget:
         fetcher.stats.resumes.append(position)
 
 
+class _TooSlow(Exception):
+    """The connection brought too few bytes for too long: dropped, and the range asked again."""
+
+
 class _Expired(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -292,7 +331,7 @@ _UNUSABLE_URL = (
     requests.exceptions.MissingSchema,
 )
 #: what a retry can cure: an expired URL, a broken or timed-out connection
-_RETRIABLE = (_Expired, requests.RequestException, Urllib3Error, OSError)
+_RETRIABLE = (_Expired, _TooSlow, requests.RequestException, Urllib3Error, OSError)
 
 
 def _description(response: requests.Response) -> str:

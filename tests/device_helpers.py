@@ -9,11 +9,13 @@ import argparse
 import base64
 import json
 import os
+import re
 import select
 import signal
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -114,7 +116,8 @@ class BadServer:
     (`busy`), with 200 and `{}` but no `Server-Time` (`timeless`), hangs, drops the connection, or cuts
     its answer short after the headers (`cut`; `cut-once` only on the first connection, then answers
     whole), or answers 206 with one byte and the `Content-Range` given (`partial`; `later_range`, if
-    given, from the second connection on), or redirects every request to `/elsewhere` (`redirect`);
+    given, from the second connection on), or redirects every request to `/elsewhere` (`redirect`), or
+    answers the range asked a byte every 0.1 s (`trickle`);
     `connections` counts the attempts the client made, `requests`
     holds their request lines."""
 
@@ -178,6 +181,18 @@ def bad_server(
                 connection.close()
             elif mode == "cut-once":
                 answer(connection, "200 OK", b'{"answer": "whole"}')
+            elif mode == "trickle":  # the range asked, a byte every 0.1 s: never a read timeout, never done
+                asked = re.search(rb"Range: bytes=(\d+)-(\d+)", request)
+                first, last = (int(asked.group(1)), int(asked.group(2))) if asked else (0, 1 << 20)
+                connection.sendall(
+                    b'HTTP/1.1 206 Partial Content\r\nETag: "1"\r\n'
+                    + f"Content-Range: bytes {first}-{last}/{last + 1}\r\n".encode()
+                    + f"Content-Length: {last - first + 1}\r\n\r\n".encode()
+                )
+                while not server._stop.is_set():
+                    connection.sendall(b"x")
+                    time.sleep(0.1)
+                connection.close()
             elif mode == "redirect":  # to another path here, so a client that follows it is seen doing so
                 answer(
                     connection, "302 Found", b"{}", f"Location: https://127.0.0.1:{server.port}/elsewhere\r\n"

@@ -8,6 +8,7 @@ import itertools
 import logging
 import random
 import socket
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -300,3 +301,32 @@ def test_a_refresh_from_a_task_that_changed_meanwhile_is_a_typed_refusal(
         refreshed_uri(task, IMAGE)
     fresh = replace(IMAGE, uri="https://hub.example/blobs/x?sig=2")
     assert refreshed_uri(_task(TaskState.DOWNLOADING, fresh), IMAGE) == fresh.uri
+
+
+def test_a_server_trickling_bytes_inside_the_read_timeout_is_dropped_at_the_low_speed_limit(
+    tmp_path: Path,
+) -> None:
+    """A byte every 0.1 s never trips a read timeout; without a low-speed limit it held the download for
+    as long as the server liked. Below the limit for its window, the connection is dropped and the range
+    asked again, and the retries end it with a clear error."""
+    settings = replace(TEST_DOWNLOAD, retries=1, low_speed_limit=100, low_speed_time=1.0)
+    with bad_server("trickle") as server:
+        ca = tmp_path / "ca.pem"
+        ca.write_bytes(server.ca_pem)
+        ended: list[BaseException] = []
+
+        def fetch() -> None:
+            with BlobFetcher(f"{server.url}/blobs/image?sig=x", ca, settings=settings) as fetcher:
+                try:
+                    for _ in fetcher.stream(0, 1 << 20):
+                        pass
+                except DownloadError as error:
+                    ended.append(error)
+
+        worker = threading.Thread(target=fetch, daemon=True)
+        worker.start()
+        worker.join(timeout=60)
+        assert not worker.is_alive(), "the trickle still holds the download"
+    (error,) = ended
+    assert "under the 100 bytes/s it must keep" in str(error) and "kept failing" in str(error)
+    assert server.connections == 2  # dropped, asked again once (retries=1), then given up
