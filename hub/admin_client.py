@@ -26,6 +26,8 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
+from signing import ImageVersion, SigningError
+
 from .errors import HubError, HubSetupError, NotFoundError
 from .home import HubHome
 
@@ -191,6 +193,17 @@ class AdminClient:
     def offboard(self, agent_id: str) -> JsonObject:
         return self._json("POST", f"{AGENTS}/agents/{_segment(agent_id)}/boarding/offboard")
 
+    def agent_names(self, agent_ids: set[str]) -> dict[str, str]:
+        """The name of each agent in `agent_ids` that still exists (a deleted one keeps only its id)."""
+        names = {}
+        for agent_id in sorted(agent_ids):
+            try:
+                names[agent_id] = str(self.agent(agent_id)["name"])
+            except HubRefusedError as exc:
+                if exc.status != NotFoundError.status:
+                    raise
+        return names
+
     def resolve_agent(self, reference: str) -> str:
         """The id of the agent whose id or name is `reference`; refused when it is the id of one agent
         and the name of another, since acting on the wrong gateway is worse than asking again."""
@@ -243,6 +256,28 @@ class AdminClient:
 
     def releases(self) -> JsonObject:
         return self._json("GET", f"{FIRMWARE}/releases")
+
+    def resolve_release(self, reference: str) -> str:
+        """The id of the release whose id or version is `reference` (`1.2.0+7`, as `release list` shows
+        it, or `1.2.0` for a build number of 0); refused when a version names several releases (for other
+        hardware, say)."""
+        listed = self.releases().get("content", [])
+        found = sorted(
+            {
+                str(entry["id"])
+                for entry in listed
+                if reference == entry.get("id") or _same_version(reference, entry.get("version"))
+            }
+        )
+        if not found:
+            raise HubRefusedError(404, "not_found", f"no release has the id or version {reference!r}")
+        if len(found) > 1:
+            raise HubRefusedError(
+                409,
+                "ambiguous",
+                f"{len(found)} releases have the version {reference!r}: use an id ({', '.join(found)})",
+            )
+        return found[0]
 
     # --- installation tasks -------------------------------------------------------------------------
 
@@ -406,3 +441,11 @@ class _StreamedFile:
         if self.progress is not None:
             self.progress(len(chunk))
         return chunk
+
+
+def _same_version(reference: str, version: object) -> bool:
+    """Whether `reference` is the image version `version`, as the images' own format compares them."""
+    try:
+        return isinstance(version, str) and ImageVersion.parse(reference) == ImageVersion.parse(version)
+    except SigningError:
+        return False

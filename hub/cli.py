@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import shlex
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -208,16 +209,36 @@ def _stop_signals_end_cleanly() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Admin:
-    """What an admin command works with: the client, and whether to print the API's JSON."""
+    """What an admin command works with: the client, whether to print the API's JSON, and the options
+    that reached this hub as the command line gave them (`reach`), for the next command it suggests."""
 
     client: AdminClient
     as_json: bool
+    reach: str = ""
+
+    def command(self, *words: str) -> str:
+        """`mers-hub WORDS...` with the options that reach this hub: a suggestion that works when pasted."""
+        return shlex.join(["mers-hub", *words]) + self.reach
 
     def show(self, document: JsonObject, human: Callable[[JsonObject], str]) -> None:
         if self.as_json:
             show.echo_json(document)
         else:
             click.echo(human(document))
+
+
+def _reach(directory: Path | None, url: str | None, token_file: Path | None, ca: Path | None) -> str:
+    """The hub options given on the command line, as they would be typed again (an environment variable
+    such as MERS_HUB_DIR still holds in the shell the suggestion is pasted into)."""
+    context = click.get_current_context()
+    given = [
+        (f"--{name.replace('_', '-')}", value)
+        for name, value in (("dir", directory), ("url", url), ("token_file", token_file), ("ca", ca))
+        if value is not None
+        and context.get_parameter_source("directory" if name == "dir" else name)
+        is click.core.ParameterSource.COMMANDLINE
+    ]
+    return "".join(f" {option} {shlex.quote(str(value))}" for option, value in given)
 
 
 def admin_command(function: Callable[..., None]) -> Callable[..., None]:
@@ -237,7 +258,7 @@ def admin_command(function: Callable[..., None]) -> Callable[..., None]:
         with show.reported_errors():
             connection = HubConnection.resolve(directory, url, token_file, ca)
             with AdminClient(connection) as client:
-                function(Admin(client, as_json), **arguments)
+                function(Admin(client, as_json, _reach(directory, url, token_file, ca)), **arguments)
 
     file_type = click.Path(dir_okay=False, path_type=Path)
     options = [
@@ -291,7 +312,7 @@ def agent_create(admin: Admin, name: str, profile: str, description: str | None)
         created,
         lambda a: (
             f"created agent {a.get('name')} ({a.get('id')}), profile {a.get('securityProfile')}; "
-            f"boarding configuration: mers-hub agent config {a.get('id')} --json"
+            f"boarding configuration: {admin.command('agent', 'config', str(a.get('id')), '--json')}"
         ),
     )
 
@@ -334,7 +355,9 @@ def agent_config(admin: Admin, agent_ref: str) -> None:
     Example: mers-hub agent config gw-0001 --json --dir ./hub > gw-0001.boarding.json
     """
     agent_id = admin.client.resolve_agent(agent_ref)
-    admin.show(admin.client.boarding_configuration(agent_id), lambda c: show.boarding_text(agent_id, c))
+    again = admin.command("agent", "config", agent_id, "--json")
+    configuration = admin.client.boarding_configuration(agent_id)
+    admin.show(configuration, lambda c: show.boarding_text(agent_id, c, again))
 
 
 @agent.command("offboard")
@@ -350,7 +373,7 @@ def agent_offboard(admin: Admin, agent_ref: str) -> None:
         admin.client.offboard(agent_id),
         lambda s: (
             f"offboarded agent {agent_id}: {s.get('status')}; "
-            f"its new boarding configuration: mers-hub agent config {agent_id} --json"
+            f"its new boarding configuration: {admin.command('agent', 'config', agent_id, '--json')}"
         ),
     )
 
@@ -462,15 +485,18 @@ def task() -> None:
 
 @task.command("create")
 @click.option("--device", "device_ref", required=True, help="The agent (id or name) to install on.")
-@click.option("--release", "release_id", required=True, help="The release id (see `release list`).")
+@click.option(
+    "--release", "release_ref", required=True, help="The release: its id or its version (see `release list`)."
+)
 @admin_command
-def task_create(admin: Admin, device_ref: str, release_id: str) -> None:
+def task_create(admin: Admin, device_ref: str, release_ref: str) -> None:
     """Ask a device to install a release; it picks the task up when it next polls. A device has one open
     task at a time: `task cancel` the open one first to install another release.
 
-    Example: mers-hub task create --device gw-0001 --release 3f2a… --dir ./hub
+    Example: mers-hub task create --device GW-0001 --release 1.2.0+7 --dir ./hub
     """
     device_id = admin.client.resolve_agent(device_ref)
+    release_id = admin.client.resolve_release(release_ref)
     admin.show(admin.client.create_task(device_id, release_id), lambda t: "created " + show.task_line(t))
 
 
@@ -488,7 +514,11 @@ def task_list(admin: Admin, device_ref: str | None, status: str | None) -> None:
     Example: mers-hub task list --device gw-0001 --status open --dir ./hub
     """
     device_id = admin.client.resolve_agent(device_ref) if device_ref else None
-    admin.show(admin.client.tasks(device_id=device_id, status=status), show.tasks_table)
+    listing = admin.client.tasks(device_id=device_id, status=status)
+    names = admin.client.agent_names(
+        {task["deviceId"] for task in listing.get("content", [])} if not admin.as_json else set()
+    )
+    admin.show(listing, lambda found: show.tasks_table(found, names))
 
 
 @task.command("show")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -103,7 +103,7 @@ def agent_text(agent: JsonObject, status: JsonObject) -> str:
     return "\n".join(lines)
 
 
-def boarding_text(agent_id: str, configuration: JsonObject) -> str:
+def boarding_text(agent_id: str, configuration: JsonObject, as_json_command: str) -> str:
     content = configuration.get("content", {})
     profiles = ", ".join(content.get("clientCredentialProfile", [])) or "-"
     return "\n".join(
@@ -112,7 +112,7 @@ def boarding_text(agent_id: str, configuration: JsonObject) -> str:
             f"tenant {content.get('tenant')}, profile {profiles}",
             f"base URL {content.get('baseUrl')}; its initial access token expires "
             f"{when(configuration.get('expiration'))}",
-            f"for the factory, IAT included: mers-hub agent config {agent_id} --json",
+            f"for the factory, IAT included: {as_json_command}",
         ]
     )
 
@@ -163,11 +163,12 @@ def task_line(task: JsonObject) -> str:
     )
 
 
-def tasks_table(listing: JsonObject) -> str:
+def tasks_table(listing: JsonObject, names: Mapping[str, str]) -> str:
+    """The tasks, each device by its name where `names` has it (its id otherwise)."""
     rows = [
         (
             t.get("id"),
-            t.get("deviceId"),
+            names.get(str(t.get("deviceId")), t.get("deviceId")),
             t.get("softwareVersion"),
             t.get("state"),
             percent(t.get("progress")),

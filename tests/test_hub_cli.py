@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pty
+import shlex
 import signal
 import socket
 import subprocess
@@ -429,6 +430,12 @@ def test_agent_create_prints_the_new_agent_and_its_json_is_the_apis_document(hub
     )
     assert created == agent_document(hub, created["id"])
     assert (created["securityProfile"], created["description"]) == ("RSA_3072", "line 3")
+    # the command it suggests works as printed: it names the hub as this command was told to
+    suggested = line.split("boarding configuration: ", 1)[1].strip()
+    words = shlex.split(suggested)
+    assert words[0] == "mers-hub"
+    configuration = json.loads(succeeded(mers_hub(*words[1:])).stdout)
+    assert configuration["content"]["clientId"] == agent["id"]
 
 
 def test_creating_an_agent_whose_name_is_taken_is_refused_with_the_hubs_reason(hub: RunningHub) -> None:
@@ -828,6 +835,20 @@ def test_a_status_the_hub_does_not_know_is_refused_with_the_hubs_reason(hub: Run
     result = mers_hub("task", "list", "--status", "finished", *flags(hub))
     assert result.returncode == EXIT_REFUSED
     assert "'finished'" in result.error_line and "HTTP 400" in result.error_line
+
+
+def test_a_task_names_its_release_by_version_and_the_list_names_its_device(
+    hub: RunningHub, release_id: str
+) -> None:
+    agent = create_agent(hub, "gw-by-name")
+    created = api_json("task", "create", "--device", "gw-by-name", "--release", "3.1.4", *flags(hub))
+    assert (created["deviceId"], created["softwareReleaseId"]) == (agent["id"], release_id)
+    table = succeeded(mers_hub("task", "list", *flags(hub))).stdout
+    row = next(line for line in table.splitlines() if created["id"] in line)
+    assert "gw-by-name" in row and agent["id"] not in row
+    unknown = mers_hub("task", "create", "--device", "gw-by-name", "--release", "9.9.9", *flags(hub))
+    assert unknown.returncode == EXIT_REFUSED
+    assert "no release has the id or version '9.9.9'" in unknown.error_line
 
 
 def test_a_task_for_an_unknown_release_is_refused_with_the_hubs_reason(hub: RunningHub) -> None:
