@@ -83,6 +83,7 @@ class SimBoard(GatewayBoard):
         directory beside `directory` and renamed into place, so a failure leaves no half board."""
         directory = directory.absolute()
         check_identity(identity)
+        _check_slot_size(slot_size)
         _check_new_directory(directory)
         try:
             building = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -125,6 +126,21 @@ def _check_new_directory(directory: Path) -> None:
         raise ConfigError(f"{directory} exists and is not an empty directory", field="directory")
     if not directory.parent.is_dir():
         raise ConfigError(f"{directory.parent} does not exist", field="directory")
+
+
+#: a slot is a block device's worth of sectors: at least a page, whole 512-byte sectors
+MIN_SLOT_SIZE = 4096
+SECTOR_SIZE = 512
+
+
+def _check_slot_size(slot_size: int) -> None:
+    """Refuse a slot no gateway has: one too small for any image, or not whole sectors."""
+    if slot_size < MIN_SLOT_SIZE or slot_size % SECTOR_SIZE:
+        raise ConfigError(
+            f"slot size {slot_size} bytes: a board's slots are at least {MIN_SLOT_SIZE} bytes, "
+            f"in whole {SECTOR_SIZE}-byte sectors",
+            field="slot_size",
+        )
 
 
 def _build(building: Path, final: Path, identity: Identity, slot_size: int, image: Path | None) -> None:

@@ -60,7 +60,7 @@ def test_sim_create_refuses_an_existing_board_in_one_line(mers_board, tmp_path):
     assert result.error_line.startswith("mers-board: error: [directory]")
 
 
-@pytest.mark.parametrize("size", ["lots", "0", "-4"])
+@pytest.mark.parametrize("size", ["lots", "0", "-4", "7", "4095", "4097"])
 def test_sim_create_refuses_a_bad_slot_size_as_a_usage_error(mers_board, tmp_path, size):
     result = mers_board(
         "sim",
