@@ -132,7 +132,7 @@ def update_agent(
     if profile_changes and agent.boarding_status == BoardingStatus.ONBOARDED:
         raise ConflictError("the agent is onboarded: offboard it before changing its security profile")
     if name != agent.name:
-        _check_name_free(session, name)
+        _check_name_free(session, name, renamed=agent_id)
     conditions = [Agent.id == agent_id, Agent.etag == expected_etag]
     if profile_changes:
         # a registration completing meanwhile must not end up with credentials of the old profile
@@ -226,9 +226,20 @@ def _count(session: Session) -> int:
     return session.scalar(select(func.count()).select_from(Agent)) or 0
 
 
-def _check_name_free(session: Session, name: str) -> None:
-    if session.scalar(select(Agent.id).where(Agent.name == name)) is not None:
+def _check_name_free(session: Session, name: str, *, renamed: str | None = None) -> None:
+    """An agent's name is its device's serial number, as the factory names it: two names that differ only
+    in case would be two agents for one board, and a task for the one the board is not onboarded as
+    would never reach it. (`renamed`: the agent being renamed, which may change the case of its own.)"""
+    taken = session.scalars(
+        select(Agent.name).where(func.lower(Agent.name) == name.lower(), Agent.id != (renamed or ""))
+    ).first()
+    if taken == name:
         raise ConflictError(f"an agent named {name!r} already exists")
+    if taken is not None:
+        raise ConflictError(
+            f"an agent named {taken!r} already exists, and names that differ only in case would name one "
+            f"device twice: use {taken!r} (an agent is named after its board's serial number)"
+        )
 
 
 def _flush_unique_name(session: Session, name: str) -> None:

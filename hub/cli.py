@@ -90,7 +90,7 @@ def main() -> None:
     Example:
       mers-hub init ./hub --hostname hub.example.com
       mers-hub serve ./hub --host 0.0.0.0 --port 8443
-      mers-hub agent create gw-0001 --dir ./hub
+      mers-hub agent create GW-0001 --dir ./hub
     """
 
 
@@ -287,7 +287,7 @@ def agent() -> None:
 
     An agent may be named by its id or, when no other agent has it as id, by its name.
 
-    Example: mers-hub agent create gw-0001 --profile RSA_3072 --dir ./hub
+    Example: mers-hub agent create GW-0001 --profile RSA_3072 --dir ./hub
     """
 
 
@@ -305,7 +305,7 @@ def agent() -> None:
 def agent_create(admin: Admin, name: str, profile: str, description: str | None) -> None:
     """Create the agent NAME; its boarding configuration is then ready (`agent config`).
 
-    Example: mers-hub agent create gw-0001 --profile RSA_3072 --description "line 3" --dir ./hub
+    Example: mers-hub agent create GW-0001 --profile RSA_3072 --description "line 3" --dir ./hub
     """
     created = admin.client.create_agent(name, profile, description)
     admin.show(
@@ -335,7 +335,7 @@ def agent_list(admin: Admin, page: int, size: int) -> None:
 def agent_show(admin: Admin, agent_ref: str) -> None:
     """Show AGENT (an id or name) and its boarding status; --json: the agent as the API has it.
 
-    Example: mers-hub agent show gw-0001 --dir ./hub
+    Example: mers-hub agent show GW-0001 --dir ./hub
     """
     agent_id = admin.client.resolve_agent(agent_ref)
     found = admin.client.agent(agent_id)
@@ -352,7 +352,7 @@ def agent_config(admin: Admin, agent_ref: str) -> None:
     """The boarding configuration of AGENT; with --json exactly the document the factory writes to the
     device (it holds the single-use initial access token).
 
-    Example: mers-hub agent config gw-0001 --json --dir ./hub > gw-0001.boarding.json
+    Example: mers-hub agent config GW-0001 --json --dir ./hub > GW-0001.boarding.json
     """
     agent_id = admin.client.resolve_agent(agent_ref)
     again = admin.command("agent", "config", agent_id, "--json")
@@ -366,7 +366,7 @@ def agent_config(admin: Admin, agent_ref: str) -> None:
 def agent_offboard(admin: Admin, agent_ref: str) -> None:
     """Revoke AGENT's credentials; it must onboard again, with a new boarding configuration.
 
-    Example: mers-hub agent offboard gw-0001 --dir ./hub
+    Example: mers-hub agent offboard GW-0001 --dir ./hub
     """
     agent_id = admin.client.resolve_agent(agent_ref)
     admin.show(
@@ -385,7 +385,7 @@ def agent_delete(admin: Admin, agent_ref: str) -> None:
     """Delete AGENT, its credentials and its installation tasks (--json prints nothing: the API answers
     204 without a body).
 
-    Example: mers-hub agent delete gw-0001 --dir ./hub
+    Example: mers-hub agent delete GW-0001 --dir ./hub
     """
     deleted = admin.client.delete_agent(admin.client.resolve_agent(agent_ref))
     if not admin.as_json:
@@ -479,7 +479,7 @@ def release_list(admin: Admin) -> None:
 def task() -> None:
     """Installation tasks: which release a device installs, and how far it got.
 
-    Example: mers-hub task create --device gw-0001 --release 3f2a… --dir ./hub
+    Example: mers-hub task create --device GW-0001 --release 1.2.0+7 --dir ./hub
     """
 
 
@@ -511,7 +511,7 @@ def task_create(admin: Admin, device_ref: str, release_ref: str) -> None:
 def task_list(admin: Admin, device_ref: str | None, status: str | None) -> None:
     """List installation tasks.
 
-    Example: mers-hub task list --device gw-0001 --status open --dir ./hub
+    Example: mers-hub task list --device GW-0001 --status open --dir ./hub
     """
     device_id = admin.client.resolve_agent(device_ref) if device_ref else None
     listing = admin.client.tasks(device_id=device_id, status=status)

@@ -105,6 +105,26 @@ def test_a_duplicate_name_is_a_conflict_and_creates_nothing(hub: RunningHub) -> 
     assert hub.admin("GET", f"{AGENTS}/agents").json()["totalElements"] == 1
 
 
+def test_a_name_that_differs_only_in_case_is_a_conflict_naming_the_agent_to_use(hub: RunningHub) -> None:
+    """The factory names an agent after its board's serial (`GW-0001`): a `gw-0001` beside it would be a
+    second agent for the same board, whose tasks never reach it."""
+    first = create_agent(hub, "GW-0001")
+    response = hub.admin("POST", f"{AGENTS}/agents", json={"name": "gw-0001", "securityProfile": "RSA_3072"})
+    body = assert_hub_error(response, 409, "conflict")
+    assert (
+        "'GW-0001' already exists" in body["error_description"]
+        and "only in case" in body["error_description"]
+    )
+    other = create_agent(hub, "GW-0002")
+    renamed = {"name": "gw-0001", "securityProfile": "SHARED_SECRET"}
+    response = hub.admin("PUT", agent_path(other["id"]), json=renamed, headers={"If-Match": "1"})
+    assert_hub_error(response, 409, "conflict")
+    own_case = {"name": "gw-0001", "securityProfile": "SHARED_SECRET"}  # an agent may change its own case
+    response = hub.admin("PUT", agent_path(first["id"]), json=own_case, headers={"If-Match": "1"})
+    assert response.status_code == 200, response.text
+    assert hub.admin("GET", f"{AGENTS}/agents").json()["totalElements"] == 2
+
+
 @pytest.mark.parametrize(
     "body",
     [
