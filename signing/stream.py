@@ -140,16 +140,23 @@ class ContentCheck:
         return digest
 
 
-class ImageVerifier(ContentCheck):
-    """`ContentCheck` under a `Trust`: refuses at once what the head alone shows wrong, and `finish`
+class ImageVerifier:
+    """A `ContentCheck` under a `Trust`: refuses at once what the head alone shows wrong, and `finish`
     returns the `VerifiedImage`, the only thing that should ever reach a slot."""
 
     def __init__(self, head: ImageHead, trust: Trust) -> None:
-        super().__init__(head)
         self._signers = head.check(trust)
+        self._content = ContentCheck(head)
 
-    def finish(self) -> VerifiedImage:  # type: ignore[override]  # a verified image, not a digest
-        return judge_digest(self.head._manifest, super().finish(), self._signers)
+    @property
+    def head(self) -> ImageHead:
+        return self._content.head
+
+    def update(self, chunk: bytes) -> None:
+        self._content.update(chunk)
+
+    def finish(self) -> VerifiedImage:
+        return judge_digest(self.head._manifest, self._content.finish(), self._signers)
 
 
 def read_image_head(read: RangeReader, size: int) -> ImageHead:

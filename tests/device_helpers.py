@@ -15,7 +15,6 @@ import signal
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -189,9 +188,8 @@ def bad_server(
                     + f"Content-Range: bytes {first}-{last}/{last + 1}\r\n".encode()
                     + f"Content-Length: {last - first + 1}\r\n\r\n".encode()
                 )
-                while not server._stop.is_set():
+                while not server._stop.wait(0.1):  # the pace of the trickle, ended with the server
                     connection.sendall(b"x")
-                    time.sleep(0.1)
                 connection.close()
             elif mode == "redirect":  # to another path here, so a client that follows it is seen doing so
                 answer(
